@@ -1,0 +1,42 @@
+"""cnnkit: train, evaluate and use convolutional image classifiers.
+
+The public verbs mirror Keras: `load_dataset`, `build_model`, `fit`, `evaluate`, `predict`,
+`load_run`, plus `train` (the whole `cnnkit train` pipeline). They are imported lazily so that
+`import cnnkit` and `cnnkit --help` stay fast (no torch until a verb is used).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_dataset": "cnnkit.data.tensors",
+    "Dataset": "cnnkit.data.tensors",
+    "Split": "cnnkit.data.tensors",
+    "build_model": "cnnkit.models",
+    "list_models": "cnnkit.models",
+    "fit": "cnnkit.engine.fit",
+    "History": "cnnkit.engine.history",
+    "evaluate": "cnnkit.engine.evaluate",
+    "predict": "cnnkit.predict",
+    "predict_files": "cnnkit.predict",
+    "load_run": "cnnkit.runs",
+    "train": "cnnkit.api",
+    "evaluate_run": "cnnkit.api",
+    "TrainConfig": "cnnkit.config",
+    "resolve_config": "cnnkit.config",
+    "CnnkitError": "cnnkit.errors",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cnnkit' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+"""`python -m cnnkit ...` (what torchrun launches)."""
+
+from cnnkit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,170 @@
+"""The verbs behind both the CLI and the Python API: train a run, evaluate it, predict with it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cnnkit.config import TrainConfig, resolve_config
+from cnnkit.data.tensors import Dataset, load_dataset
+from cnnkit.engine.cpu import configure_cpu, peak_rss_mb
+from cnnkit.engine.evaluate import EvalReport, evaluate
+from cnnkit.engine.fit import fit
+from cnnkit.engine.history import History
+from cnnkit.engine.inference import resolve_device, resolve_precision
+from cnnkit.models import build_model, model_entry
+from cnnkit.plots import plot_confusion_matrix, plot_errors, plot_history
+from cnnkit.predict import background_of
+from cnnkit.runs import Run, load_run, save_model, staged_run, write_json
+from cnnkit.fileio import write_text
+
+ERROR_GRID_SIZE = 36
+TARGET_ACCURACY = 0.99
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    history: History
+    metrics: dict[str, Any]
+    model: torch.nn.Module
+
+
+def dataset_for(config: TrainConfig, progress: bool = True) -> Dataset:
+    return load_dataset(config.dataset, config.data_dir, val=config.val, limit_train=config.limit_train,
+                        limit_eval=config.limit_eval, progress=progress)
+
+
+def model_for(config: TrainConfig, data: Dataset) -> torch.nn.Module:
+    """Build the configured model, seeded, standardising with train statistics where the model wants it."""
+    torch.manual_seed(config.seed)
+    mean = std = None
+    if model_entry(config.model).standardize:
+        mean, std = data.channel_stats()
+    return build_model(config.model, data.input_shape, data.num_classes, mean=mean, std=std, **config.model_kwargs)
+
+
+def model_meta(config: TrainConfig, data: Dataset, model: torch.nn.Module) -> dict[str, Any]:
+    """What model.json records: enough to rebuild the model and feed it a new image."""
+    channels, height, width = data.input_shape
+    sample = data.train.images[:2000].numpy()
+    return {
+        "architecture": config.model,
+        "model_kwargs": config.model_kwargs,
+        "classes": data.classes,
+        "dataset": data.name,
+        "input": {"channels": channels, "height": height, "width": width, "dtype": "uint8", "layout": "NCHW"},
+        "preprocessing": {
+            "color_mode": "L" if channels == 1 else "RGB",
+            "resize": "bilinear",
+            "mean": model.rescale.mean,
+            "std": model.rescale.std,
+            "background": background_of(sample),
+        },
+        "cnnkit_version": _version(),
+        "torch_version": torch.__version__,
+    }
+
+
+def _version() -> str:
+    from cnnkit import __version__
+
+    return __version__
+
+
+def train(config: TrainConfig | None = None, *, progress: bool = True, started: float | None = None,
+          log=print, **overrides: Any) -> TrainResult:
+    """Load data, build, fit, evaluate on the test set once, and write the run directory."""
+    started = time.perf_counter() if started is None else started
+    config = config or resolve_config(**overrides)
+    device = resolve_device(config.device)
+    config.precision = resolve_precision(config.precision, device)  # recorded as what actually ran
+    threads = configure_cpu(config.threads)
+    with staged_run(config.runs_dir, config.name) as (staging, final):
+        data = dataset_for(config, progress)
+        if data.skipped:
+            log(f"skipped {len(data.skipped)} unreadable files: {', '.join(data.skipped[:10])}"
+                + (" ..." if len(data.skipped) > 10 else ""))
+        log(f"{data.name}: {len(data.train):,} train / {len(data.val):,} validation ({data.val_source}) / "
+            f"{len(data.test):,} test images, {data.num_classes} classes, input {data.input_shape}; "
+            f"device {device}, {threads} threads")
+        model = model_for(config, data)
+        history = fit(model, data, config.epochs, config.batch_size, device=device, progress=progress,
+                      **config.fit_options())
+        test_split = data.test.to(device)
+        report = evaluate(model, test_split, data.classes, batch_size=config.eval_batch_size)
+        metrics = train_metrics(config, data, history, report, device, threads, started)
+        write_run_files(staging, config, data, model, history, report, metrics)
+    run_dir = final[0]
+    return TrainResult(run_dir, history, metrics, model)
+
+
+def train_metrics(config: TrainConfig, data: Dataset, history: History, report: EvalReport,
+                  device: torch.device, threads: int, started: float) -> dict[str, Any]:
+    epochs = len(history.epoch)
+    return {
+        "test_accuracy": report.accuracy,
+        "test_loss": report.loss,
+        "train_seconds": history.train_seconds,
+        "total_seconds": time.perf_counter() - started,
+        "seconds_per_epoch": history.train_seconds / epochs,
+        "epochs": epochs,
+        "model": config.model,
+        "preset": config.preset,
+        "dataset": data.name,
+        "device": str(device),
+        "threads": threads,
+        "precision": config.precision,
+        "peak_rss_mb": peak_rss_mb(),
+        "val_accuracy": history.history["val_accuracy"][-1],
+        "val_source": data.val_source,
+        "val_99_epoch": history.first_epoch_reaching("val_accuracy", TARGET_ACCURACY),
+        "val_99_seconds": history.seconds_until("val_accuracy", TARGET_ACCURACY),
+        "num_train": len(data.train),
+        "num_val": len(data.val),
+        "num_test": len(data.test),
+        "test_report": report.to_dict(),
+        "torch_version": torch.__version__,
+    }
+
+
+def write_run_files(run_dir: Path, config: TrainConfig, data: Dataset, model: torch.nn.Module,
+                    history: History, report: EvalReport, metrics: dict[str, Any]) -> None:
+    model.to("cpu", memory_format=torch.contiguous_format)
+    save_model(run_dir, model, model_meta(config, data, model))
+    write_json(run_dir / "config.json", config.to_dict())
+    write_text(run_dir / "history.csv", history.to_csv())
+    write_json(run_dir / "metrics.json", metrics)
+    title = f"{config.model} on {data.name}"
+    plot_history(history.history, run_dir / "history.png", title=title)
+    plot_confusion_matrix(report.confusion.numpy(), data.classes, run_dir / "confusion_matrix.png",
+                          title=f"{title}: test accuracy {report.accuracy:.2%}")
+    plot_misclassified(run_dir / "errors.png", data, report)
+
+
+def plot_misclassified(path: Path, data: Dataset, report: EvalReport) -> None:
+    """The most confidently wrong test images: the ones most worth a look."""
+    labels = data.test.labels.cpu()
+    wrong = (report.predictions != labels).nonzero().flatten()
+    order = wrong[report.confidences[wrong].argsort(descending=True)][:ERROR_GRID_SIZE]
+    images = data.test.images.cpu()[order].numpy()
+    plot_errors(images, [data.classes[i] for i in labels[order].tolist()],
+                [data.classes[i] for i in report.predictions[order].tolist()],
+                report.confidences[order].tolist(), path)
+
+
+def evaluate_run(run: str | Path | Run, data_dir: str | None = None, *, limit: int | None = None,
+                 progress: bool = True) -> EvalReport:
+    """Evaluate a saved run on its dataset's test split."""
+    run = run if isinstance(run, Run) else load_run(run)
+    data = load_dataset(run.meta["dataset"], data_dir, limit_eval=limit, progress=progress)
+    if data.classes != run.classes:
+        from cnnkit.errors import CnnkitError
+
+        raise CnnkitError(f"{run.path}: the model's classes do not match dataset {data.name}'s")
+    return evaluate(run.model, data.test, data.classes)
+

@@ -1,0 +1,253 @@
+"""Command line: parses arguments and calls the same functions the Python API exposes.
+
+Only argparse and the standard library are imported at start-up, so `cnnkit --help` answers at once;
+torch, plotting and data code are imported inside the command that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from cnnkit.errors import CnnkitError
+
+PROG = "cnnkit"
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _command(sub, name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
+                          formatter_class=_formatter)
+
+
+def _add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="where datasets live / are downloaded (default: $CNNKIT_DATA or ~/.cache/cnnkit)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_train(sub) -> None:
+    p = _command(sub, "train", "Train a model, evaluate it on the test set once, save plots and weights.",
+                 "cnnkit train --dataset mnist --model seed --epochs 10 --data-dir ../shared/data")
+    p.add_argument("--preset", help="named set of defaults (see `cnnkit presets`); flags override it")
+    p.add_argument("--dataset", help="mnist, fashion-mnist, kmnist, cifar10, cifar100 or imagefolder:PATH (default mnist)")
+    p.add_argument("--model", help="architecture (see `cnnkit summary --list`; default seed)")
+    p.add_argument("--epochs", type=_positive_int, help="default 10")
+    p.add_argument("--batch-size", type=_positive_int, help="default 32")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], help="default adam")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--schedule", choices=["constant", "onecycle"], help="learning-rate schedule (default constant)")
+    p.add_argument("--warmup", type=float, help="fraction of steps warming up, with --schedule onecycle")
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--augment", choices=["none", "shift", "flip-crop"], help="batch augmentation (default none)")
+    p.add_argument("--seed", type=int, help="random seed for initialisation and shuffling (default 0)")
+    p.add_argument("--val", help="validation: 'auto' (hold out 5,000 / 10%% of train), a count, a fraction, "
+                                 "or 'test' (the tutorial's use of the test set)")
+    p.add_argument("--device", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="fp32, bf16 autocast, or auto (bf16 where the device runs it natively)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory layout (default on)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (compile time counts as training time)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: one per core)")
+    p.add_argument("--limit-train", type=_positive_int, metavar="N", help="train on a seeded slice of N images")
+    p.add_argument("--limit-eval", type=_positive_int, metavar="N", help="validate and test on slices of N images")
+    _add_data_dir(p)
+    p.add_argument("--runs-dir", metavar="DIR", help="where run directories go (default runs/)")
+    p.add_argument("--name", help="run directory name (default train, train2, ...)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.set_defaults(handler=cmd_train)
+
+
+TRAIN_FIELDS = ("dataset", "model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule",
+                "warmup", "label_smoothing", "augment", "seed", "val", "device", "precision", "channels_last",
+                "compile", "threads", "limit_train", "limit_eval", "data_dir", "runs_dir", "name")
+
+
+def cmd_train(args: argparse.Namespace, started: float) -> int:
+    from cnnkit.api import train
+    from cnnkit.config import resolve_config
+
+    config = resolve_config(args.preset, **{field: getattr(args, field) for field in TRAIN_FIELDS})
+    log = (lambda *a, **k: None) if args.quiet else (lambda message: print(message, flush=True))
+    result = train(config, progress=not args.quiet, started=started, log=log)
+    m = result.metrics
+    print(f"test accuracy {m['test_accuracy']:.4f}  test loss {m['test_loss']:.4f}  "
+          f"train {m['train_seconds']:.1f}s ({m['seconds_per_epoch']:.2f}s/epoch)  peak RSS {m['peak_rss_mb']:.0f} MB")
+    print(result.run_dir)
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = _command(sub, "evaluate", "Evaluate a saved run on its dataset's test set.",
+                 "cnnkit evaluate runs/train --data-dir ../shared/data")
+    p.add_argument("run", metavar="RUN", help="run directory")
+    _add_data_dir(p)
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate on a seeded slice of N test images")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(handler=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace, started: float) -> int:
+    from cnnkit.api import evaluate_run
+
+    report = evaluate_run(args.run, args.data_dir, limit=args.limit, progress=not args.json)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{args.run}: test accuracy {report.accuracy:.4f}, loss {report.loss:.4f}")
+    for column in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, p, r, f, s in zip(report.classes, report.precision, report.recall, report.f1, report.support):
+        table.add_row(name, f"{p:.4f}", f"{r:.4f}", f"{f:.4f}", str(s))
+    Console().print(table)
+    print(f"accuracy {report.accuracy:.4f}  loss {report.loss:.4f}")
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = _command(sub, "predict", "Predict the class of image files (any size or mode) with a saved run.",
+                 "cnnkit predict runs/train digit.png photos/ --top 3")
+    p.add_argument("run", metavar="RUN", help="run directory")
+    p.add_argument("images", metavar="IMAGE_OR_DIR", nargs="+", help="image files or directories of images")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of tab-separated lines")
+    p.add_argument("--top", type=_positive_int, default=1, metavar="K", help="also report the K most likely classes")
+    p.set_defaults(handler=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace, started: float) -> int:
+    from cnnkit.predict import predict_files
+    from cnnkit.runs import load_run
+
+    predictions = predict_files(load_run(args.run), args.images, top=args.top)
+    if args.json:
+        print(json.dumps([p.to_dict() for p in predictions], indent=2))
+        return 0
+    for p in predictions:
+        extra = "".join(f"\t{label}:{prob:.4f}" for label, prob in p.top[1:])
+        print(f"{p.file}\t{p.label}\t{p.confidence:.4f}{extra}")
+    return 0
+
+
+def _add_datasets(sub) -> None:
+    p = _command(sub, "datasets", "List the known datasets and whether each is present, or download one.",
+                 "cnnkit datasets download fashion-mnist")
+    p.add_argument("action", nargs="?", choices=["list", "download"], default="list")
+    p.add_argument("name", nargs="?", help="dataset to download")
+    _add_data_dir(p)
+    p.add_argument("--mirror", metavar="URL", help="base URL of a mirror laid out as URL/NAME/FILE ($CNNKIT_MIRROR)")
+    p.set_defaults(handler=cmd_datasets)
+
+
+def cmd_datasets(args: argparse.Namespace, started: float) -> int:
+    from cnnkit.data.download import data_root, dataset_present, fetch_dataset
+    from cnnkit.data.registry import DATASETS, get_spec
+
+    root = data_root(args.data_dir)
+    if args.action == "download":
+        if not args.name:
+            raise CnnkitError("`cnnkit datasets download` needs a dataset name, e.g. mnist")
+        folder = fetch_dataset(get_spec(args.name), root, mirror=args.mirror, progress=True)
+        print(folder)
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"datasets in {root}")
+    for column in ("name", "present", "classes", "shape", "description"):
+        table.add_column(column)
+    for spec in DATASETS.values():
+        table.add_row(spec.name, "yes" if dataset_present(spec, root) else "no", str(len(spec.classes)),
+                      "x".join(map(str, spec.shape)), spec.description)
+    Console().print(table)
+    print("also: imagefolder:PATH (class subfolders of images, optionally under train/ val/ test/)")
+    return 0
+
+
+def _add_summary(sub) -> None:
+    p = _command(sub, "summary", "Print a model's layers with output shapes and parameter counts.",
+                 "cnnkit summary seed --dataset mnist")
+    p.add_argument("model", metavar="MODEL", nargs="?", help="architecture name")
+    p.add_argument("--dataset", default="mnist", help="dataset whose input shape and classes to use (default mnist)")
+    p.add_argument("--list", action="store_true", help="list the architectures")
+    p.set_defaults(handler=cmd_summary)
+
+
+def cmd_summary(args: argparse.Namespace, started: float) -> int:
+    from rich.console import Console
+
+    from cnnkit.models import build_model, list_models
+    from cnnkit.models.summary import summary_table
+
+    console = Console()
+    if args.list or not args.model:
+        for entry in list_models():
+            console.print(f"{entry.name:10s} {entry.description}", highlight=False)
+        return 0
+    from cnnkit.data.registry import get_spec
+
+    spec = get_spec(args.dataset)
+    model = build_model(args.model, spec.shape, len(spec.classes))
+    console.print(summary_table(model, spec.shape, title=f"{args.model} ({args.dataset}, input {spec.shape})"))
+    return 0
+
+
+def _add_presets(sub) -> None:
+    p = _command(sub, "presets", "List the training presets and what each sets.", "cnnkit train --preset fast")
+    p.set_defaults(handler=cmd_presets)
+
+
+def cmd_presets(args: argparse.Namespace, started: float) -> int:
+    from cnnkit.config import PRESETS
+
+    for preset in PRESETS.values():
+        print(f"{preset.name}: {preset.description}")
+        settings = preset.values or {"(defaults)": "the tutorial's recipe"}
+        for key, value in settings.items():
+            print(f"    {key.replace('_', '-')} = {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=_formatter,
+        description="Train, evaluate and use convolutional image classifiers.",
+        epilog="examples:\n  cnnkit train --data-dir ../shared/data\n  cnnkit train --preset fast\n"
+               "  cnnkit predict runs/train digit.png",
+    )
+    from cnnkit import __version__
+
+    parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    for add in (_add_train, _add_evaluate, _add_predict, _add_datasets, _add_summary, _add_presets):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    started = time.perf_counter()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args, started)
+    except CnnkitError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was saved", file=sys.stderr)
+        return 130

@@ -1,0 +1,265 @@
+"""Find the data directory and fetch missing dataset files into it, verified and atomically.
+
+A file that is already in place is trusted without any network access or re-hashing (the readers check
+its structure anyway), so a run with the data present works offline and starts instantly. A missing
+file is downloaded into a temporary file beside its final name, checked against the registry, and only
+then renamed into place: an interrupted or wrong download never leaves a file a later run would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import os
+import re
+import shutil
+import zlib
+from pathlib import Path
+
+import platformdirs
+
+from cnnkit.data.registry import DatasetSpec, FileSpec
+from cnnkit.errors import CnnkitError
+from cnnkit.fileio import atomic_path
+
+__all__ = ["data_root", "dataset_dir", "dataset_present", "fetch_dataset", "verify_file"]
+
+DATA_ENV = "CNNKIT_DATA"
+MIRROR_ENV = "CNNKIT_MIRROR"
+TIMEOUT_S = 30  # per connect / per read, so a dead mirror fails fast instead of hanging a run
+_CHUNK = 1 << 20
+
+
+def data_root(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where datasets and caches live: `data_dir`, else $CNNKIT_DATA, else the user cache (~/.cache/cnnkit)."""
+    if data_dir is not None and str(data_dir) != "":
+        return Path(data_dir).expanduser()
+    from_env = os.environ.get(DATA_ENV, "").strip()
+    if from_env:
+        return Path(from_env).expanduser()
+    return Path(platformdirs.user_cache_dir("cnnkit"))
+
+
+def dataset_dir(spec: DatasetSpec, root: str | os.PathLike[str]) -> Path:
+    """The folder holding one dataset's files: `root/<name>/`, the same layout a mirror serves."""
+    return Path(root) / spec.name
+
+
+def dataset_present(spec: DatasetSpec, root: str | os.PathLike[str]) -> bool:
+    """True when every file of `spec` exists under `root/<name>/` (existence only; no hashing)."""
+    folder = dataset_dir(spec, root)
+    return all((folder / file.filename).is_file() for file in spec.files.values())
+
+
+def fetch_dataset(
+    spec: DatasetSpec,
+    root: str | os.PathLike[str],
+    *,
+    mirror: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Make sure every file of `spec` is in `root/<name>/`, downloading only the missing ones; return that folder.
+
+    `mirror` (or $CNNKIT_MIRROR) is a base URL serving `{mirror}/{name}/{filename}`, or a local folder with
+    that layout; without one the registry's canonical URLs are tried in order.
+    """
+    folder = dataset_dir(spec, root)
+    missing = [file for file in spec.files.values() if not (folder / file.filename).is_file()]
+    if not missing:
+        return folder
+    mirror = mirror or os.environ.get(MIRROR_ENV, "").strip() or None
+    created = not folder.exists()
+    try:
+        for file in missing:
+            _fetch_file(file, folder / file.filename, _sources(spec, file, mirror), progress=progress)
+    except BaseException:
+        if created:
+            _remove_if_empty(folder)
+        raise
+    return folder
+
+
+def verify_file(path: str | os.PathLike[str], file: FileSpec) -> str | None:
+    """Return None when `path` is the file `file` describes, else a one-line description of the mismatch.
+
+    Accepts the canonical md5 or, for gzip files, the sha256 of the decompressed content: a mirror that
+    re-compressed the file (different gzip header, same data) is still serving the right data.
+    """
+    if file.md5 is None and file.content_sha256 is None:
+        return None
+    got_md5 = _digest(path, hashlib.md5(usedforsecurity=False))
+    if got_md5 == file.md5:
+        return None
+    if file.content_sha256 is None:
+        return f"expected md5 {file.md5}, got {got_md5}"
+    got_sha = _content_sha256(path)
+    if got_sha == file.content_sha256:
+        return None
+    expected = f"content sha256 {file.content_sha256}"
+    if file.md5:
+        expected = f"md5 {file.md5} or {expected}"
+    return f"expected {expected}, got md5 {got_md5}, content sha256 {got_sha or '(not valid gzip)'}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where to get a file from
+
+
+def _sources(spec: DatasetSpec, file: FileSpec, mirror: str | None) -> list[str]:
+    """The URLs (or local paths) to try for `file`, in order: the mirror alone if set, else the canonical list."""
+    if mirror:
+        return [f"{mirror.rstrip('/')}/{spec.name}/{file.filename}"]
+    return list(file.urls)
+
+
+def _is_remote(source: str) -> bool:
+    """True for http(s) URLs; anything else (a path or file:// URL) is copied from the local disk."""
+    return source.startswith(("http://", "https://"))
+
+
+def _local_path(source: str) -> Path:
+    """Turn a file:// URL or plain path into a Path."""
+    return Path(source.removeprefix("file://")).expanduser()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Transfer + verification
+
+
+def _fetch_file(file: FileSpec, target: Path, sources: list[str], *, progress: bool) -> None:
+    """Try each source in turn; the first verified copy is renamed onto `target`. Raise the last failure."""
+    last_error: CnnkitError | None = None
+    for source in sources:
+        try:
+            with atomic_path(target) as tmp:
+                _transfer(source, tmp, label=file.filename, progress=progress)
+                problem = verify_file(tmp, file)
+                if problem is not None:
+                    raise CnnkitError(f"checksum mismatch for {source}: {problem}")
+            return
+        except CnnkitError as error:
+            last_error = error
+    assert last_error is not None
+    if len(sources) > 1:
+        raise CnnkitError(f"{last_error} (tried {len(sources)} sources for {file.filename})")
+    raise last_error
+
+
+def _transfer(source: str, destination: Path, *, label: str, progress: bool) -> None:
+    """Copy `source` to `destination`, over HTTP with pooch or from the local disk; raise CnnkitError on failure."""
+    if not _is_remote(source):
+        path = _local_path(source)
+        try:
+            shutil.copyfile(path, destination)
+        except OSError as error:
+            raise CnnkitError(f"copy of {path} failed: {error.strerror or error}") from None
+        return
+    import pooch  # imported here: it pulls in requests, which offline runs with the data present never need
+    import requests
+
+    bar = _RichDownloadBar(label) if progress else None
+    downloader = pooch.HTTPDownloader(
+        progressbar=bar or False,
+        chunk_size=_CHUNK,
+        timeout=TIMEOUT_S,
+        # Ask for the bytes as stored: a server that gzip-encodes a .gz again would otherwise be decoded
+        # by requests and the checksum would fail for the wrong reason.
+        headers={"Accept-Encoding": "identity"},
+    )
+    try:
+        downloader(source, str(destination), None)
+    except (requests.RequestException, OSError) as error:
+        raise CnnkitError(f"download of {source} failed: {_describe(error)}") from None
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _describe(error: BaseException) -> str:
+    """The cause of a failed transfer in a few words; requests nests three layers of wrapper messages."""
+    response = getattr(error, "response", None)
+    if response is not None and response.status_code >= 400:
+        return f"HTTP {response.status_code} {response.reason}"
+    text = " ".join(str(error).split()) or type(error).__name__
+    if match := re.search(r"IncompleteRead\((\d+) bytes read, (\d+) more expected\)", text):
+        return f"connection closed mid-file after {match[1]} bytes, {match[2]} more expected"
+    if "timed out" in text.lower():
+        return f"no data from the server for {TIMEOUT_S} s (timed out)"
+    if match := re.search(r"\[Errno -?\d+\] [^\"')]+", text):
+        return f"could not connect: {match[0].strip()}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _digest(path: str | os.PathLike[str], hasher) -> str:
+    """Hash a file in chunks so a 170 MB archive never sits in memory twice."""
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def _content_sha256(path: str | os.PathLike[str]) -> str | None:
+    """sha256 of the gunzipped content, or None when the file is not valid gzip."""
+    hasher = hashlib.sha256()
+    try:
+        with gzip.open(path, "rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                hasher.update(chunk)
+    except (OSError, EOFError, zlib.error):
+        return None
+    return hasher.hexdigest()
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove a dataset folder this call created when a failed download left it empty."""
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+class _RichDownloadBar:
+    """The progress-bar protocol pooch expects (total, update, reset, close), drawn with rich on stderr."""
+
+    def __init__(self, description: str) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self._task = self._progress.add_task(description, total=None)
+        self._total: int | None = None
+        self._closed = False
+        self._progress.start()
+
+    @property
+    def total(self) -> int | None:
+        return self._total
+
+    @total.setter
+    def total(self, value: int | None) -> None:
+        self._total = value or None  # pooch sends 0 when the server gave no Content-Length
+        self._progress.update(self._task, total=self._total)
+
+    def update(self, amount: int) -> None:
+        self._progress.advance(self._task, amount)
+
+    def reset(self) -> None:
+        self._progress.reset(self._task, total=self._total)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._progress.stop()

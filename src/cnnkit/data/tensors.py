@@ -1,0 +1,199 @@
+"""The in-memory dataset every loader ends as: uint8 image tensors + int64 labels + class names.
+
+Images stay uint8 (4x smaller than float) and live on the training device; batches are sliced out
+with one index tensor, so the training loop never touches a sample in Python and needs no DataLoader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cnnkit.errors import CnnkitError
+
+#: Validation images held out of a 60k-size training set by default (else 10%).
+DEFAULT_VAL_IMAGES = 5000
+#: The split between train and validation depends on this alone, so every run of a dataset
+#: validates on the same images whatever its training seed.
+SPLIT_SEED = 0
+
+
+@dataclass
+class Split:
+    """One split: images uint8 (N, C, H, W) and labels int64 (N,), on one device."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device | str, memory_format: torch.memory_format = torch.contiguous_format) -> Split:
+        images = self.images.to(device).contiguous(memory_format=memory_format)
+        return Split(images, self.labels.to(device))
+
+    def take(self, index: torch.Tensor | slice) -> Split:
+        return Split(self.images[index], self.labels[index])
+
+    @classmethod
+    def from_numpy(cls, images: np.ndarray, labels: np.ndarray) -> Split:
+        return cls(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64)))
+
+
+@dataclass
+class Dataset:
+    """Train / validation / test splits of one dataset with its class names.
+
+    `val_source` says where validation came from ("held-out" from train, "provided" by the source,
+    or "test" when the user asked for the tutorial's protocol), so reports can say it honestly.
+    """
+
+    name: str
+    classes: list[str]
+    train: Split
+    val: Split
+    test: Split
+    val_source: str = "held-out"
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        _, channels, height, width = self.train.images.shape
+        return int(channels), int(height), int(width)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def channel_stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of the training images, in pixel units (0-255)."""
+        images = self.train.images
+        sample = images[:: max(1, len(images) // 20000)].double()
+        mean = sample.mean(dim=(0, 2, 3))
+        std = sample.std(dim=(0, 2, 3)).clamp_min(1.0)
+        return mean.tolist(), std.tolist()
+
+
+def parse_val(val: str | int | float | None) -> str | int | float | None:
+    """Accept the CLI's spellings of the validation choice: 'auto', 'test', an image count or a fraction."""
+    if val is None or isinstance(val, (int, float)):
+        return val
+    text = str(val).strip().lower()
+    if text in ("", "auto"):
+        return None
+    if text == "test":
+        return "test"
+    try:
+        number = float(text)
+    except ValueError:
+        raise CnnkitError(f"--val must be 'auto', 'test', an image count or a fraction, got {val!r}") from None
+    return number if 0 < number < 1 else int(number)
+
+
+def split_validation(
+    images: np.ndarray, labels: np.ndarray, val: int | float | None
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Hold out a validation set from the training arrays with a fixed seed."""
+    total = len(labels)
+    if val is None:
+        count = DEFAULT_VAL_IMAGES if total >= 50000 else max(1, round(total * 0.1))
+    elif isinstance(val, float):
+        count = max(1, round(total * val))
+    else:
+        count = int(val)
+    if not 0 < count < total:
+        raise CnnkitError(f"cannot hold out {count} validation images from {total} training images")
+    order = np.random.default_rng(SPLIT_SEED).permutation(total)
+    val_idx, train_idx = np.sort(order[:count]), np.sort(order[count:])
+    return (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx])
+
+
+def _limit(split: Split, limit: int | None) -> Split:
+    """The first `limit` images of a seeded permutation: a small slice that still has every class."""
+    if limit is None or limit >= len(split):
+        return split
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(SPLIT_SEED))[:limit]
+    return split.take(order.sort().values)
+
+
+def load_dataset(
+    name: str = "mnist",
+    data_dir: str | None = None,
+    *,
+    val: str | int | float | None = None,
+    download: bool = True,
+    mirror: str | None = None,
+    image_size: tuple[int, int] | None = None,
+    channels: int | None = None,
+    limit_train: int | None = None,
+    limit_eval: int | None = None,
+    progress: bool = True,
+) -> Dataset:
+    """Load a dataset by name (`mnist`, `cifar10`, `imagefolder:PATH`, ...) as uint8 CPU tensors.
+
+    `val`: None/'auto' holds out the default validation set from train; an int or fraction holds out
+    that many; 'test' uses the test set for validation (the tutorial's protocol; the final test
+    report is then not independent, and the run records that). `limit_train`/`limit_eval` take
+    seeded slices for quick trials and tests.
+    """
+    from cnnkit.data.sources import load_raw
+
+    raw = load_raw(name, data_dir, download=download, mirror=mirror, image_size=image_size,
+                   channels=channels, progress=progress)
+    val = parse_val(val)
+    if raw.test is None:
+        raise CnnkitError(f"dataset {name} has no test split")
+    train_arrays, val_arrays = raw.train, raw.val
+    val_source = "provided"
+    if val == "test":
+        val_arrays, val_source = raw.test, "test"
+    elif val_arrays is None or val is not None:
+        if raw.val is not None:  # an explicit size re-splits train + provided val together
+            train_arrays = (np.concatenate([raw.train[0], raw.val[0]]), np.concatenate([raw.train[1], raw.val[1]]))
+        train_arrays, val_arrays = split_validation(*train_arrays, val)
+        val_source = "held-out"
+    return Dataset(
+        name=raw.name,
+        classes=list(raw.classes),
+        train=_limit(Split.from_numpy(*train_arrays), limit_train),
+        val=_limit(Split.from_numpy(*val_arrays), limit_eval),
+        test=_limit(Split.from_numpy(*raw.test), limit_eval),
+        val_source=val_source,
+        skipped=list(raw.skipped),
+    )
+
+
+def batch_indices(
+    num_items: int,
+    batch_size: int,
+    *,
+    generator: torch.Generator | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+    device: torch.device | str = "cpu",
+) -> Iterator[torch.Tensor]:
+    """Index tensors for one epoch: shuffled when a generator is given, sharded by rank.
+
+    Every rank draws the same permutation from an identically seeded generator and keeps its own
+    stride of it, which is how distributed training will split an epoch without a sampler object.
+    """
+    if generator is not None:
+        order = torch.randperm(num_items, generator=generator)
+    else:
+        order = torch.arange(num_items)
+    if world_size > 1:
+        order = order[rank::world_size]
+    order = order.to(device)
+    stop = len(order) - (len(order) % batch_size if drop_last else 0)
+    for start in range(0, stop, batch_size):
+        yield order[start : start + batch_size]

@@ -1,0 +1,78 @@
+"""Batched forward passes without gradients: the one place evaluation and prediction run the model."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from cnnkit.errors import CnnkitError
+
+        raise CnnkitError("--device cuda was asked for, but PyTorch sees no CUDA GPU on this machine")
+    return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 math runs natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX via oneDNN).
+
+    Without native support bf16 is emulated and slower than fp32, so 'auto' precision falls back.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> 'bf16' where the device runs it natively, else 'fp32'; explicit choices pass through."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast when asked for; a no-op context otherwise."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module, images: torch.Tensor, *, batch_size: int = 1000, precision: str = "fp32"
+) -> torch.Tensor:
+    """Float32 logits for uint8 images (N, C, H, W), in large batches, in eval mode.
+
+    The model's training/eval mode is restored afterwards, so a validation pass in the middle of
+    fit() leaves BatchNorm layers training.
+    """
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    outputs = []
+    try:
+        with autocast(device, precision):
+            for start in range(0, len(images), batch_size):
+                batch = images[start : start + batch_size].to(device, non_blocking=True)
+                outputs.append(model(batch).float())
+    finally:
+        model.train(was_training)
+    if not outputs:
+        return torch.empty((0, 0), device=device)
+    return torch.cat(outputs)

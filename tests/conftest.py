@@ -1,0 +1,66 @@
+"""Shared fixtures: where the real test data lives, and a real local HTTP mirror serving a folder."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The read-only folder of real datasets (mnist/, fashion-mnist/, cifar10-jpg.tar.gz)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared test data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@dataclass
+class Mirror:
+    """A running local HTTP server: its base URL and the paths it was asked for."""
+
+    url: str
+    requests: list[str] = field(default_factory=list)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serve files from `directory`, record each request path, keep the test output clean."""
+
+    def __init__(self, *args, log: list[str], **kwargs) -> None:
+        self._log = log
+        super().__init__(*args, **kwargs)
+
+    def send_head(self):
+        self._log.append(self.path)
+        return super().send_head()
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - base class signature
+        pass
+
+
+@pytest.fixture
+def http_mirror() -> Iterator[Callable[..., Mirror]]:
+    """Start `http_mirror(directory)` servers on 127.0.0.1 (optionally with a custom handler class)."""
+    servers: list[http.server.ThreadingHTTPServer] = []
+
+    def start(directory: Path, handler: type[http.server.BaseHTTPRequestHandler] | None = None) -> Mirror:
+        mirror = Mirror(url="")
+        handler_class = functools.partial(handler or _QuietHandler, directory=str(directory), log=mirror.requests)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        mirror.url = f"http://127.0.0.1:{server.server_address[1]}"
+        return mirror
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
