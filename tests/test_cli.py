@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnist_slices import SHARED_DATA, mnist_dataset
+from slices import SHARED_DATA, extract_cifar_subset, mnist_dataset
 
 RUN_FILES = {"config.json", "history.csv", "metrics.json", "model.safetensors", "model.json", "history.png",
              "confusion_matrix.png", "errors.png"}
@@ -163,3 +163,27 @@ def test_datasets_lists_presence(tmp_path):
     out = cnnkit("datasets", "--data-dir", str(SHARED_DATA)).stdout
     rows = {line.split()[1]: line for line in out.splitlines() if line.startswith("│")}
     assert "yes" in rows["mnist"] and "yes" in rows["fashion-mnist"] and "no" in rows["cifar10"]
+
+
+def test_train_evaluate_predict_on_a_real_image_folder(tmp_path):
+    """The same commands on a folder of real CIFAR-10 JPEGs (3 classes, RGB, 32x32)."""
+    classes = ("airplane", "automobile", "frog")
+    folder = extract_cifar_subset(SHARED_DATA / "cifar10-jpg.tar.gz", tmp_path / "photos", classes,
+                                  {"train": 400, "test": 100})
+    (folder / "train" / "frog" / ".DS_Store").write_bytes(b"junk")
+    data_dir, runs = tmp_path / "cache", tmp_path / "runs"
+    result = cnnkit("train", "--dataset", f"imagefolder:{folder}", "--model", "fast", "--epochs", "4",
+                    "--batch-size", "64", "--lr", "3e-3", "--data-dir", str(data_dir), "--runs-dir", str(runs))
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    meta = json.loads((run_dir / "model.json").read_text())
+    assert meta["classes"] == list(classes) and meta["input"]["channels"] == 3 and meta["input"]["height"] == 32
+    assert metrics["num_test"] == 300 and metrics["num_train"] + metrics["num_val"] == 1200
+    assert metrics["test_accuracy"] >= 0.6  # three classes: chance is 0.33; measured 0.79
+    report = json.loads(cnnkit("evaluate", str(run_dir), "--data-dir", str(data_dir), "--json").stdout)
+    assert report["accuracy"] == pytest.approx(metrics["test_accuracy"])
+    frog = sorted((folder / "test" / "frog").iterdir())[0]
+    big = tmp_path / "frog_big.jpg"
+    Image.open(frog).resize((200, 150)).save(big, quality=90)  # another size and aspect: resized as recorded
+    items = json.loads(cnnkit("predict", str(run_dir), str(frog), str(big), "--json").stdout)
+    assert [item["label"] in classes for item in items] == [True, True]

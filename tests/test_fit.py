@@ -9,7 +9,7 @@ from cnnkit.data.augment import random_shift
 from cnnkit.engine.evaluate import evaluate
 from cnnkit.engine.fit import fit, lr_at
 from cnnkit.models import build_model
-from mnist_slices import mnist_dataset
+from slices import mnist_dataset
 
 
 def _fit_seed(data, seed=0, epochs=1):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from PIL import Image
 from cnnkit.data.folder import decode_image, load_image_folder
 from cnnkit.data.sources import load_raw
 from cnnkit.errors import CnnkitError
+from slices import extract_cifar_subset
 
 SUBSET_CLASSES = ("airplane", "automobile", "bird", "cat")
 PER_CLASS = {"train": 30, "test": 10}
@@ -22,22 +22,8 @@ PER_CLASS = {"train": 30, "test": 10}
 @pytest.fixture(scope="module")
 def cifar_subset(shared_data: Path, tmp_path_factory) -> Path:
     """train/ and test/ folders of 4 classes extracted from the real cifar10-jpg archive."""
-    root = tmp_path_factory.mktemp("cifar-subset")
-    counts = {(split, name): 0 for split in PER_CLASS for name in SUBSET_CLASSES}
-    with tarfile.open(shared_data / "cifar10-jpg.tar.gz", "r|gz") as tar:
-        for member in tar:
-            parts = [*member.name.split("/"), "", ""]  # cifar10-jpg/<split>/<class>/<file>
-            if not member.isfile() or (parts[1], parts[2]) not in counts:
-                if parts[1:2] == ["train"] and parts[2] > SUBSET_CLASSES[-1]:
-                    break  # members are sorted: everything we need has been seen
-                continue
-            if counts[parts[1], parts[2]] < PER_CLASS[parts[1]]:
-                counts[parts[1], parts[2]] += 1
-                target = root / parts[1] / parts[2] / parts[3]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(tar.extractfile(member).read())
-    assert all(counts[split, name] == PER_CLASS[split] for split, name in counts)
-    return root
+    return extract_cifar_subset(shared_data / "cifar10-jpg.tar.gz", tmp_path_factory.mktemp("cifar-subset"),
+                                SUBSET_CLASSES, PER_CLASS)
 
 
 def _decode_sorted(folder: Path) -> np.ndarray:

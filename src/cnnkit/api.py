@@ -18,7 +18,7 @@ from cnnkit.engine.history import History
 from cnnkit.engine.inference import resolve_device, resolve_precision
 from cnnkit.models import build_model, model_entry
 from cnnkit.plots import plot_confusion_matrix, plot_errors, plot_history
-from cnnkit.predict import background_of
+from cnnkit.prediction import background_of
 from cnnkit.runs import Run, load_run, save_model, staged_run, write_json
 from cnnkit.fileio import write_text
 
@@ -35,8 +35,10 @@ class TrainResult:
 
 
 def dataset_for(config: TrainConfig, progress: bool = True) -> Dataset:
+    image_size = tuple(config.image_size) if config.image_size else None
     return load_dataset(config.dataset, config.data_dir, val=config.val, limit_train=config.limit_train,
-                        limit_eval=config.limit_eval, progress=progress)
+                        limit_eval=config.limit_eval, image_size=image_size, channels=config.channels,
+                        progress=progress)
 
 
 def model_for(config: TrainConfig, data: Dataset) -> torch.nn.Module:
@@ -161,7 +163,9 @@ def evaluate_run(run: str | Path | Run, data_dir: str | None = None, *, limit: i
                  progress: bool = True) -> EvalReport:
     """Evaluate a saved run on its dataset's test split."""
     run = run if isinstance(run, Run) else load_run(run)
-    data = load_dataset(run.meta["dataset"], data_dir, limit_eval=limit, progress=progress)
+    channels, height, width = run.input_shape
+    data = load_dataset(run.meta["dataset"], data_dir, limit_eval=limit, image_size=(height, width),
+                        channels=channels, progress=progress)
     if data.classes != run.classes:
         from cnnkit.errors import CnnkitError
 

@@ -38,6 +38,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _image_size(text: str) -> list[int]:
+    """'64' -> [64, 64]; '48x64' -> [48, 64] (height x width)."""
+    try:
+        parts = [int(part) for part in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH or a single size, got {text!r}") from None
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH or a single size, got {text!r}")
+    return parts
+
+
 def _add_train(sub) -> None:
     p = _command(sub, "train", "Train a model, evaluate it on the test set once, save plots and weights.",
                  "cnnkit train --dataset mnist --model seed --epochs 10 --data-dir ../shared/data")
@@ -57,12 +70,14 @@ def _add_train(sub) -> None:
     p.add_argument("--val", help="validation: 'auto' (hold out 5,000 / 10%% of train), a count, a fraction, "
                                  "or 'test' (the tutorial's use of the test set)")
     p.add_argument("--device", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="fp32, bf16 autocast, or auto (bf16 where the device runs it natively)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="auto (default: bf16 autocast where the device runs it natively), fp32 or bf16")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory layout (default on)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (compile time counts as training time)")
     p.add_argument("--threads", type=_positive_int, help="CPU threads (default: one per core)")
+    p.add_argument("--image-size", type=_image_size, metavar="HxW", help="image folders: resize to this (default: most common size)")
+    p.add_argument("--channels", type=int, choices=[1, 3], help="image folders: 1 (grayscale) or 3 (RGB)")
     p.add_argument("--limit-train", type=_positive_int, metavar="N", help="train on a seeded slice of N images")
     p.add_argument("--limit-eval", type=_positive_int, metavar="N", help="validate and test on slices of N images")
     _add_data_dir(p)
@@ -74,7 +89,8 @@ def _add_train(sub) -> None:
 
 TRAIN_FIELDS = ("dataset", "model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule",
                 "warmup", "label_smoothing", "augment", "seed", "val", "device", "precision", "channels_last",
-                "compile", "threads", "limit_train", "limit_eval", "data_dir", "runs_dir", "name")
+                "compile", "threads", "image_size", "channels", "limit_train", "limit_eval", "data_dir", "runs_dir",
+                "name")
 
 
 def cmd_train(args: argparse.Namespace, started: float) -> int:
@@ -132,7 +148,7 @@ def _add_predict(sub) -> None:
 
 
 def cmd_predict(args: argparse.Namespace, started: float) -> int:
-    from cnnkit.predict import predict_files
+    from cnnkit.prediction import predict_files
     from cnnkit.runs import load_run
 
     predictions = predict_files(load_run(args.run), args.images, top=args.top)
@@ -200,12 +216,23 @@ def cmd_summary(args: argparse.Namespace, started: float) -> int:
         for entry in list_models():
             console.print(f"{entry.name:10s} {entry.description}", highlight=False)
         return 0
-    from cnnkit.data.registry import get_spec
-
-    spec = get_spec(args.dataset)
-    model = build_model(args.model, spec.shape, len(spec.classes))
-    console.print(summary_table(model, spec.shape, title=f"{args.model} ({args.dataset}, input {spec.shape})"))
+    shape, num_classes = _dataset_shape(args.dataset)
+    model = build_model(args.model, shape, num_classes)
+    console.print(summary_table(model, shape, title=f"{args.model} ({args.dataset}, input {shape})"))
     return 0
+
+
+def _dataset_shape(name: str) -> tuple[tuple[int, int, int], int]:
+    """Input shape and class count: from the registry, or by loading an image folder (cached after once)."""
+    from cnnkit.data.registry import DATASETS, get_spec
+
+    if name in DATASETS or not name.startswith("imagefolder:"):
+        spec = get_spec(name)
+        return spec.shape, len(spec.classes)
+    from cnnkit.data.tensors import load_dataset
+
+    data = load_dataset(name, progress=False)
+    return data.input_shape, data.num_classes
 
 
 def _add_presets(sub) -> None:

@@ -65,12 +65,14 @@ def expand_image_paths(inputs: Iterable[str | Path]) -> list[Path]:
 
 def load_image(path: str | Path, meta: dict) -> np.ndarray:
     """One file as uint8 (C, H, W), preprocessed as the model's metadata says."""
+    from PIL import Image
+
     from cnnkit.data.folder import decode_image
 
     spec = meta["input"]
     try:
         array = decode_image(path, (int(spec["height"]), int(spec["width"])), int(spec["channels"]))
-    except (OSError, ValueError, SyntaxError) as error:  # Pillow's errors for unreadable/corrupt files
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # unreadable/corrupt/hostile
         raise CnnkitError(f"{path}: not a readable image ({type(error).__name__}: {error})") from None
     background = meta.get("preprocessing", {}).get("background")
     if background is not None and background_of(array[None]) != background:
