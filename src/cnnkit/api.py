@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,7 @@ def train(config: TrainConfig | None = None, *, progress: bool = True, started: 
     started = time.perf_counter() if started is None else started
     config = config or resolve_config(**overrides)
     device = resolve_device(config.device)
-    config.precision = resolve_precision(config.precision, device)  # recorded as what actually ran
+    config = dataclasses.replace(config, precision=resolve_precision(config.precision, device))  # what ran
     threads = configure_cpu(config.threads)
     with staged_run(config.runs_dir, config.name) as (staging, final):
         data = dataset_for(config, progress)

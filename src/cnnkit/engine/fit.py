@@ -63,7 +63,7 @@ def fit(
     augment: str = "none",
     seed: int = 0,
     device: str | torch.device = "auto",
-    precision: str = "fp32",
+    precision: str = "auto",
     channels_last: bool = True,
     compile: bool = False,
     eval_batch_size: int = 1000,
@@ -74,7 +74,9 @@ def fit(
     """Train `model` on `data.train`, validating on `data.val` after every epoch; returns the History.
 
     The model is moved to the device and trained in place. Shuffling and augmentation draw from a
-    generator seeded by `seed`, so on the CPU the same seed gives the same numbers.
+    generator seeded by `seed`, so on the CPU the same seed gives the same numbers. `precision='auto'`
+    trains under bf16 autocast where the device runs bf16 natively; validation always runs in fp32.
+    `rank`/`world_size` make each process train on its own stride of every epoch's permutation.
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
     precision = resolve_precision(precision, device)
