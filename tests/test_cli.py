@@ -187,3 +187,15 @@ def test_train_evaluate_predict_on_a_real_image_folder(tmp_path):
     Image.open(frog).resize((200, 150)).save(big, quality=90)  # another size and aspect: resized as recorded
     items = json.loads(cnnkit("predict", str(run_dir), str(frog), str(big), "--json").stdout)
     assert [item["label"] in classes for item in items] == [True, True]
+
+
+def test_datasets_download_from_a_local_mirror(http_mirror, tmp_path):
+    mirror = http_mirror(SHARED_DATA)
+    result = cnnkit("datasets", "download", "mnist", "--data-dir", str(tmp_path), "--mirror", mirror.url)
+    assert Path(result.stdout.strip().splitlines()[-1]) == tmp_path / "mnist"
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        assert (tmp_path / "mnist" / name).read_bytes() == (SHARED_DATA / "mnist" / name).read_bytes()
+    assert len(mirror.requests) == 4
+    listing = cnnkit("datasets", "--data-dir", str(tmp_path)).stdout
+    assert "yes" in next(line for line in listing.splitlines() if " mnist " in line)

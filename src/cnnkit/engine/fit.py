@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnkit.data.augment import augment_batch
-from cnnkit.data.tensors import Dataset, Split, batch_indices
+from cnnkit.data.tensors import Dataset, batch_indices
 from cnnkit.engine.evaluate import loss_and_accuracy
 from cnnkit.engine.history import History
 from cnnkit.engine.inference import autocast, resolve_device, resolve_precision
@@ -81,6 +81,8 @@ def fit(
     device = device if isinstance(device, torch.device) else resolve_device(device)
     precision = resolve_precision(precision, device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
     model.to(device=device, memory_format=memory_format)
     train = data.train.to(device, memory_format)
     val = data.val.to(device, memory_format)
@@ -115,7 +117,7 @@ def fit(
                 correct.add_((logits.detach().argmax(1) == labels).sum())
                 seen += len(labels)
                 step += 1
-                bar.advance(lambda: (loss_sum.item() / seen, correct.item() / seen))
+                bar.advance(lambda: (loss_sum.item() / seen, correct.item() / seen))  # noqa: B023 (called now)
             # Scored in fp32, as predict() and exported models will run it, whatever the training precision.
             val_loss, val_accuracy = loss_and_accuracy(model, val, batch_size=eval_batch_size)
             if device.type == "cuda":

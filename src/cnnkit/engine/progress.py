@@ -61,6 +61,9 @@ class EpochProgress:
     def end_epoch(self, epoch: int, epochs: int, history) -> None:
         if not self.enabled:
             return
+        if self.progress is not None and self.task is not None:
+            self.progress.remove_task(self.task)  # the summary line replaces the finished bar
+            self.task = None
         h = history.history
         self.console.print(
             f"Epoch {epoch}/{epochs}  loss {h['loss'][-1]:.4f}  accuracy {h['accuracy'][-1]:.4f}  "
