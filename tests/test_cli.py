@@ -128,6 +128,7 @@ def test_missing_dataset_without_network_is_a_clear_error(tmp_path):
     assert result.returncode == 1 and "not a cnnkit run directory" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_interrupted_training_leaves_no_run_directory(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "cnnkit", "train", "--epochs", "5", "--data-dir", str(SHARED_DATA),
                                 "--runs-dir", str(tmp_path), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -165,6 +166,7 @@ def test_datasets_lists_presence(tmp_path):
     assert "yes" in rows["mnist"] and "yes" in rows["fashion-mnist"] and "no" in rows["cifar10"]
 
 
+@pytest.mark.slow
 def test_train_evaluate_predict_on_a_real_image_folder(tmp_path):
     """The same commands on a folder of real CIFAR-10 JPEGs (3 classes, RGB, 32x32)."""
     classes = ("airplane", "automobile", "frog")

@@ -18,6 +18,7 @@ def _fit_seed(data, seed=0, epochs=1):
     return model, fit(model, data, epochs=epochs, batch_size=32, seed=seed, progress=False)
 
 
+@pytest.mark.slow
 def test_seed_recipe_learns_mnist_from_a_slice():
     data = mnist_dataset()
     model, history = _fit_seed(data, epochs=2)
@@ -28,6 +29,7 @@ def test_seed_recipe_learns_mnist_from_a_slice():
     assert history.history["loss"][1] < history.history["loss"][0]
 
 
+@pytest.mark.slow
 def test_fast_preset_learns_mnist_from_a_slice():
     data = mnist_dataset(limit_train=10000)
     config = resolve_config("fast", epochs=2)

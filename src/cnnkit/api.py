@@ -13,6 +13,7 @@ import torch
 from cnnkit.config import TrainConfig, resolve_config
 from cnnkit.data.tensors import Dataset, load_dataset
 from cnnkit.engine.cpu import configure_cpu, peak_rss_mb
+from cnnkit.errors import CnnkitError
 from cnnkit.engine.evaluate import EvalReport, evaluate
 from cnnkit.engine.fit import fit
 from cnnkit.engine.history import History
@@ -168,8 +169,6 @@ def evaluate_run(run: str | Path | Run, data_dir: str | None = None, *, limit: i
     data = load_dataset(run.meta["dataset"], data_dir, limit_eval=limit, image_size=(height, width),
                         channels=channels, progress=progress)
     if data.classes != run.classes:
-        from cnnkit.errors import CnnkitError
-
         raise CnnkitError(f"{run.path}: the model's classes do not match dataset {data.name}'s")
     return evaluate(run.model, data.test, data.classes)
 
