@@ -77,7 +77,8 @@ class Dataset:
     def channel_stats(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of the training images, in pixel units (0-255)."""
         images = self.train.images
-        sample = images[:: max(1, len(images) // 20000)].double()
+        # A strided sample of at most ~10k images: exact enough, and no 170 MB float64 copy of MNIST.
+        sample = images[:: max(1, len(images) // 10000)].float()
         mean = sample.mean(dim=(0, 2, 3))
         std = sample.std(dim=(0, 2, 3)).clamp_min(1.0)
         return mean.tolist(), std.tolist()
