@@ -71,9 +71,11 @@ PRESETS: dict[str, Preset] = {
         Preset("seed", "The tutorial's recipe: seed CNN, Adam 1e-3, batch 32, 10 epochs", {}),
         Preset(
             "fast",
-            "Shortest time to 99% on MNIST: small BatchNorm CNN, one epoch, one-cycle schedule, bf16 where native",
+            "Shortest time to 99% on MNIST-like 28x28 data: small BatchNorm CNN on the central 24x24 pixels, "
+            "one epoch, one-cycle schedule, bf16 where native",
             {
                 "model": "fast",
+                "model_kwargs": {"widths": [16, 32, 96], "crop": 2},
                 "epochs": 1,
                 "batch_size": 128,
                 "lr": 3e-2,
