@@ -189,6 +189,9 @@ def test_train_evaluate_predict_on_a_real_image_folder(tmp_path):
     Image.open(frog).resize((200, 150)).save(big, quality=90)  # another size and aspect: resized as recorded
     items = json.loads(cnnkit("predict", str(run_dir), str(frog), str(big), "--json").stdout)
     assert [item["label"] in classes for item in items] == [True, True]
+    frogs = json.loads(cnnkit("predict", str(run_dir), str(folder / "test" / "frog"), "--json").stdout)
+    recall = sum(item["label"] == "frog" for item in frogs) / len(frogs)
+    assert len(frogs) == 100 and recall >= 0.5  # chance is 0.33; measured 0.9
 
 
 def test_datasets_download_from_a_local_mirror(http_mirror, tmp_path):

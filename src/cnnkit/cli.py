@@ -224,9 +224,9 @@ def cmd_summary(args: argparse.Namespace, started: float) -> int:
 
 def _dataset_shape(name: str) -> tuple[tuple[int, int, int], int]:
     """Input shape and class count: from the registry, or by loading an image folder (cached after once)."""
-    from cnnkit.data.registry import DATASETS, get_spec
+    from cnnkit.data.registry import get_spec
 
-    if name in DATASETS or not name.startswith("imagefolder:"):
+    if not name.startswith("imagefolder:"):
         spec = get_spec(name)
         return spec.shape, len(spec.classes)
     from cnnkit.data.tensors import load_dataset

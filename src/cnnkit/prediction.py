@@ -31,15 +31,28 @@ class Prediction:
                 "top": [[label, p] for label, p in self.top]}
 
 
-def border_mean(images: np.ndarray) -> float:
-    """Mean pixel value of the outermost ring of (N, C, H, W) images: the background brightness."""
+#: Share of training images that must agree on a background before prediction inverts photos to match.
+CONSISTENT_BACKGROUND = 0.95
+
+
+def border_means(images: np.ndarray) -> np.ndarray:
+    """Per-image mean of the outermost pixel ring of (N, C, H, W) images: each one's background brightness."""
     ring = np.concatenate([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], axis=-1)
-    return float(ring.mean())
+    return ring.reshape(len(images), -1).mean(axis=1)
 
 
-def background_of(images: np.ndarray) -> str:
-    """'dark' or 'light': recorded in model.json so prediction can match photos to the training data."""
-    return "dark" if border_mean(images) < 128 else "light"
+def background_of(images: np.ndarray) -> str | None:
+    """'dark' or 'light' when (nearly) every image shares it, as in MNIST-style data; else None.
+
+    Recorded in model.json so prediction can invert ink-on-paper photos for a light-on-dark model. Natural
+    photos (CIFAR) have no common background, and inverting those by their border would corrupt them.
+    """
+    dark = float((border_means(images) < 128).mean())
+    if dark >= CONSISTENT_BACKGROUND:
+        return "dark"
+    if dark <= 1 - CONSISTENT_BACKGROUND:
+        return "light"
+    return None
 
 
 def expand_image_paths(inputs: Iterable[str | Path]) -> list[Path]:
@@ -75,7 +88,7 @@ def load_image(path: str | Path, meta: dict) -> np.ndarray:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # unreadable/corrupt/hostile
         raise CnnkitError(f"{path}: not a readable image ({type(error).__name__}: {error})") from None
     background = meta.get("preprocessing", {}).get("background")
-    if background is not None and background_of(array[None]) != background:
+    if background is not None and background_of(array[None]) not in (background, None):
         array = 255 - array
     return array
 
