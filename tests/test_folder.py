@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnkit.data.folder import decode_image, load_image_folder
+from cnnkit.data.folder import load_image_folder
+from cnnkit.data.images import decode_image
 from cnnkit.data.sources import load_raw
 from cnnkit.errors import CnnkitError
 from slices import extract_cifar_subset

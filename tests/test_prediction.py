@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from cnnkit.prediction import background_of
+from cnnkit.preprocess import background_of
 from slices import SHARED_DATA, extract_cifar_subset, mnist_dataset
 
 

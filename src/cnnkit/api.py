@@ -20,7 +20,7 @@ from cnnkit.engine.history import History
 from cnnkit.engine.inference import resolve_device, resolve_precision
 from cnnkit.models import build_model, model_entry
 from cnnkit.plots import plot_confusion_matrix, plot_errors, plot_history
-from cnnkit.prediction import background_of
+from cnnkit.preprocess import preprocessing_meta
 from cnnkit.runs import Run, load_run, save_model, staged_run, write_json
 from cnnkit.fileio import write_text
 
@@ -55,20 +55,14 @@ def model_for(config: TrainConfig, data: Dataset) -> torch.nn.Module:
 def model_meta(config: TrainConfig, data: Dataset, model: torch.nn.Module) -> dict[str, Any]:
     """What model.json records: enough to rebuild the model and feed it a new image."""
     channels, height, width = data.input_shape
-    sample = data.train.images[:2000].numpy()
     return {
         "architecture": config.model,
         "model_kwargs": config.model_kwargs,
         "classes": data.classes,
         "dataset": data.name,
         "input": {"channels": channels, "height": height, "width": width, "dtype": "uint8", "layout": "NCHW"},
-        "preprocessing": {
-            "color_mode": "L" if channels == 1 else "RGB",
-            "resize": "bilinear",
-            "mean": model.rescale.mean,
-            "std": model.rescale.std,
-            "background": background_of(sample),
-        },
+        "preprocessing": preprocessing_meta(channels, model.rescale.mean, model.rescale.std,
+                                            data.train.images[:2000].numpy()),
         "cnnkit_version": _version(),
         "torch_version": torch.__version__,
     }

@@ -1,8 +1,7 @@
 """Prediction on image files: each file is converted exactly as the run's model.json says.
 
-Any PNG/JPEG (or other Pillow-readable) image of any size or mode is decoded with the same function
-that decodes folder datasets (orientation, mode, bilinear resize), then, when the model was trained
-on light-on-dark images (MNIST-style) and the photo is dark-on-light (ink on paper), inverted.
+The conversion itself (decode, resize, match the training data's background) lives in cnnkit.preprocess,
+shared with training, which writes the record it follows.
 """
 
 from __future__ import annotations
@@ -14,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cnnkit.data.images import IMAGE_EXTENSIONS
 from cnnkit.errors import CnnkitError
+from cnnkit.preprocess import load_image
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+__all__ = ["Prediction", "expand_image_paths", "load_image", "predict", "predict_files"]
 
 
 @dataclass
@@ -31,30 +32,6 @@ class Prediction:
                 "top": [[label, p] for label, p in self.top]}
 
 
-#: Share of training images that must agree on a background before prediction inverts photos to match.
-CONSISTENT_BACKGROUND = 0.95
-
-
-def border_means(images: np.ndarray) -> np.ndarray:
-    """Per-image mean of the outermost pixel ring of (N, C, H, W) images: each one's background brightness."""
-    ring = np.concatenate([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], axis=-1)
-    return ring.reshape(len(images), -1).mean(axis=1)
-
-
-def background_of(images: np.ndarray) -> str | None:
-    """'dark' or 'light' when (nearly) every image shares it, as in MNIST-style data; else None.
-
-    Recorded in model.json so prediction can invert ink-on-paper photos for a light-on-dark model. Natural
-    photos (CIFAR) have no common background, and inverting those by their border would corrupt them.
-    """
-    dark = float((border_means(images) < 128).mean())
-    if dark >= CONSISTENT_BACKGROUND:
-        return "dark"
-    if dark <= 1 - CONSISTENT_BACKGROUND:
-        return "light"
-    return None
-
-
 def expand_image_paths(inputs: Iterable[str | Path]) -> list[Path]:
     """Files as given, and the image files inside directories (recursively, hidden ones skipped)."""
     paths: list[Path] = []
@@ -63,7 +40,7 @@ def expand_image_paths(inputs: Iterable[str | Path]) -> list[Path]:
         if path.is_dir():
             found = sorted(
                 p for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
             if not found:
@@ -74,23 +51,6 @@ def expand_image_paths(inputs: Iterable[str | Path]) -> list[Path]:
         else:
             raise CnnkitError(f"{path}: no such file or directory")
     return paths
-
-
-def load_image(path: str | Path, meta: dict) -> np.ndarray:
-    """One file as uint8 (C, H, W), preprocessed as the model's metadata says."""
-    from PIL import Image
-
-    from cnnkit.data.folder import decode_image
-
-    spec = meta["input"]
-    try:
-        array = decode_image(path, (int(spec["height"]), int(spec["width"])), int(spec["channels"]))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # unreadable/corrupt/hostile
-        raise CnnkitError(f"{path}: not a readable image ({type(error).__name__}: {error})") from None
-    background = meta.get("preprocessing", {}).get("background")
-    if background is not None and background_of(array[None]) not in (background, None):
-        array = 255 - array
-    return array
 
 
 def predict(model: torch.nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 1000) -> torch.Tensor:

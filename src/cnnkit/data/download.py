@@ -158,7 +158,9 @@ def _transfer(source: str, destination: Path, *, label: str, progress: bool) -> 
     import pooch  # imported here: it pulls in requests, which offline runs with the data present never need
     import requests
 
-    bar = _RichDownloadBar(label) if progress else None
+    from cnnkit.progress import PoochProgress
+
+    bar = PoochProgress(label) if progress else None
     downloader = pooch.HTTPDownloader(
         progressbar=bar or False,
         chunk_size=_CHUNK,
@@ -215,51 +217,3 @@ def _remove_if_empty(folder: Path) -> None:
     """Remove a dataset folder this call created when a failed download left it empty."""
     with contextlib.suppress(OSError):
         folder.rmdir()
-
-
-class _RichDownloadBar:
-    """The progress-bar protocol pooch expects (total, update, reset, close), drawn with rich on stderr."""
-
-    def __init__(self, description: str) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        )
-        self._task = self._progress.add_task(description, total=None)
-        self._total: int | None = None
-        self._closed = False
-        self._progress.start()
-
-    @property
-    def total(self) -> int | None:
-        return self._total
-
-    @total.setter
-    def total(self, value: int | None) -> None:
-        self._total = value or None  # pooch sends 0 when the server gave no Content-Length
-        self._progress.update(self._task, total=self._total)
-
-    def update(self, amount: int) -> None:
-        self._progress.advance(self._task, amount)
-
-    def reset(self) -> None:
-        self._progress.reset(self._task, total=self._total)
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._progress.stop()

@@ -1,0 +1,88 @@
+"""The one image decoder: file -> uint8 (channels, height, width), used by image folders and by prediction.
+
+A model only works on new images preprocessed exactly as its training images were decoded: the same EXIF
+orientation, the same mode conversion (16-bit scaled, transparency on white), the same bilinear resize.
+Keeping that in one function, rather than one copy for datasets and another for prediction, means the
+two cannot drift apart. The extension list lives here for the same reason: a folder dataset and
+`cnnkit predict DIR` accept exactly the same files.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = ["GRAYSCALE_MODES", "IMAGE_EXTENSIONS", "Probe", "decode_image", "probe", "to_array"]
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+#: Pillow modes with one channel of information: a folder of only these decodes to 1 channel by default.
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_EXIF_ORIENTATION = 0x0112
+Probe = tuple[tuple[int, int], str]  # ((width, height) as displayed, Pillow mode)
+
+
+def decode_image(
+    source: str | os.PathLike[str] | BinaryIO | Image.Image, image_size: tuple[int, int], channels: int
+) -> np.ndarray:
+    """Decode one image to uint8 (channels, height, width) exactly as folder datasets are decoded.
+
+    Public so prediction can preprocess a user's image the same way the training images were.
+    """
+    if isinstance(source, Image.Image):
+        return to_array(source, image_size, channels)
+    with Image.open(source) as image:
+        return to_array(image, image_size, channels)
+
+
+def probe(image: Image.Image) -> Probe:
+    """((width, height) as displayed, i.e. after EXIF rotation, mode) of an opened image."""
+    width, height = image.size
+    if _orientation(image) in (5, 6, 7, 8):  # rotated by 90 degrees: width and height swap
+        width, height = height, width
+    return (width, height), image.mode
+
+
+def to_array(image: Image.Image, image_size: tuple[int, int], channels: int) -> np.ndarray:
+    """Orient, convert and resize one opened image to uint8 (channels, height, width)."""
+    height, width = image_size
+    orientation = _orientation(image)
+    if image.format == "JPEG":
+        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is much smaller: big photos decode
+        # several times faster and the following antialiased resize gives the same quality.
+        draft_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        image.draft("L" if channels == 1 else None, draft_size)
+    if orientation not in (None, 1):
+        image = ImageOps.exif_transpose(image)
+    image = _to_mode(image, "L" if channels == 1 else "RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1).copy()
+
+
+def _orientation(image: Image.Image) -> int | None:
+    """The EXIF orientation tag, read only for formats that carry EXIF (cheap for the rest)."""
+    if image.format not in ("JPEG", "MPO", "TIFF", "WEBP", "PNG") or not (
+        "exif" in image.info or image.format == "TIFF"
+    ):
+        return None
+    return image.getexif().get(_EXIF_ORIENTATION)
+
+
+def _to_mode(image: Image.Image, target: str) -> Image.Image:
+    """Convert to "L" or "RGB": 16-bit and float grayscale scaled to 8 bits, transparency put on white."""
+    if image.mode.startswith("I"):
+        # 16-bit PNG / TIFF: Pillow's convert("L") would clip everything above 255 to white.
+        values = np.asarray(image).astype(np.int64)
+        image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), "L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image if image.mode == target else image.convert(target)

@@ -1,0 +1,96 @@
+"""A parallel map in chunks over worker processes, or inline when a pool would cost more than it saves.
+
+Processes, not threads: for small JPEGs the decoding work is Python-bound, so threads only add GIL
+contention (50k CIFAR-10 JPEGs on 2 cores, median of 4: serial 4.2 s, 2 threads 4.6 s, 2 processes 2.4 s).
+Work goes out in chunks, and each chunk's result comes back as one object: thousands of small results
+pickle far slower between processes than a few stacked arrays.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
+from typing import Any
+
+__all__ = ["choose_executor", "run_chunks"]
+
+# Below this many items, starting worker processes costs more than it saves.
+_PARALLEL_MIN_ITEMS = 2000
+
+
+def choose_executor(count: int, workers: int | None) -> Executor:
+    """Worker processes for big jobs, an in-process executor for small ones or `workers=1`.
+
+    `workers=None` picks one per core (at most 8) from _PARALLEL_MIN_ITEMS items up; an explicit
+    count is obeyed as given.
+    """
+    if workers is None:
+        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = min(available, 8) if count >= _PARALLEL_MIN_ITEMS else 1
+    if workers <= 1:
+        return _InlineExecutor()
+    return ProcessPoolExecutor(workers, mp_context=_process_context())
+
+
+def _process_context() -> multiprocessing.context.BaseContext:
+    """fork where it is safe and cheap (Linux, no other threads), else spawn.
+
+    Fork starts workers in milliseconds without re-importing anything (the package's __init__ may import
+    torch, which would cost each spawned worker seconds); with other threads alive a fork can copy a held
+    lock, so then spawn it is.
+    """
+    if sys.platform == "linux" and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+def run_chunks(
+    executor: Executor,
+    function: Callable,
+    items: Sequence,
+    extra: tuple,
+    on_result: Callable[[int, Any], None],
+    label: str,
+    progress: bool,
+) -> None:
+    """Run `function(chunk, *extra)` over `items` in chunks, handing each result to `on_result(start, result)`.
+
+    Results arrive in completion order, not submission order; `start` says where each chunk began.
+    With `progress`, a bar labelled `label` counts items done.
+    """
+    if not items:
+        return
+    # Imported here, not at the top: spawned workers import this module and never draw a bar.
+    from cnnkit.progress import progress_bar
+
+    chunk = max(64, min(2048, len(items) // 32 or 1))
+    # Submit everything before the progress display starts its thread (a fork then copies only this one).
+    futures = {
+        executor.submit(function, items[start : start + chunk], *extra): start for start in range(0, len(items), chunk)
+    }
+    try:
+        with progress_bar(label, len(items), enabled=progress) as advance:
+            for future in as_completed(futures):
+                start = futures[future]
+                on_result(start, future.result())
+                advance(min(chunk, len(items) - start))
+    except BaseException:
+        for future in futures:  # Ctrl-C or a failure: do not make the caller wait for the queued chunks
+            future.cancel()
+        raise
+
+
+class _InlineExecutor(Executor):
+    """Run submitted work immediately in this process; used when a pool would cost more than it saves."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as error:  # noqa: BLE001 - delivered through the future like a pool would
+            future.set_exception(error)
+        return future
