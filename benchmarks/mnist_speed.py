@@ -244,15 +244,20 @@ def markdown(rows: list[list[str]], args: argparse.Namespace) -> str:
 START, END = "<!-- mnist_speed:start -->", "<!-- mnist_speed:end -->"
 
 
-def write_results(path: Path, table: str) -> None:
-    """Replace the generated block of RESULTS.md, keeping the hand-written notes around it."""
-    block = f"{START}\n{table}{END}\n"
+def write_results(path: Path, table: str, start: str = START, end: str = END) -> None:
+    """Replace the generated block of RESULTS.md between `start` and `end`, keeping everything else.
+
+    A block not yet in the file goes first for this benchmark's own markers, last for any other's.
+    """
+    block = f"{start}\n{table}{end}\n"
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        text = before + block + "\n" + rest.split(END, 1)[1].lstrip("\n")
-    else:
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        text = before + block + "\n" + rest.split(end, 1)[1].lstrip("\n")
+    elif start == START:
         text = block + text
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
     path.write_text(text, encoding="utf-8")
 
 

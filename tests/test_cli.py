@@ -48,6 +48,7 @@ def test_train_writes_every_run_file_and_honest_metrics(trained_run):
     assert metrics["model"] == "seed" and metrics["dataset"] == "mnist" and metrics["epochs"] == 2
     assert metrics["num_train"] == 8000 and metrics["num_test"] == 1000 and metrics["val_source"] == "held-out"
     assert metrics["test_accuracy"] >= 0.93  # measured 0.949, 0.973, 0.963 for seeds 0, 1, 2
+    assert metrics["selected"]["keep"] == "best"  # validation is held out, so the best epoch is kept
     history = (trained_run / "history.csv").read_text().splitlines()
     assert history[0] == "epoch,loss,accuracy,val_loss,val_accuracy,lr,seconds" and len(history) == 3
     for png in ("history.png", "confusion_matrix.png", "errors.png"):
@@ -204,3 +205,22 @@ def test_datasets_download_from_a_local_mirror(http_mirror, tmp_path):
     assert len(mirror.requests) == 4
     listing = cnnkit("datasets", "--data-dir", str(tmp_path)).stdout
     assert "yes" in next(line for line in listing.splitlines() if " mnist " in line)
+
+
+def test_a_runs_config_json_repeats_it_and_the_callback_flags_reach_the_run(tmp_path):
+    runs = tmp_path / "runs"
+    first = Path(cnnkit("train", "--epochs", "2", "--limit-train", "1000", "--limit-eval", "300", "--ema", "0.9",
+                        "--patience", "3", "--keep", "best", "--data-dir", str(SHARED_DATA), "--runs-dir", str(runs),
+                        "--quiet").stdout.strip().splitlines()[-1])
+    header = (first / "history.csv").read_text().splitlines()[0].split(",")
+    assert {"ema_val_accuracy", "ema_val_loss", "val_accuracy", "seconds"} <= set(header)
+    metrics = json.loads((first / "metrics.json").read_text())
+    selected = metrics["selected"]
+    assert selected["keep"] == "best" and selected["weights"] in ("raw", "ema") and selected["epoch"] in (1, 2)
+    assert metrics["val_accuracy"] == selected["value"]  # the kept weights' validation accuracy, not the last's
+
+    second = Path(cnnkit("train", "--config", str(first / "config.json"), "--quiet").stdout.strip().splitlines()[-1])
+    assert second == runs / "train2"
+    assert json.loads((second / "config.json").read_text()) == json.loads((first / "config.json").read_text())
+    repeat = json.loads((second / "metrics.json").read_text())
+    assert repeat["test_accuracy"] == metrics["test_accuracy"] and repeat["selected"] == selected  # same seed, CPU

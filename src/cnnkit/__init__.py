@@ -19,7 +19,10 @@ _EXPORTS = {
     "build_model": "cnnkit.models",
     "list_models": "cnnkit.models",
     "fit": "cnnkit.engine.fit",
-    "History": "cnnkit.engine.history",
+    "History": "cnnkit.engine.callbacks",
+    "Callback": "cnnkit.engine.callbacks",
+    "EarlyStopping": "cnnkit.engine.callbacks",
+    "EMA": "cnnkit.engine.callbacks",
     "evaluate": "cnnkit.engine.evaluate",
     "predict": "cnnkit.prediction",
     "predict_files": "cnnkit.prediction",
@@ -28,6 +31,7 @@ _EXPORTS = {
     "evaluate_run": "cnnkit.api",
     "TrainConfig": "cnnkit.config",
     "resolve_config": "cnnkit.config",
+    "list_presets": "cnnkit.config",
     "CnnkitError": "cnnkit.errors",
 }
 

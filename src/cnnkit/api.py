@@ -15,8 +15,9 @@ from cnnkit.data.tensors import Dataset, load_dataset
 from cnnkit.engine.cpu import configure_cpu, peak_rss_mb
 from cnnkit.errors import CnnkitError
 from cnnkit.engine.evaluate import EvalReport, evaluate
+from cnnkit.engine.callbacks import Callback, History
+from cnnkit.engine.callbacks.selection import logs_key
 from cnnkit.engine.fit import fit
-from cnnkit.engine.history import History
 from cnnkit.engine.inference import resolve_device, resolve_precision
 from cnnkit.models import build_model, model_entry
 from cnnkit.plots import plot_confusion_matrix, plot_errors, plot_history
@@ -75,8 +76,11 @@ def _version() -> str:
 
 
 def train(config: TrainConfig | None = None, *, progress: bool = True, started: float | None = None,
-          log=print, **overrides: Any) -> TrainResult:
-    """Load data, build, fit, evaluate on the test set once, and write the run directory."""
+          log=print, callbacks: list[Callback] = (), **overrides: Any) -> TrainResult:
+    """Load data, build, fit, evaluate on the test set once, and write the run directory.
+
+    `overrides` are TrainConfig options (e.g. `preset="fast", epochs=3`); `callbacks` go to fit().
+    """
     started = time.perf_counter() if started is None else started
     config = config or resolve_config(**overrides)
     device = resolve_device(config.device)
@@ -91,8 +95,7 @@ def train(config: TrainConfig | None = None, *, progress: bool = True, started: 
             f"{len(data.test):,} test images, {data.num_classes} classes, input {data.input_shape}; "
             f"device {device}, {threads} threads")
         model = model_for(config, data)
-        history = fit(model, data, config.epochs, config.batch_size, device=device, progress=progress,
-                      **config.fit_options())
+        history = fit(model, data, callbacks=callbacks, progress=progress, **config.fit_options())
         test_split = data.test.to(device)
         report = evaluate(model, test_split, data.classes, batch_size=config.eval_batch_size)
         metrics = train_metrics(config, data, history, report, device, threads, started)
@@ -118,7 +121,8 @@ def train_metrics(config: TrainConfig, data: Dataset, history: History, report: 
         "threads": threads,
         "precision": config.precision,
         "peak_rss_mb": peak_rss_mb(),
-        "val_accuracy": history.history["val_accuracy"][-1],
+        "val_accuracy": kept_val_accuracy(history),
+        "selected": history.selected,
         "val_source": data.val_source,
         "val_99_epoch": history.first_epoch_reaching("val_accuracy", TARGET_ACCURACY),
         "val_99_seconds": history.seconds_until("val_accuracy", TARGET_ACCURACY),
@@ -128,6 +132,15 @@ def train_metrics(config: TrainConfig, data: Dataset, history: History, report: 
         "test_report": report.to_dict(),
         "torch_version": torch.__version__,
     }
+
+
+def kept_val_accuracy(history: History) -> float:
+    """Validation accuracy of the weights the run kept (the selected epoch and source, e.g. EMA)."""
+    selected = history.selected
+    if not selected:
+        return history.history["val_accuracy"][-1]
+    key = logs_key(selected["weights"], "val_accuracy")
+    return history.history[key][history.epoch.index(selected["epoch"])]
 
 
 def write_run_files(run_dir: Path, config: TrainConfig, data: Dataset, model: torch.nn.Module,

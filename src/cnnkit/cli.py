@@ -23,7 +23,7 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
 
 def _command(sub, name: str, help_text: str, example: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
-                          formatter_class=_formatter)
+                          formatter_class=_formatter, allow_abbrev=False)
 
 
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
@@ -38,66 +38,74 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _image_size(text: str) -> list[int]:
-    """'64' -> [64, 64]; '48x64' -> [48, 64] (height x width)."""
-    try:
-        parts = [int(part) for part in text.lower().split("x")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH or a single size, got {text!r}") from None
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH or a single size, got {text!r}")
-    return parts
+def _cli_type(parse):
+    """An argparse type from a schema parser: its ValueError becomes argparse's one-line usage error."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return convert
+
+
+def _default_text(value) -> str | None:
+    """How --help shows a schema default; None where the help text already says what happens by default."""
+    if value is None or value == {}:
+        return None
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def add_schema_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, with the schema's type, choices, help and default.
+
+    Flags default to SUPPRESS, so the namespace holds only what the user typed and presets or config files
+    fill in the rest.
+    """
+    from cnnkit.config import LazyChoices, _base_types, cli_flag, default_of, field_types, schema
+
+    for field in schema():
+        rule = field.metadata["option"]
+        base, _ = _base_types(field_types()[field.name])
+        origin = getattr(base, "__origin__", base)
+        default = _default_text(default_of(field))
+        help_text = rule.help.replace("%", "%%") + (f" (default: {default})" if default is not None else "")
+        kwargs: dict = {"dest": field.name, "default": argparse.SUPPRESS, "help": help_text}
+        if origin is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _cli_type(rule.parse) if rule.parse else origin
+            kwargs["choices"] = rule.choices
+            kwargs["metavar"] = rule.metavar
+            if isinstance(rule.choices, LazyChoices):
+                # A metavar keeps argparse from listing registry names (importing torch) while building the
+                # parser; %(choices)s lists them only when the help is printed.
+                kwargs["metavar"] = field.name.upper()
+                kwargs["help"] = f"{help_text}; one of %(choices)s"
+        parser.add_argument(cli_flag(field.name), **kwargs)
 
 
 def _add_train(sub) -> None:
     p = _command(sub, "train", "Train a model, evaluate it on the test set once, save plots and weights.",
-                 "cnnkit train --dataset mnist --model seed --epochs 10 --data-dir ../shared/data")
-    p.add_argument("--preset", help="named set of defaults (see `cnnkit presets`); flags override it")
-    p.add_argument("--dataset", help="mnist, fashion-mnist, kmnist, cifar10, cifar100 or imagefolder:PATH (default mnist)")
-    p.add_argument("--model", help="architecture (see `cnnkit summary --list`; default seed)")
-    p.add_argument("--epochs", type=_positive_int, help="default 10")
-    p.add_argument("--batch-size", type=_positive_int, help="default 32")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
-    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], help="default adam")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", choices=["constant", "onecycle"], help="learning-rate schedule (default constant)")
-    p.add_argument("--warmup", type=float, help="fraction of steps warming up, with --schedule onecycle")
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--augment", choices=["none", "shift", "flip-crop"], help="batch augmentation (default none)")
-    p.add_argument("--seed", type=int, help="random seed for initialisation and shuffling (default 0)")
-    p.add_argument("--val", help="validation: 'auto' (hold out 5,000 / 10%% of train), a count, a fraction, "
-                                 "or 'test' (the tutorial's use of the test set)")
-    p.add_argument("--device", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="auto (default: bf16 autocast where the device runs it natively), fp32 or bf16")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC memory layout (default on)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (compile time counts as training time)")
-    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: one per core)")
-    p.add_argument("--image-size", type=_image_size, metavar="HxW", help="image folders: resize to this (default: most common size)")
-    p.add_argument("--channels", type=int, choices=[1, 3], help="image folders: 1 (grayscale) or 3 (RGB)")
-    p.add_argument("--limit-train", type=_positive_int, metavar="N", help="train on a seeded slice of N images")
-    p.add_argument("--limit-eval", type=_positive_int, metavar="N", help="validate and test on slices of N images")
-    _add_data_dir(p)
-    p.add_argument("--runs-dir", metavar="DIR", help="where run directories go (default runs/)")
-    p.add_argument("--name", help="run directory name (default train, train2, ...)")
+                 "cnnkit train --dataset mnist --model seed --epochs 10 --data-dir ../shared/data\n"
+                 "  cnnkit train --config runs/train/config.json --seed 1   # repeat a run with another seed")
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON file of options (a run's config.json repeats "
+                                                     "that run); flags override it, it overrides the preset")
+    add_schema_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.set_defaults(handler=cmd_train)
 
 
-TRAIN_FIELDS = ("dataset", "model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule",
-                "warmup", "label_smoothing", "augment", "seed", "val", "device", "precision", "channels_last",
-                "compile", "threads", "image_size", "channels", "limit_train", "limit_eval", "data_dir", "runs_dir",
-                "name")
-
-
 def cmd_train(args: argparse.Namespace, started: float) -> int:
     from cnnkit.api import train
-    from cnnkit.config import resolve_config
+    from cnnkit.config import FIELD_NAMES, cli_flag, resolve_config
 
-    config = resolve_config(args.preset, **{field: getattr(args, field) for field in TRAIN_FIELDS})
+    overrides = {name: value for name, value in vars(args).items() if name in FIELD_NAMES}
+    preset = overrides.pop("preset", None)
+    config = resolve_config(preset, config_file=args.config, spell=cli_flag, **overrides)
     log = (lambda *a, **k: None) if args.quiet else (lambda message: print(message, flush=True))
     result = train(config, progress=not args.quiet, started=started, log=log)
     m = result.metrics
@@ -241,19 +249,24 @@ def _add_presets(sub) -> None:
 
 
 def cmd_presets(args: argparse.Namespace, started: float) -> int:
-    from cnnkit.config import PRESETS
+    from cnnkit.config import list_presets
 
-    for preset in PRESETS.values():
+    for preset in list_presets():
         print(f"{preset.name}: {preset.description}")
+        if preset.extends:
+            print(f"    extends {preset.extends}")
         settings = preset.values or {"(defaults)": "the tutorial's recipe"}
         for key, value in settings.items():
-            print(f"    {key.replace('_', '-')} = {value}")
+            print(f"    {key.replace('_', '-')} = {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+        if preset.measured:
+            print(f"    measured: {preset.measured.get('result', '')}")
+            print(f"      by `{preset.measured.get('command', '')}` on {preset.measured.get('machine', '?')}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, formatter_class=_formatter,
+        prog=PROG, formatter_class=_formatter, allow_abbrev=False,
         description="Train, evaluate and use convolutional image classifiers.",
         epilog="examples:\n  cnnkit train --data-dir ../shared/data\n  cnnkit train --preset fast\n"
                "  cnnkit predict runs/train digit.png",

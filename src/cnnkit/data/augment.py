@@ -1,9 +1,20 @@
-"""Batch augmentations as whole-batch tensor ops on the training device (no per-image Python)."""
+"""Batch augmentations as whole-batch tensor ops on the training device (no per-image Python).
+
+Each named augmentation is one registered function `(uint8 images, generator) -> images`; the option
+schema takes its allowed `--augment` names from AUGMENTATIONS.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+from cnnkit.registry import Registry
+
+Augmentation = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+AUGMENTATIONS: Registry[Augmentation] = Registry("augmentation")
 
 
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -27,12 +38,19 @@ def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return torch.where(flip, images.flip(3), images)
 
 
-def augment_batch(images: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
-    """Apply the named augmentation: 'none', 'shift' (±2 px) or 'flip-crop' (flip + ±4 px, CIFAR-style)."""
-    if kind == "none":
-        return images
-    if kind == "shift":
-        return random_shift(images, 2, generator)
-    if kind == "flip-crop":
-        return random_shift(random_flip(images, generator), 4, generator)
-    raise ValueError(f"unknown augmentation {kind!r}")
+@AUGMENTATIONS.register("none")
+def no_augmentation(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return images
+
+
+@AUGMENTATIONS.register("shift")
+def shift(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """±2 px translation: digits stay digits, and MNIST's 4-px border leaves room."""
+    return random_shift(images, 2, generator)
+
+
+@AUGMENTATIONS.register("flip-crop")
+def flip_crop(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror plus ±4 px translation, the CIFAR recipe (natural images only)."""
+    return random_shift(random_flip(images, generator), 4, generator)
+

@@ -2,6 +2,6 @@
 
 from cnnkit.models.builder import build_model, model_entry
 from cnnkit.models.classifier import ImageClassifier, Rescaling
-from cnnkit.models.registry import list_models, register_model
+from cnnkit.models.registry import list_models, model_names, register_model
 
-__all__ = ["ImageClassifier", "Rescaling", "build_model", "list_models", "model_entry", "register_model"]
+__all__ = ["ImageClassifier", "Rescaling", "build_model", "list_models", "model_entry", "model_names", "register_model"]

@@ -46,6 +46,10 @@ def list_models() -> list[ModelEntry]:
     return sorted(_MODELS.values(), key=lambda entry: entry.name)
 
 
+def model_names() -> list[str]:
+    return [entry.name for entry in list_models()]
+
+
 def get_entry(name: str) -> ModelEntry:
     _load_families()
     if name not in _MODELS:

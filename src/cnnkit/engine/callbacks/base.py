@@ -1,0 +1,145 @@
+"""The callback seam: what fit() calls around each step and epoch, and the state callbacks may read.
+
+The hooks and their order are Keras's (`on_train_begin`, `on_epoch_begin`, `on_batch_end`,
+`on_epoch_end(epoch, logs)`, `on_train_end`), so a feature such as early stopping, EMA or a checkpoint is
+one callback class instead of one more `if` in the loop. `logs` is a plain dict that callbacks may add to
+(EMA adds `ema_val_accuracy`); History records whatever it holds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnnkit.data.tensors import Split
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainState:
+    """What fit() exposes to callbacks while it runs; `stop_training` is the one field they set."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    val: Split
+    device: torch.device
+    epochs: int
+    steps_per_epoch: int
+    eval_batch_size: int = 1000
+    epoch: int = 0
+    step: int = 0  # optimizer steps taken so far, across epochs
+    epoch_started: float = 0.0  # time.perf_counter() at the start of the current epoch
+    stop_training: bool = False
+    #: Weights a run could end with, by name ("raw" is the model itself; EMA adds "ema"). The logs of a
+    #: source other than "raw" carry its name as a prefix: "ema_val_accuracy".
+    weight_sources: dict[str, Callable[[], StateDict]] = field(default_factory=dict)
+    #: Which weights the model holds after training, set by WeightSelection (epoch, weights, monitor, value).
+    selected: dict[str, Any] | None = None
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.epoch_started = time.perf_counter()
+
+    def seconds_in_epoch(self) -> float:
+        """Wall time since the epoch began, after waiting for queued GPU work (CPU work is synchronous)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - self.epoch_started
+
+
+class Callback:
+    """Base class: override the hooks you need. `self.state` (and `self.model`) are set before training.
+
+    `order` sorts callbacks within each hook: producers of logs (EMA, -10) run before the callbacks that
+    read them (early stopping and weight selection, 10), then History (90) and the progress line (100).
+    """
+
+    order: int = 0
+    state: TrainState
+
+    def set_state(self, state: TrainState) -> None:
+        self.state = state
+
+    @property
+    def model(self) -> nn.Module:
+        return self.state.model
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None: ...
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None: ...
+
+    def on_batch_end(self, batch: int, logs: Mapping[str, float] | None = None) -> None:
+        """After each optimizer step. `logs` computes the running loss/accuracy only when read (a device sync)."""
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None: ...
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None: ...
+
+    def close(self) -> None:
+        """Release what the callback holds (a live display), whether or not training finished."""
+
+
+class CallbackList:
+    """Calls each hook on every callback in `order`; on_batch_end only on those that override it."""
+
+    def __init__(self, callbacks: Iterable[Callback], state: TrainState) -> None:
+        self.callbacks = sorted(callbacks, key=lambda callback: callback.order)
+        for callback in self.callbacks:
+            callback.set_state(state)
+        self._per_step = [c for c in self.callbacks if type(c).on_batch_end is not Callback.on_batch_end]
+
+    def on_train_begin(self) -> None:
+        for callback in self.callbacks:
+            callback.on_train_begin({})
+
+    def on_epoch_begin(self, epoch: int) -> None:
+        for callback in self.callbacks:
+            callback.on_epoch_begin(epoch, {})
+
+    def on_batch_end(self, batch: int, logs: Mapping[str, float]) -> None:
+        for callback in self._per_step:
+            callback.on_batch_end(batch, logs)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
+        for callback in self.callbacks:
+            callback.on_epoch_end(epoch, logs)
+
+    def on_train_end(self, logs: dict[str, Any]) -> None:
+        for callback in self.callbacks:
+            callback.on_train_end(logs)
+
+    def __enter__(self) -> CallbackList:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for callback in self.callbacks:
+            callback.close()
+
+
+def mode_for(monitor: str) -> str:
+    """'max' for accuracies, 'min' for losses (Keras's 'auto' mode)."""
+    return "max" if "acc" in monitor else "min"
+
+
+def is_better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Strictly better than `best` by more than `min_delta`; NaN is never better; ties keep the earlier."""
+    if math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value > best + min_delta if mode == "max" else value < best - min_delta
+
+
+def monitored(logs: Mapping[str, Any], key: str, who: str) -> float:
+    if key not in logs:
+        from cnnkit.errors import CnnkitError
+
+        raise CnnkitError(f"{who} monitors {key!r}, which the epoch's logs lack (they have: {', '.join(logs)})")
+    return float(logs[key])

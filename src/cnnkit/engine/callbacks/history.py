@@ -1,0 +1,75 @@
+"""Per-epoch training record with Keras's shape: `history.history["val_accuracy"]` is a list per epoch.
+
+History is the callback that records every key of every epoch's logs, so a value a callback adds (EMA's
+`ema_val_accuracy`) reaches `history.history` and `history.csv` with no change here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from cnnkit.engine.callbacks.base import Callback
+
+
+class History(Callback):
+    """The History fit() returns: `history[key]` per epoch, `epoch` numbers, and the weights kept."""
+
+    order = 90  # after every callback that adds to the logs; before the progress line prints them
+
+    def __init__(self) -> None:
+        self.history: dict[str, list[float]] = {}
+        self.epoch: list[int] = []
+        self.selected: dict[str, Any] | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
+        # Timed here, after the callbacks that evaluate (EMA), so their cost counts as training time.
+        logs["seconds"] = self.state.seconds_in_epoch()
+        self.append(epoch, **logs)
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self.selected = self.state.selected
+
+    def append(self, epoch: int, **values: float) -> None:
+        """Add one epoch; a key first seen now is NaN for earlier epochs, a missing key NaN for this one."""
+        for key in values:
+            self.history.setdefault(key, [math.nan] * len(self.epoch))
+        self.epoch.append(epoch)
+        for key, series in self.history.items():
+            series.append(float(values.get(key, math.nan)))
+
+    @property
+    def train_seconds(self) -> float:
+        return float(sum(self.history.get("seconds", [])))
+
+    def first_epoch_reaching(self, key: str, threshold: float) -> int | None:
+        """1-based epoch at which `key` first reached `threshold`, or None."""
+        for epoch, value in zip(self.epoch, self.history.get(key, [])):
+            if value >= threshold:
+                return epoch
+        return None
+
+    def seconds_until(self, key: str, threshold: float) -> float | None:
+        """Training seconds spent until the end of the epoch where `key` first reached `threshold`."""
+        epoch = self.first_epoch_reaching(key, threshold)
+        if epoch is None:
+            return None
+        return float(sum(self.history["seconds"][: self.epoch.index(epoch) + 1]))
+
+    def to_csv(self) -> str:
+        keys = list(self.history)
+        lines = [",".join(("epoch", *keys))]
+        for i, epoch in enumerate(self.epoch):
+            lines.append(",".join([str(epoch)] + [repr(self.history[key][i]) for key in keys]))
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_csv(cls, text: str) -> History:
+        rows = [line.split(",") for line in text.strip().splitlines()]
+        header, body = rows[0], rows[1:]
+        history = cls()
+        for row in body:
+            values = dict(zip(header, row))
+            epoch = int(values.pop("epoch"))
+            history.append(epoch, **{key: float(value) for key, value in values.items()})
+        return history

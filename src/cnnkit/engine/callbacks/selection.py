@@ -1,0 +1,55 @@
+"""Which weights a run ends with: the best validation epoch's or the last's, raw or averaged (EMA).
+
+Every weight source (the model itself, "raw"; EMA adds "ema") is scored on validation each epoch; with
+keep="best" the best (epoch, source) over the whole run is snapshotted and restored at the end, with
+keep="last" the better source of the last epoch is. Only validation decides: never the test set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cnnkit.engine.callbacks.base import Callback, StateDict, is_better, mode_for, monitored
+
+
+def logs_key(source: str, monitor: str) -> str:
+    """The logs key of `monitor` for a weight source: val_accuracy for raw, ema_val_accuracy for ema."""
+    return monitor if source == "raw" else f"{source}_{monitor}"
+
+
+class WeightSelection(Callback):
+    order = 20
+
+    def __init__(self, monitor: str = "val_accuracy", keep: str = "best") -> None:
+        if keep not in ("best", "last"):
+            raise ValueError(f"keep must be 'best' or 'last', got {keep!r}")
+        self.monitor, self.keep, self.mode = monitor, keep, mode_for(monitor)
+        self.best: float | None = None
+        self.choice: dict[str, Any] | None = None
+        self.snapshot: StateDict | None = None
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.best, self.choice, self.snapshot = None, None, None
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
+        if self.keep == "last":
+            self.best = None  # only the final epoch's sources compete
+        for source, weights in self.state.weight_sources.items():
+            value = monitored(logs, logs_key(source, self.monitor), "weight selection")
+            if is_better(value, self.best, self.mode):
+                self.best = value
+                self.choice = {"keep": self.keep, "epoch": epoch, "weights": source, "monitor": self.monitor,
+                               "value": value}
+                if self.keep == "best":
+                    self.snapshot = {key: tensor.detach().clone() for key, tensor in weights().items()}
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        if self.choice is None:
+            return
+        weights = self.snapshot
+        if self.keep == "last" and self.choice["weights"] != "raw":
+            weights = self.state.weight_sources[self.choice["weights"]]()
+        if weights is not None:
+            self.state.model.load_state_dict(weights)
+        self.snapshot = None
+        self.state.selected = self.choice

@@ -1,0 +1,1 @@
+"""Shipped training presets, one TOML file each (read by cnnkit.config; no code here)."""
