@@ -76,6 +76,9 @@ def test_a_runs_config_json_round_trips_to_the_same_config(tmp_path):
     ({"ema": 1.0}, "ema must be below 1"), ({"patience": 0}, "patience must be at least 1"),
     ({"epochs": 2.5}, "epochs must be a whole number"), ({"dataset": "mnsit"}, "did you mean 'mnist'"),
     ({"keep": "best", "val": "test"}, "test accuracy"), ({"ema": 0.9, "val": "test"}, "ema"),
+    ({"val": True}, "val must be a string or a whole number"), ({"channels_last": 1}, "must be true or false"),
+    ({"image_size": [24.5, 24]}, "list of whole numbers"), ({"image_size": [4, 4]}, "from 8 to 4096"),
+    ({"threads": 100000}, "this machine has"), ({"model_kwargs": {1: 2}}, "keys must be strings"),
 ])
 def test_impossible_values_are_rejected_naming_the_option_as_python_spells_it(bad, message):
     with pytest.raises(CnnkitError, match=message):

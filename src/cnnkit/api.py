@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ def _version() -> str:
 
 
 def train(config: TrainConfig | None = None, *, progress: bool = True, started: float | None = None,
-          log=print, callbacks: list[Callback] = (), **overrides: Any) -> TrainResult:
+          log=print, callbacks: Sequence[Callback] = (), **overrides: Any) -> TrainResult:
     """Load data, build, fit, evaluate on the test set once, and write the run directory.
 
     `overrides` are TrainConfig options (e.g. `preset="fast", epochs=3`); `callbacks` go to fit().

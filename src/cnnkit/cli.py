@@ -65,11 +65,11 @@ def add_schema_options(parser: argparse.ArgumentParser) -> None:
     Flags default to SUPPRESS, so the namespace holds only what the user typed and presets or config files
     fill in the rest.
     """
-    from cnnkit.config import LazyChoices, _base_types, cli_flag, default_of, field_types, schema
+    from cnnkit.config import LazyChoices, base_type, cli_flag, default_of, field_types, schema
 
     for field in schema():
         rule = field.metadata["option"]
-        base, _ = _base_types(field_types()[field.name])
+        base, _ = base_type(field_types()[field.name])
         origin = getattr(base, "__origin__", base)
         default = _default_text(default_of(field))
         help_text = rule.help.replace("%", "%%") + (f" (default: {default})" if default is not None else "")
