@@ -31,3 +31,59 @@ def test_package_import_is_light():
     code = "import sys, cnnkit, cnnkit.cli; print('torch' in sys.modules, 'matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_build_model_is_seeded_without_touching_the_global_generator():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    first = cnnkit.build_model("seed")
+    after = torch.rand(1)
+    again = cnnkit.build_model("seed")
+    other = cnnkit.build_model("seed", seed=1)
+    same = [torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values())]
+    assert all(same) and torch.equal(before, after)  # identical scripts build identical models
+    assert not torch.equal(first.body[0].weight, other.body[0].weight)
+
+
+def test_summary_prints_the_keras_table_for_an_api_model():
+    model = cnnkit.build_model("seed", (1, 28, 28), 10)
+    text = str(cnnkit.summary(model))
+    assert "225,034" in text and "(None, 64, 11, 11)" in text and "body.7 (Linear)" in text
+    assert str(model.summary()) == text and repr(model.summary()) == text
+    assert "(None, 64, 13, 13)" in str(cnnkit.summary(model.body[:5], (1, 32, 32)))  # any module, given a shape
+
+
+def test_an_api_trained_model_becomes_a_run_every_cli_verb_accepts(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    data = cnnkit.load_dataset("mnist", str(SHARED_DATA), limit_train=2000, limit_eval=300, progress=False)
+    model = cnnkit.build_model("seed", data.input_shape, data.num_classes)
+    history = cnnkit.fit(model, data, epochs=1, progress=False)
+    path = cnnkit.save_run(model, data, history, tmp_path / "api-run")
+    metrics = json.loads((path / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == cnnkit.evaluate(model, data.test, data.classes).accuracy
+    config = json.loads((path / "config.json").read_text())
+    assert config["model"] == "seed" and config["dataset"] == "mnist" and config["epochs"] == 1
+    run = cnnkit.load_run(path)
+    assert torch.equal(run.model.body[0].weight, model.body[0].weight.cpu())
+    evaluated = subprocess.run([sys.executable, "-m", "cnnkit", "evaluate", str(path), "--data-dir", str(SHARED_DATA),
+                                "--limit", "300", "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(evaluated.stdout)["accuracy"] == metrics["test_accuracy"]
+
+
+def test_reprs_are_short_and_say_what_matters():
+    data = cnnkit.load_dataset("mnist", str(SHARED_DATA), limit_train=500, limit_eval=200, progress=False)
+    assert repr(data) == ("Dataset('mnist': 500 train / 200 val (held-out) / 200 test images, 10 classes, "
+                          "input (1, 28, 28))")
+    assert repr(data.test) == "Split(200 images (1, 28, 28) uint8 on cpu)"
+    model = cnnkit.build_model("seed", data.input_shape, data.num_classes)
+    history = cnnkit.fit(model, data, epochs=2, progress=False)
+    assert repr(history).startswith("History(2 epochs, best val_accuracy 0.") and "kept epoch" in repr(history)
+    report = cnnkit.evaluate(model, data.test, data.classes)
+    text = repr(report)
+    assert text.startswith(f"EvalReport(accuracy={report.accuracy:.4f} (95% CI ") and len(text) < 200
+    low, high = report.accuracy_ci95
+    assert low < report.accuracy < high and high - low > 0.05  # 200 images: a wide interval

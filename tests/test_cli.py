@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -209,9 +210,15 @@ def test_datasets_download_from_a_local_mirror(http_mirror, tmp_path):
 
 def test_a_runs_config_json_repeats_it_and_the_callback_flags_reach_the_run(tmp_path):
     runs = tmp_path / "runs"
-    first = Path(cnnkit("train", "--epochs", "2", "--limit-train", "1000", "--limit-eval", "300", "--ema", "0.9",
-                        "--patience", "3", "--keep", "best", "--data-dir", str(SHARED_DATA), "--runs-dir", str(runs),
-                        "--quiet").stdout.strip().splitlines()[-1])
+    out = cnnkit("train", "--epochs", "2", "--limit-train", "1000", "--limit-eval", "300", "--ema", "0.9",
+                 "--patience", "3", "--keep", "best", "--data-dir", str(SHARED_DATA), "--runs-dir", str(runs),
+                 "--quiet").stdout.strip().splitlines()
+    first = Path(out[-1])
+    # The end-of-training summary: kept epoch, test accuracy with its interval, top mistakes, the files.
+    assert re.match(r"kept epoch [12]/2 \(best, (raw|ema) weights\): val_accuracy 0\.\d{4}", out[-6])
+    assert re.match(r"test accuracy 0\.\d{4} \(95% CI 0\.\d{4}-0\.\d{4}: 300 test images", out[-5])
+    assert out[-4].startswith("most confused (true -> predicted): ") and out[-4].count("->") == 4
+    assert out[-2].startswith("files: ") and "steps.csv" in out[-2] and "model.safetensors" in out[-2]
     header = (first / "history.csv").read_text().splitlines()[0].split(",")
     assert {"ema_val_accuracy", "ema_val_loss", "val_accuracy", "seconds"} <= set(header)
     metrics = json.loads((first / "metrics.json").read_text())
@@ -224,3 +231,38 @@ def test_a_runs_config_json_repeats_it_and_the_callback_flags_reach_the_run(tmp_
     assert json.loads((second / "config.json").read_text()) == json.loads((first / "config.json").read_text())
     repeat = json.loads((second / "metrics.json").read_text())
     assert repeat["test_accuracy"] == metrics["test_accuracy"] and repeat["selected"] == selected  # same seed, CPU
+
+
+def test_predict_skips_an_unreadable_file_predicts_the_rest_and_writes_csv(trained_run, tmp_path):
+    import csv
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    paths, labels = _write_pngs(folder, count=6)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    result = cnnkit("predict", str(trained_run), str(folder), "--csv", str(tmp_path / "out.csv"), "--top", "2",
+                    check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "skipped 1 unreadable file(s), predicted the other 6" in result.stderr and "broken.png" in result.stderr
+    printed = [line.split("\t") for line in result.stdout.strip().splitlines()]
+    with open(tmp_path / "out.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["file"] for row in rows] == [line[0] for line in printed] == [str(p) for p in paths]
+    assert [row["label"] for row in rows] == [line[1] for line in printed]
+    assert all(len(row["top"].split(";")) == 2 and row["top"].startswith(row["label"] + ":") for row in rows)
+    assert sum(row["label"] == label for row, label in zip(rows, labels)) >= 5
+
+
+def test_the_python_api_predicts_paths_pil_images_and_arrays_alike(trained_run, tmp_path):
+    import cnnkit
+
+    paths, labels = _write_pngs(tmp_path, count=3)
+    run = cnnkit.load_run(trained_run)
+    items = [paths[0], Image.open(paths[1]), np.asarray(Image.open(paths[2]))]
+    by_api = cnnkit.predict_images(run, items, top=3)
+    by_files = cnnkit.predict_files(run, paths, top=3).predictions
+    assert [p.label for p in by_api] == [p.label for p in by_files]
+    assert [p.confidence for p in by_api] == pytest.approx([p.confidence for p in by_files])
+    assert by_api[1].file == "image 1" and len(by_api[0].top) == 3
+    with pytest.raises(cnnkit.CnnkitError, match="image 0: expected a uint8 image array"):
+        cnnkit.predict_images(run, [np.zeros((28, 28), np.float32)])

@@ -141,7 +141,8 @@ def test_cli_flags_parse_to_schema_values_and_only_typed_flags_are_set():
 
 
 def test_the_cli_rejects_abbreviated_flags_and_bad_values_in_one_line():
-    for argv, expected in ((["--epoch", "1"], "unrecognized arguments: --epoch"),
+    for argv, expected in ((["--epoch", "1"], "unrecognized arguments: --epoch 1 (did you mean --epochs?)"),
+                           (["--optimizer", "adm"], "(did you mean adam?)"),
                            (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
                            (["--optimizer", "adm"], "invalid choice: 'adm'")):
         result = subprocess.run([sys.executable, "-m", "cnnkit", "train", *argv], capture_output=True, text=True)

@@ -26,10 +26,10 @@ def test_preprocessing_meta_records_the_dark_background_of_digits() -> None:
     digits = _digits()
     meta = preprocessing_meta(1, np.array([33.3], np.float32), [78.6], digits)
     assert meta == {"color_mode": "L", "resize": "bilinear", "mean": [pytest.approx(33.3)], "std": [78.6],
-                    "background": "dark"}
+                    "background": "dark", "layout": "mnist"}
     assert json.loads(json.dumps(meta))["mean"] == meta["mean"]  # numpy values stored as plain floats
     inverted = preprocessing_meta(3, [1.0, 2.0, 3.0], [4.0, 5.0, 6.0], np.repeat(255 - digits, 3, axis=1))
-    assert (inverted["color_mode"], inverted["background"]) == ("RGB", "light")
+    assert (inverted["color_mode"], inverted["background"], inverted["layout"]) == ("RGB", "light", None)
 
 
 def test_ink_on_paper_photo_is_inverted_to_match_the_training_digits(tmp_path: Path) -> None:

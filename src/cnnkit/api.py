@@ -21,8 +21,9 @@ from cnnkit.engine.callbacks.selection import logs_key
 from cnnkit.engine.fit import fit
 from cnnkit.engine.inference import resolve_device, resolve_precision
 from cnnkit.models import build_model, model_entry
-from cnnkit.plots import plot_confusion_matrix, plot_errors, plot_history
+from cnnkit.plots import plot_confusion_matrix, plot_errors, plot_history, plot_per_class
 from cnnkit.preprocess import preprocessing_meta
+from cnnkit.report import write_report
 from cnnkit.runs import Run, load_run, save_model, staged_run, write_json
 from cnnkit.fileio import write_text
 
@@ -47,11 +48,11 @@ def dataset_for(config: TrainConfig, progress: bool = True) -> Dataset:
 
 def model_for(config: TrainConfig, data: Dataset) -> torch.nn.Module:
     """Build the configured model, seeded, standardising with train statistics where the model wants it."""
-    torch.manual_seed(config.seed)
     mean = std = None
     if model_entry(config.model).standardize:
         mean, std = data.channel_stats()
-    return build_model(config.model, data.input_shape, data.num_classes, mean=mean, std=std, **config.model_kwargs)
+    return build_model(config.model, data.input_shape, data.num_classes, mean=mean, std=std, seed=config.seed,
+                       **config.model_kwargs)
 
 
 def model_meta(config: TrainConfig, data: Dataset, model: torch.nn.Module) -> dict[str, Any]:
@@ -102,6 +103,7 @@ def train(config: TrainConfig | None = None, *, progress: bool = True, started: 
         metrics = train_metrics(config, data, history, report, device, threads, started)
         write_run_files(staging, config, data, model, history, report, metrics)
     run_dir = final[0]
+    write_report(run_dir)  # after the rename, so the page carries the run's final name; `cnnkit report` rebuilds it
     return TrainResult(run_dir, history, metrics, model)
 
 
@@ -110,7 +112,9 @@ def train_metrics(config: TrainConfig, data: Dataset, history: History, report: 
     epochs = len(history.epoch)
     return {
         "test_accuracy": report.accuracy,
+        "test_accuracy_ci95": list(report.accuracy_ci95),
         "test_loss": report.loss,
+        "most_confused": [list(item) for item in report.most_confused()],
         "train_seconds": history.train_seconds,
         "total_seconds": time.perf_counter() - started,
         "seconds_per_epoch": history.train_seconds / epochs,
@@ -150,11 +154,15 @@ def write_run_files(run_dir: Path, config: TrainConfig, data: Dataset, model: to
     save_model(run_dir, model, model_meta(config, data, model))
     write_json(run_dir / "config.json", config.to_dict())
     write_text(run_dir / "history.csv", history.to_csv())
+    write_text(run_dir / "steps.csv", history.steps_to_csv())
     write_json(run_dir / "metrics.json", metrics)
     title = f"{config.model} on {data.name}"
-    plot_history(history.history, run_dir / "history.png", title=title)
+    selected = history.selected or {}
+    plot_history(history.history, run_dir / "history.png", title=title, best_epoch=selected.get("epoch"),
+                 steps=history.steps)
     plot_confusion_matrix(report.confusion.numpy(), data.classes, run_dir / "confusion_matrix.png",
                           title=f"{title}: test accuracy {report.accuracy:.2%}")
+    plot_per_class(data.classes, report.precision, report.recall, run_dir / "per_class.png", title=title)
     plot_misclassified(run_dir / "errors.png", data, report)
 
 
@@ -169,13 +177,53 @@ def plot_misclassified(path: Path, data: Dataset, report: EvalReport) -> None:
                 report.confidences[order].tolist(), path)
 
 
+def save_run(model: torch.nn.Module, data: Dataset, history: History, path: str | Path, *,
+             config: TrainConfig | None = None) -> Path:
+    """Save a model trained with `cnnkit.fit` as a run directory that every CLI verb accepts.
+
+    The test set is evaluated once here, as `cnnkit train` does at its end. `config.json` records the
+    dataset and architecture; pass the `config` you trained with to record the rest (lr, epochs, ...).
+    `path` must not exist yet: the run is assembled beside it and renamed into place when complete.
+    """
+    started = time.perf_counter()
+    path = Path(path)
+    architecture = getattr(model, "architecture", None)
+    if architecture is None:
+        raise CnnkitError(f"save_run needs a model made by cnnkit.build_model, got {type(model).__name__}")
+    if config is None:
+        config = resolve_config(dataset=data.name, model=architecture, model_kwargs=model.model_kwargs,
+                                epochs=max(1, len(history.epoch)), runs_dir=str(path.parent), name=path.name)
+    device = next(model.parameters()).device
+    with staged_run(path.parent, path.name) as (staging, _):
+        report = evaluate(model, data.test.to(device), data.classes, batch_size=config.eval_batch_size)
+        metrics = train_metrics(config, data, history, report, device, torch.get_num_threads(), started)
+        write_run_files(staging, config, data, model, history, report, metrics)
+    write_report(path)
+    return path
+
+
 def evaluate_run(run: str | Path | Run, data_dir: str | None = None, *, limit: int | None = None,
-                 progress: bool = True) -> EvalReport:
-    """Evaluate a saved run on its dataset's test split."""
+                 progress: bool = True, mirror: str | None = None) -> EvalReport:
+    """Evaluate a saved run on its dataset's test split (only the test files are read or fetched).
+
+    The data is looked for in `data_dir` alone when given; else in the run's recorded data_dir
+    (config.json), then $CNNKIT_DATA or the default cache, where missing test files are downloaded.
+    The run's model.json gives the input size and channels; `limit` takes the same seeded slice of the
+    test set as training's `limit_eval`.
+    """
+    from cnnkit.data.sources import DataLocation, default_location
+    from cnnkit.data.tensors import load_test_split
+    from cnnkit.runs import recorded_data_dirs
+
     run = run if isinstance(run, Run) else load_run(run)
     channels, height, width = run.input_shape
-    data = load_dataset(run.meta["dataset"], data_dir, limit_eval=limit, image_size=(height, width),
-                        channels=channels, progress=progress)
+    if data_dir:
+        locations = [DataLocation(Path(data_dir).expanduser(), "--data-dir")]
+    else:
+        locations = [DataLocation(path, origin) for path, origin in recorded_data_dirs(run.path, run.config)]
+        locations.append(default_location())
+    data = load_test_split(run.meta["dataset"], locations=locations, limit=limit, mirror=mirror,
+                           image_size=(height, width), channels=channels, progress=progress)
     if data.classes != run.classes:
         raise CnnkitError(f"{run.path}: the model's classes do not match dataset {data.name}'s")
     return evaluate(run.model, data.test, data.classes)

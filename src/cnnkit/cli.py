@@ -17,13 +17,40 @@ from cnnkit.errors import CnnkitError
 PROG = "cnnkit"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with prefix abbreviations off and a "did you mean" for a misspelled flag or choice."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        super().error(message + _suggestion(message, self))
+
+
+def _suggestion(message: str, parser: argparse.ArgumentParser) -> str:
+    """' (did you mean --epochs?)' for the closest flag or choice to the one argparse rejected, or ''."""
+    import difflib
+    import re
+
+    if match := re.search(r"unrecognized arguments: (\S+)", message):
+        word, known = match[1].split("=")[0], [o for a in parser._actions for o in a.option_strings]
+    elif match := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message):
+        word, known = match[1], re.findall(r"'([^']*)'", match[2]) or match[2].split(", ")
+    else:
+        return ""
+    close = difflib.get_close_matches(word, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def _formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
 def _command(sub, name: str, help_text: str, example: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
-                          formatter_class=_formatter, allow_abbrev=False)
+    parser = sub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
+                            formatter_class=_formatter)
+    parser.set_defaults(parser=parser)
+    return parser
 
 
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
@@ -108,18 +135,45 @@ def cmd_train(args: argparse.Namespace, started: float) -> int:
     config = resolve_config(preset, config_file=args.config, spell=cli_flag, **overrides)
     log = (lambda *a, **k: None) if args.quiet else (lambda message: print(message, flush=True))
     result = train(config, progress=not args.quiet, started=started, log=log)
-    m = result.metrics
-    print(f"test accuracy {m['test_accuracy']:.4f}  test loss {m['test_loss']:.4f}  "
-          f"train {m['train_seconds']:.1f}s ({m['seconds_per_epoch']:.2f}s/epoch)  peak RSS {m['peak_rss_mb']:.0f} MB")
+    for line in training_summary(result.metrics, result.history.history, result.run_dir):
+        print(line)
     print(result.run_dir)
     return 0
 
 
+def training_summary(metrics: dict, history: dict, run_dir) -> list[str]:
+    """What a person wants to know when training ends: the kept epoch, the test result and its
+    uncertainty, the commonest mistakes, and where everything went (the run directory follows)."""
+    m, lines = metrics, []
+    selected = m.get("selected") or {}
+    if selected:
+        prefix = "" if selected["weights"] == "raw" else f"{selected['weights']}_"
+        index = selected["epoch"] - 1
+        figures = "  ".join(f"{key} {history[prefix + key][index]:.4f}" for key in ("val_accuracy", "val_loss")
+                            if prefix + key in history)
+        lines.append(f"kept epoch {selected['epoch']}/{m['epochs']} ({selected['keep']}, {selected['weights']} "
+                     f"weights): {figures}")
+    low, high = m["test_accuracy_ci95"]
+    lines.append(f"test accuracy {m['test_accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}: {m['num_test']:,} test "
+                 f"images are a finite sample)  test loss {m['test_loss']:.4f}")
+    if m.get("most_confused"):
+        pairs = ", ".join(f"{true} -> {predicted} ({count})" for true, predicted, count in m["most_confused"])
+        lines.append(f"most confused (true -> predicted): {pairs}")
+    lines.append(f"train {m['train_seconds']:.1f}s ({m['seconds_per_epoch']:.2f}s/epoch)  "
+                 f"peak RSS {m['peak_rss_mb']:.0f} MB")
+    lines.append(f"files: {', '.join(sorted(path.name for path in run_dir.iterdir()))}")
+    return lines
+
+
 def _add_evaluate(sub) -> None:
-    p = _command(sub, "evaluate", "Evaluate a saved run on its dataset's test set.",
-                 "cnnkit evaluate runs/train --data-dir ../shared/data")
+    p = _command(sub, "evaluate", "Evaluate a saved run on its dataset's test set (only the test files are needed).",
+                 "cnnkit evaluate runs/train --limit 1000   # data from where the run was trained\n"
+                 "  cnnkit evaluate runs/train --data-dir ../shared/data")
     p.add_argument("run", metavar="RUN", help="run directory")
-    _add_data_dir(p)
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="where the dataset lives (default: the run's recorded data_dir, then $CNNKIT_DATA, then "
+                        "~/.cache/cnnkit, where missing test files are downloaded)")
+    p.add_argument("--mirror", metavar="URL", help="base URL of a mirror laid out as URL/NAME/FILE ($CNNKIT_MIRROR)")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate on a seeded slice of N test images")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(handler=cmd_evaluate)
@@ -128,7 +182,7 @@ def _add_evaluate(sub) -> None:
 def cmd_evaluate(args: argparse.Namespace, started: float) -> int:
     from cnnkit.api import evaluate_run
 
-    report = evaluate_run(args.run, args.data_dir, limit=args.limit, progress=not args.json)
+    report = evaluate_run(args.run, args.data_dir, limit=args.limit, progress=not args.json, mirror=args.mirror)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
@@ -145,35 +199,176 @@ def cmd_evaluate(args: argparse.Namespace, started: float) -> int:
     return 0
 
 
+def _add_runs(sub) -> None:
+    p = _command(sub, "runs", "List the runs in a runs folder, newest first, with their test accuracy.",
+                 "cnnkit runs            # the runs/ folder\n  cnnkit runs experiments/runs --json")
+    p.add_argument("runs_dir", metavar="DIR", nargs="?", default="runs", help="runs folder (default: runs)")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.set_defaults(handler=cmd_runs)
+
+
+def cmd_runs(args: argparse.Namespace, started: float) -> int:
+    from cnnkit.runs import list_runs
+
+    runs = list_runs(args.runs_dir)
+    if args.json:
+        print(json.dumps([run.to_dict() for run in runs], indent=2))
+        return 0
+    if not runs:
+        print(f"no runs in {args.runs_dir}")
+        return 0
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    def shown(value, fmt: str = "{}") -> str:
+        return "?" if value is None else escape(fmt.format(value))
+
+    def duration(seconds: float | None) -> str:  # 12.3s, 4m05s, 2h03m
+        if seconds is None:
+            return "?"
+        if seconds < 60:
+            return f"{seconds:.1f}s"
+        minutes, secs = divmod(round(seconds), 60)
+        hours, minutes = divmod(minutes, 60)
+        return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+    table = Table(title=f"runs in {escape(str(args.runs_dir))}, newest first")
+    for column in ("name", "dataset", "model", "epochs", "test accuracy", "train time", "date"):
+        table.add_column(column, justify="right" if column in ("epochs", "test accuracy", "train time") else "left",
+                         no_wrap=column == "date")
+    for run in runs:
+        table.add_row(escape(run.name), shown(run.dataset), shown(run.model), shown(run.epochs),
+                      shown(run.test_accuracy, "{:.4f}"),
+                      duration(run.train_seconds),
+                      "?" if run.date is None else run.date.strftime("%Y-%m-%d %H:%M"))
+    console = Console()
+    console.print(table)
+    for run in runs:
+        if run.problem:
+            console.print(f"{escape(run.name)}: not a complete run ({escape(run.problem)})", highlight=False)
+    return 0
+
+
 def _add_predict(sub) -> None:
     p = _command(sub, "predict", "Predict the class of image files (any size or mode) with a saved run.",
-                 "cnnkit predict runs/train digit.png photos/ --top 3")
+                 "cnnkit predict runs/train digit.png photos/ --top 3 --csv predictions.csv")
     p.add_argument("run", metavar="RUN", help="run directory")
     p.add_argument("images", metavar="IMAGE_OR_DIR", nargs="+", help="image files or directories of images")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of tab-separated lines")
     p.add_argument("--top", type=_positive_int, default=1, metavar="K", help="also report the K most likely classes")
+    p.add_argument("--csv", metavar="FILE", help="also write file,label,confidence,top to this CSV file")
+    p.add_argument("--show-input", metavar="DIR", help="write each image as the model saw it (after "
+                                                        "preprocessing) as a PNG in DIR")
     p.set_defaults(handler=cmd_predict)
 
 
 def cmd_predict(args: argparse.Namespace, started: float) -> int:
-    from cnnkit.prediction import predict_files
+    from cnnkit.prediction import predict_files, write_csv
     from cnnkit.runs import load_run
 
-    predictions = predict_files(load_run(args.run), args.images, top=args.top)
+    result = predict_files(load_run(args.run), args.images, top=args.top, progress=not args.json,
+                           show_input=args.show_input)
+    if args.csv:
+        write_csv(result.predictions, args.csv)
     if args.json:
-        print(json.dumps([p.to_dict() for p in predictions], indent=2))
-        return 0
-    for p in predictions:
-        extra = "".join(f"\t{label}:{prob:.4f}" for label, prob in p.top[1:])
-        print(f"{p.file}\t{p.label}\t{p.confidence:.4f}{extra}")
+        print(json.dumps([p.to_dict() for p in result.predictions], indent=2))
+    else:
+        for p in result.predictions:
+            extra = "".join(f"\t{label}:{prob:.4f}" for label, prob in p.top[1:])
+            print(f"{p.file}\t{p.label}\t{p.confidence:.4f}{extra}")
+    if result.skipped:
+        print(f"{PROG}: error: skipped {len(result.skipped)} unreadable file(s), predicted the other "
+              f"{len(result.predictions)}: {'; '.join(result.skipped)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = _command(sub, "export", "Export a run's model as ONNX or TorchScript: uint8 images in, probabilities out "
+                                "(scaling and softmax inside the graph), checked against PyTorch on real test images.",
+                 "cnnkit export runs/train --format onnx\n"
+                 "  cnnkit export runs/train --format torchscript --out deploy/model.pt")
+    p.add_argument("run", metavar="RUN", help="run directory")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="(default: onnx)")
+    p.add_argument("--out", metavar="PATH", help="file to write (default: RUN/model.onnx or RUN/model.torchscript.pt)")
+    p.add_argument("--parity-images", type=_positive_int, default=1000, metavar="N",
+                   help="test images the export is checked on against PyTorch (default 1000)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="where the run's dataset lives for the check (default: the run's recorded data_dir, then "
+                        "$CNNKIT_DATA or the cache; never downloaded; seeded random images if absent)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace, started: float) -> int:
+    from cnnkit.export import export_run
+
+    result = export_run(args.run, args.format, out=args.out, parity_images=args.parity_images,
+                        data_dir=args.data_dir)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    return 0
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0..65535 (0 picks a free port), got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _add_serve(sub) -> None:
+    p = _command(sub, "serve", "Serve a saved run over HTTP: a page to draw or upload an image on, and a JSON "
+                               "API (POST /predict, GET /model, GET /health; docs at /docs).",
+                 "cnnkit serve runs/train --port 8000")
+    p.add_argument("run", metavar="RUN", help="run directory")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=_port, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
+    p.add_argument("--max-upload-mb", type=_positive_float, default=10, metavar="MB",
+                   help="refuse larger uploads with HTTP 413 (default 10 MiB)")
+    p.set_defaults(handler=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace, started: float) -> int:
+    from cnnkit.serve import serve
+
+    serve(args.run, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = _command(sub, "report", "Write RUN/report.html: one self-contained page with the run's numbers and figures.",
+                 "cnnkit report runs/train   # then open runs/train/report.html in a browser")
+    p.add_argument("run", metavar="RUN", help="run directory")
+    p.set_defaults(handler=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace, started: float) -> int:
+    from pathlib import Path
+
+    from cnnkit.report import write_report
+
+    print(write_report(Path(args.run)))
     return 0
 
 
 def _add_datasets(sub) -> None:
-    p = _command(sub, "datasets", "List the known datasets and whether each is present, or download one.",
-                 "cnnkit datasets download fashion-mnist")
-    p.add_argument("action", nargs="?", choices=["list", "download"], default="list")
-    p.add_argument("name", nargs="?", help="dataset to download")
+    p = _command(sub, "datasets", "List the known datasets and whether each is present, download one, or write "
+                                  "some of its test images as PNG files in class folders.",
+                 "cnnkit datasets download fashion-mnist\n  cnnkit datasets sample mnist digits --count 200")
+    p.add_argument("action", nargs="?", choices=["list", "download", "sample"], default="list")
+    p.add_argument("name", nargs="?", help="dataset to download or sample")
+    p.add_argument("out", nargs="?", metavar="DIR", help="sample: the new folder for the images")
+    p.add_argument("--count", type=_positive_int, default=100, metavar="N",
+                   help="sample: how many test images (default 100, a seeded spread over the classes)")
     _add_data_dir(p)
     p.add_argument("--mirror", metavar="URL", help="base URL of a mirror laid out as URL/NAME/FILE ($CNNKIT_MIRROR)")
     p.set_defaults(handler=cmd_datasets)
@@ -190,6 +385,8 @@ def cmd_datasets(args: argparse.Namespace, started: float) -> int:
         folder = fetch_dataset(get_spec(args.name), root, mirror=args.mirror, progress=True)
         print(folder)
         return 0
+    if args.action == "sample":
+        return _sample_dataset(args)
     from rich.console import Console
     from rich.table import Table
 
@@ -201,6 +398,19 @@ def cmd_datasets(args: argparse.Namespace, started: float) -> int:
                       "x".join(map(str, spec.shape)), spec.description)
     Console().print(table)
     print("also: imagefolder:PATH (class subfolders of images, optionally under train/ val/ test/)")
+    return 0
+
+
+def _sample_dataset(args: argparse.Namespace) -> int:
+    from cnnkit.data.samples import write_samples
+    from cnnkit.data.tensors import load_dataset
+
+    if not args.name or not args.out:
+        raise CnnkitError("`cnnkit datasets sample` needs a dataset and a new folder, e.g. mnist digits")
+    data = load_dataset(args.name, args.data_dir, limit_eval=args.count, progress=True)
+    prefix = args.name.removeprefix("imagefolder:").rstrip("/").rsplit("/", 1)[-1]
+    folder = write_samples(data.test.images.numpy(), data.test.labels.numpy(), data.classes, args.out, prefix)
+    print(f"wrote {len(data.test):,} {data.name} test images to {folder}/<class>/")
     return 0
 
 
@@ -265,8 +475,8 @@ def cmd_presets(args: argparse.Namespace, started: float) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, formatter_class=_formatter, allow_abbrev=False,
+    parser = _Parser(
+        prog=PROG, formatter_class=_formatter,
         description="Train, evaluate and use convolutional image classifiers.",
         epilog="examples:\n  cnnkit train --data-dir ../shared/data\n  cnnkit train --preset fast\n"
                "  cnnkit predict runs/train digit.png",
@@ -275,14 +485,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    for add in (_add_train, _add_evaluate, _add_predict, _add_datasets, _add_summary, _add_presets):
+    for add in (_add_train, _add_evaluate, _add_predict, _add_runs, _add_report, _add_export, _add_serve,
+                _add_datasets, _add_summary, _add_presets):
         add(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the command's own parser, which knows its flags and can suggest one
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args, started)
     except CnnkitError as error:

@@ -12,12 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from cnnkit.data.images import IMAGE_EXTENSIONS
 from cnnkit.errors import CnnkitError
+from cnnkit.fileio import atomic_path, write_text
 from cnnkit.preprocess import load_image
+from cnnkit.progress import progress_bar
 
-__all__ = ["Prediction", "expand_image_paths", "load_image", "predict", "predict_files"]
+__all__ = ["FilePredictions", "Prediction", "expand_image_paths", "load_image", "predict", "predict_files",
+           "predict_images", "prepare", "write_csv"]
 
 
 @dataclass
@@ -63,16 +67,98 @@ def predict(model: torch.nn.Module, images: np.ndarray | torch.Tensor, batch_siz
     return predict_logits(model, tensor, batch_size=batch_size).softmax(1)
 
 
-def predict_files(run, inputs: Sequence[str | Path], top: int = 1) -> list[Prediction]:
-    """Predictions for image files and directories with a loaded run (see runs.load_run)."""
+#: Files decoded and predicted together: memory stays bounded for a folder of any size.
+CHUNK = 256
+
+ImageLike = str | Path | Image.Image | np.ndarray
+
+
+@dataclass
+class FilePredictions:
+    """Predictions for the readable files, and each unreadable one with the reason it was skipped."""
+
+    predictions: list[Prediction]
+    skipped: list[str]
+
+
+def prepare(item: ImageLike, meta: dict, name: str | None = None) -> np.ndarray:
+    """One image (a path, a PIL image, or a uint8 array H x W or H x W x C) as the model's uint8 (C, H, W)."""
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8 or item.ndim not in (2, 3):
+            raise CnnkitError(f"{name or 'array'}: expected a uint8 image array H x W or H x W x C, "
+                              f"got {item.dtype} {item.shape}")
+        item = Image.fromarray(item)
+    return load_image(item, meta, name=name)
+
+
+def predict_images(run, images: Iterable[ImageLike], top: int = 1) -> list[Prediction]:
+    """Predictions for images of any kind (paths, PIL images, uint8 arrays) with a loaded run."""
+    items = list(images)
+    names = [str(item) if isinstance(item, (str, Path)) else f"image {i}" for i, item in enumerate(items)]
+    arrays = np.stack([prepare(item, run.meta, name) for item, name in zip(items, names)])
+    return _ranked(run, names, predict(run.model, arrays), top)
+
+
+def predict_files(run, inputs: Sequence[str | Path], top: int = 1, *, progress: bool = False,
+                  show_input: str | Path | None = None) -> FilePredictions:
+    """Predictions for image files and directories with a loaded run (see runs.load_run).
+
+    An unreadable file is skipped and reported, not fatal: one bad photo in a folder should not cost the
+    rest their answers. `show_input` writes each image as the model saw it (after preprocessing) to that
+    folder, to see why an answer is wrong.
+    """
     paths = expand_image_paths(inputs)
-    images = np.stack([load_image(path, run.meta) for path in paths])
-    probabilities = predict(run.model, images)
+    result = FilePredictions([], [])
+    with progress_bar("Predicting", len(paths), enabled=progress and len(paths) > CHUNK) as advance:
+        for start in range(0, len(paths), CHUNK):
+            chunk, arrays = [], []
+            for path in paths[start : start + CHUNK]:
+                try:
+                    arrays.append(prepare(path, run.meta))
+                    chunk.append(path)
+                except CnnkitError as error:
+                    result.skipped.append(str(error))
+            if arrays:
+                batch = np.stack(arrays)
+                if show_input is not None:
+                    _write_inputs(Path(show_input), chunk, batch)
+                result.predictions += _ranked(run, [str(path) for path in chunk], predict(run.model, batch), top)
+            advance(len(paths[start : start + CHUNK]))
+    return result
+
+
+def _ranked(run, names: list[str], probabilities: torch.Tensor, top: int) -> list[Prediction]:
     k = max(1, min(top, probabilities.shape[1]))
     values, indices = probabilities.topk(k, dim=1)
-    classes = run.classes
     results = []
-    for path, vals, idxs in zip(paths, values.tolist(), indices.tolist()):
-        ranked = [(classes[i], float(v)) for v, i in zip(vals, idxs)]
-        results.append(Prediction(str(path), ranked[0][0], ranked[0][1], ranked))
+    for name, vals, idxs in zip(names, values.tolist(), indices.tolist()):
+        ranked = [(run.classes[i], float(v)) for v, i in zip(vals, idxs)]
+        results.append(Prediction(name, ranked[0][0], ranked[0][1], ranked))
     return results
+
+
+def _write_inputs(folder: Path, paths: list[Path], batch: np.ndarray) -> None:
+    """Each model input as a PNG named after its file (plus a hash of its path when two files share a name)."""
+    import hashlib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for path, image in zip(paths, batch):
+        target = folder / f"{path.stem}.png"
+        if target.exists():
+            target = folder / f"{path.stem}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}.png"
+        pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+        with atomic_path(target) as tmp:
+            Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG")
+
+
+def write_csv(predictions: Sequence[Prediction], path: str | Path) -> None:
+    """file,label,confidence,top: the top-k as 'label:probability' pairs separated by ';'."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["file", "label", "confidence", "top"])
+    for p in predictions:
+        writer.writerow([p.file, p.label, f"{p.confidence:.6f}", ";".join(f"{label}:{prob:.6f}" for label, prob in p.top)])
+    write_text(path, text.getvalue())

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
+from PIL import Image
 
+from cnnkit.data.digit_layout import WORK_SIDE, is_mnist_layout, to_mnist_layout
+from cnnkit.data.images import decode_image, decode_within
 from cnnkit.errors import CnnkitError
 
 __all__ = ["CONSISTENT_BACKGROUND", "background_of", "border_means", "load_image", "preprocessing_meta"]
@@ -34,6 +38,9 @@ def preprocessing_meta(channels: int, mean: Sequence[float], std: Sequence[float
         "mean": [float(value) for value in mean],
         "std": [float(value) for value in std],
         "background": background_of(sample),
+        # "mnist": the training images are in MNIST's layout (ink in a 20x20 box centred by mass in 28x28),
+        # so a photo is brought to that layout (data/digit_layout.py) instead of being resized whole.
+        "layout": "mnist" if channels == 1 and is_mnist_layout(sample) else None,
     }
 
 
@@ -57,18 +64,30 @@ def background_of(images: np.ndarray) -> str | None:
     return None
 
 
-def load_image(path: str | Path, meta: dict) -> np.ndarray:
-    """One file as uint8 (C, H, W), preprocessed as the model's metadata (model.json) says."""
-    from PIL import Image
-
-    from cnnkit.data.images import decode_image
-
-    spec = meta["input"]
+def load_image(source: str | Path | BinaryIO | Image.Image, meta: dict, name: str | None = None) -> np.ndarray:
+    """One image (a path, a binary file object or a PIL image) as uint8 (C, H, W), preprocessed as the
+    model's metadata (model.json) says; unreadable input is a CnnkitError naming `name` (default: the path).
+    """
+    spec, recorded = meta["input"], meta.get("preprocessing", {})
+    size, channels = (int(spec["height"]), int(spec["width"])), int(spec["channels"])
     try:
-        array = decode_image(path, (int(spec["height"]), int(spec["width"])), int(spec["channels"]))
+        if recorded.get("layout") == "mnist":
+            array = _digit_photo(source, size)
+        else:
+            array = decode_image(source, size, channels)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # unreadable/corrupt/hostile
-        raise CnnkitError(f"{path}: not a readable image ({type(error).__name__}: {error})") from None
-    background = meta.get("preprocessing", {}).get("background")
+        label = name or (source if isinstance(source, (str, Path)) else "image")
+        raise CnnkitError(f"{label}: not a readable image ({type(error).__name__}: {error})") from None
+    background = recorded.get("background")
     if background is not None and background_of(array[None]) not in (background, None):
         array = 255 - array
     return array
+
+
+def _digit_photo(source, size: tuple[int, int]) -> np.ndarray:
+    """An image for an MNIST-layout model: as it is when it already has that layout (a dataset image),
+    else brought to it (crop to the ink, fit 20x20, centre by mass)."""
+    gray = decode_within(source, WORK_SIDE * 2, 1)[0]
+    if gray.shape == size and border_means(gray[None, None])[0] < 128 and is_mnist_layout(gray[None, None]):
+        return gray[None]
+    return to_mnist_layout(gray)[None]

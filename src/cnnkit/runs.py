@@ -1,7 +1,7 @@
 """The run directory: everything one training produced, saved so it loads with no other input.
 
-Layout of RUNS_DIR/NAME/: config.json, history.csv, metrics.json, model.safetensors, model.json,
-history.png, confusion_matrix.png, errors.png. A run is assembled in a hidden staging directory and
+Layout of RUNS_DIR/NAME/: config.json, history.csv, steps.csv, metrics.json, model.safetensors, model.json,
+history.png, confusion_matrix.png, per_class.png, errors.png, report.html. A run is assembled in a hidden staging directory and
 renamed into place only when complete, so an interrupted training leaves no half-written run.
 Weights are safetensors and metadata JSON: loading a run never executes code from its files.
 """
@@ -9,13 +9,15 @@ Weights are safetensors and metadata JSON: loading a run never executes code fro
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +103,7 @@ def save_model(run_dir: Path, model, meta: dict[str, Any]) -> None:
     write_json(run_dir / "model.json", {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, **meta})
 
 
-@dataclass
+@dataclass(repr=False)
 class Run:
     """A loaded run: the model ready for inference and the metadata beside it."""
 
@@ -119,6 +121,12 @@ class Run:
     def input_shape(self) -> tuple[int, int, int]:
         spec = self.meta["input"]
         return int(spec["channels"]), int(spec["height"]), int(spec["width"])
+
+    def __repr__(self) -> str:
+        accuracy = self.metrics.get("test_accuracy")
+        tested = f", test accuracy {accuracy:.4f}" if isinstance(accuracy, (int, float)) else ""
+        return (f"Run({str(self.path)!r}: {self.meta.get('architecture')} on {self.meta.get('dataset')}, "
+                f"{len(self.classes)} classes, input {self.input_shape}{tested})")
 
 
 def resolve_run_dir(path: str | Path) -> Path:
@@ -164,3 +172,150 @@ def load_run(path: str | Path) -> Run:
     config = read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
     metrics = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
     return Run(run_dir, model, meta, config, metrics)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where a run's data was: config.json records data_dir as the user typed it
+
+
+def recorded_data_dirs(run_dir: str | Path, config: dict[str, Any]) -> list[tuple[Path, str]]:
+    """The folders config.json's `data_dir` may name, each with a few words on how it was resolved.
+
+    An absolute (or ~) path is itself. A relative one was typed relative to the directory training ran
+    in, which is unknown; it is tried first from the current directory, then from the training directory
+    inferred from the run's location (the run lives in <training dir>/<runs_dir>/<name>, and config.json
+    records runs_dir as typed too). Empty when no data_dir was recorded.
+    """
+    recorded = config.get("data_dir") if isinstance(config, dict) else None
+    if not isinstance(recorded, str) or not recorded.strip():
+        return []
+    typed = Path(recorded).expanduser()
+    what = f"the run's config.json data_dir {recorded!r}"
+    if typed.is_absolute():
+        return [(typed, what)]
+    found = [((Path.cwd() / typed).resolve(), f"{what}, relative, taken from the current directory")]
+    trained_in = _training_dir(Path(run_dir), config.get("runs_dir"))
+    if trained_in is not None and trained_in != Path.cwd().resolve():
+        where = f"{what}, relative, taken from {trained_in} where the run was trained"
+        found.append(((trained_in / typed).resolve(), where))
+    return found
+
+
+def _training_dir(run_dir: Path, runs_dir: Any) -> Path | None:
+    """The directory training ran in, if the run still sits at <that dir>/<runs_dir>/<name>."""
+    if not isinstance(runs_dir, str) or not runs_dir.strip() or Path(runs_dir).expanduser().is_absolute():
+        return None
+    parts = Path(os.path.normpath(runs_dir)).parts
+    parent = Path(run_dir).resolve().parent
+    if parts == (".",):
+        return parent
+    if ".." in parts or parent.parts[-len(parts):] != parts:
+        return None  # the run was moved (or runs_dir climbs out): the training directory is unknown
+    return Path(*parent.parts[: -len(parts)])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Listing a runs folder
+
+
+@dataclass
+class RunSummary:
+    """One row of `cnnkit runs`: what a run was and how it did; None where a field could not be read."""
+
+    name: str
+    path: Path
+    dataset: str | None = None
+    model: str | None = None
+    epochs: int | None = None
+    test_accuracy: float | None = None
+    train_seconds: float | None = None
+    date: datetime.datetime | None = None  # when the run finished: its metrics.json (else the folder) mtime
+    problem: str | None = None  # why this directory is not a complete run, or None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        data["date"] = self.date.isoformat(timespec="seconds") if self.date else None
+        return data
+
+
+def list_runs(runs_dir: str | Path) -> list[RunSummary]:
+    """Summaries of the run directories in `runs_dir`, newest first.
+
+    Hidden directories (a training's `.NAME.partial-*` staging directory among them) and plain files are
+    skipped. A directory that is not a complete run is listed with what could be read and `problem` set,
+    never an exception. A missing `runs_dir` is a CnnkitError.
+    """
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        what = "is not a folder" if runs_dir.exists() else "does not exist"
+        raise CnnkitError(f"{runs_dir}: {what}; runs are written to --runs-dir (default: runs) by `cnnkit train`")
+    try:
+        entries = list(runs_dir.iterdir())
+    except OSError as error:
+        raise CnnkitError(f"{runs_dir}: cannot list ({error.strerror or error})") from None
+    summaries = [summarize_run(path) for path in entries if not path.name.startswith(".") and _is_dir(path)]
+    oldest = datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
+    return sorted(summaries, key=lambda run: (run.date or oldest, run.name), reverse=True)
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def summarize_run(run_dir: str | Path) -> RunSummary:
+    """Read one run directory's metrics.json, config.json and model.json into a RunSummary (never raises)."""
+    run_dir = Path(run_dir)
+    summary = RunSummary(name=run_dir.name, path=run_dir)
+    problems: list[str] = []
+    metrics = _read_dict(run_dir / "metrics.json", problems)
+    config = _read_dict(run_dir / "config.json", problems)
+    meta = _read_dict(run_dir / "model.json", problems)
+    summary.dataset = _first_str(metrics.get("dataset"), meta.get("dataset"), config.get("dataset"))
+    summary.model = _first_str(metrics.get("model"), config.get("model"), meta.get("architecture"))
+    summary.epochs = _number(metrics.get("epochs"), int)
+    summary.test_accuracy = _number(metrics.get("test_accuracy"), float)
+    summary.train_seconds = _number(metrics.get("train_seconds"), float)
+    for source in (run_dir / "metrics.json", run_dir):
+        try:
+            stamp = source.stat().st_mtime
+        except OSError:
+            continue
+        summary.date = datetime.datetime.fromtimestamp(stamp, tz=datetime.timezone.utc).astimezone()
+        break
+    if not (run_dir / "model.safetensors").is_file() and not problems:
+        problems.append("no model.safetensors")
+    summary.problem = "; ".join(problems) or None
+    return summary
+
+
+def _read_dict(path: Path, problems: list[str]) -> dict[str, Any]:
+    """A JSON object file, or {} with a note in `problems` when it is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        problems.append(f"no {path.name}")
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        problems.append(f"{path.name} is not valid JSON")
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"{path.name} is not a JSON object")
+        return {}
+    return data
+
+
+def _first_str(*values: Any) -> str | None:
+    return next((value for value in values if isinstance(value, str) and value), None)
+
+
+def _number(value: Any, kind: type) -> Any:
+    """`value` as int or float when it is a finite number (JSON booleans are not numbers), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    if kind is int and value != int(value):
+        return None
+    return kind(value)

@@ -23,7 +23,8 @@ from cnnkit.data.registry import DatasetSpec, FileSpec
 from cnnkit.errors import CnnkitError
 from cnnkit.fileio import atomic_path
 
-__all__ = ["data_root", "dataset_dir", "dataset_present", "fetch_dataset", "verify_file"]
+__all__ = ["data_root", "dataset_dir", "dataset_present", "fetch_dataset", "how_to_provide", "missing_files",
+           "split_roles", "verify_file"]
 
 DATA_ENV = "CNNKIT_DATA"
 MIRROR_ENV = "CNNKIT_MIRROR"
@@ -46,10 +47,41 @@ def dataset_dir(spec: DatasetSpec, root: str | os.PathLike[str]) -> Path:
     return Path(root) / spec.name
 
 
-def dataset_present(spec: DatasetSpec, root: str | os.PathLike[str]) -> bool:
-    """True when every file of `spec` exists under `root/<name>/` (existence only; no hashing)."""
+def split_roles(spec: DatasetSpec, splits: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The file roles that hold `splits` ("train", "test"): e.g. test_images + test_labels for an IDX
+    dataset, the one archive for CIFAR. None means every file of the dataset."""
+    if splits is None:
+        return tuple(spec.files)
+    roles: list[str] = []
+    for role in spec.files:
+        if role.split("_", 1)[0] in splits or "_" not in role:  # "archive" holds every split
+            roles.append(role)
+    return tuple(roles)
+
+
+def _files(spec: DatasetSpec, roles: tuple[str, ...] | None) -> list[FileSpec]:
+    if roles is None:
+        return list(spec.files.values())
+    unknown = [role for role in roles if role not in spec.files]
+    if unknown:
+        raise ValueError(f"dataset {spec.name} has no file role(s) {', '.join(unknown)}; "
+                         f"it has {', '.join(spec.files)}")
+    return [spec.files[role] for role in roles]
+
+
+def missing_files(
+    spec: DatasetSpec, root: str | os.PathLike[str], roles: tuple[str, ...] | None = None
+) -> list[Path]:
+    """The paths under `root/<name>/` of the files (of `roles`, default all) that are not there yet."""
     folder = dataset_dir(spec, root)
-    return all((folder / file.filename).is_file() for file in spec.files.values())
+    return [folder / file.filename for file in _files(spec, roles) if not (folder / file.filename).is_file()]
+
+
+def dataset_present(
+    spec: DatasetSpec, root: str | os.PathLike[str], roles: tuple[str, ...] | None = None
+) -> bool:
+    """True when every file of `spec` (or of `roles`) exists under `root/<name>/` (existence only; no hashing)."""
+    return not missing_files(spec, root, roles)
 
 
 def fetch_dataset(
@@ -58,26 +90,55 @@ def fetch_dataset(
     *,
     mirror: str | None = None,
     progress: bool = True,
+    roles: tuple[str, ...] | None = None,
 ) -> Path:
-    """Make sure every file of `spec` is in `root/<name>/`, downloading only the missing ones; return that folder.
+    """Make sure the files of `spec` (only those of `roles` when given) are in `root/<name>/`, downloading
+    only the missing ones; return that folder.
 
     `mirror` (or $CNNKIT_MIRROR) is a base URL serving `{mirror}/{name}/{filename}`, or a local folder with
-    that layout; without one the registry's canonical URLs are tried in order.
+    that layout; without one the registry's canonical URLs are tried in order. On failure the error names
+    the cause, every file still missing and the ways to provide them, and every folder this call created
+    (the dataset folder, the data root, their parents) is removed again when empty.
     """
     folder = dataset_dir(spec, root)
-    missing = [file for file in spec.files.values() if not (folder / file.filename).is_file()]
+    missing = [file for file in _files(spec, roles) if not (folder / file.filename).is_file()]
     if not missing:
         return folder
     mirror = mirror or os.environ.get(MIRROR_ENV, "").strip() or None
-    created = not folder.exists()
+    created = _absent_dirs(folder)
     try:
         for file in missing:
             _fetch_file(file, folder / file.filename, _sources(spec, file, mirror), progress=progress)
+    except CnnkitError as error:
+        for path in created:
+            _remove_if_empty(path)
+        still = [folder / file.filename for file in missing if not (folder / file.filename).is_file()]
+        raise CnnkitError(f"{error}; {how_to_provide(spec, still)}") from None
     except BaseException:
-        if created:
-            _remove_if_empty(folder)
+        for path in created:
+            _remove_if_empty(path)
         raise
     return folder
+
+
+def how_to_provide(spec: DatasetSpec, paths: list[Path]) -> str:
+    """One line naming the missing files and the three ways to provide them."""
+    names = " and ".join(str(path) for path in paths) if len(paths) <= 2 else ", ".join(map(str, paths))
+    return (
+        f"missing {names}; provide {'it' if len(paths) == 1 else 'them'} with --data-dir DIR or {DATA_ENV}=DIR "
+        f"(a folder holding {spec.name}/ with {'this file' if len(paths) == 1 else 'these files'}), or "
+        f"{MIRROR_ENV}=URL (a mirror or local folder serving URL/{spec.name}/FILE)"
+    )
+
+
+def _absent_dirs(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    absent = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        absent.append(path)
+    return absent
 
 
 def verify_file(path: str | os.PathLike[str], file: FileSpec) -> str | None:
@@ -158,9 +219,7 @@ def _transfer(source: str, destination: Path, *, label: str, progress: bool) -> 
     import pooch  # imported here: it pulls in requests, which offline runs with the data present never need
     import requests
 
-    from cnnkit.progress import PoochProgress
-
-    bar = PoochProgress(label) if progress else None
+    bar = _LazyProgress(label) if progress else None
     downloader = pooch.HTTPDownloader(
         progressbar=bar or False,
         chunk_size=_CHUNK,
@@ -176,6 +235,43 @@ def _transfer(source: str, destination: Path, *, label: str, progress: bool) -> 
     finally:
         if bar is not None:
             bar.close()
+
+
+class _LazyProgress:
+    """pooch's progress-bar protocol, drawing nothing until the server has answered.
+
+    pooch sets `total` only after the response headers arrived and the status was checked, so a download
+    that never starts (connection refused, HTTP 404) leaves no empty bar on the screen.
+    """
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._bar = None
+
+    def _started(self):
+        if self._bar is None:
+            from cnnkit.progress import PoochProgress
+
+            self._bar = PoochProgress(self._label)
+        return self._bar
+
+    @property
+    def total(self) -> int | None:
+        return self._bar.total if self._bar is not None else None
+
+    @total.setter
+    def total(self, value: int | None) -> None:
+        self._started().total = value
+
+    def update(self, amount: int) -> None:
+        self._started().update(amount)
+
+    def reset(self) -> None:
+        self._started().reset()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 def _describe(error: BaseException) -> str:
@@ -214,6 +310,6 @@ def _content_sha256(path: str | os.PathLike[str]) -> str | None:
 
 
 def _remove_if_empty(folder: Path) -> None:
-    """Remove a dataset folder this call created when a failed download left it empty."""
+    """Remove a folder this call created when a failed download left it empty."""
     with contextlib.suppress(OSError):
         folder.rmdir()

@@ -38,6 +38,25 @@ def decode_image(
         return to_array(image, image_size, channels)
 
 
+def decode_within(
+    source: str | os.PathLike[str] | BinaryIO | Image.Image, max_side: int, channels: int
+) -> np.ndarray:
+    """Decode one image keeping its aspect ratio, shrunk (never enlarged) to at most `max_side` pixels.
+
+    For preprocessing that needs the whole picture rather than the model's input size (finding a digit's
+    ink in a photo); JPEGs decode at a reduced scale, so a phone photo costs little.
+    """
+    def decode(image: Image.Image) -> np.ndarray:
+        (width, height), _ = probe(image)
+        scale = min(1.0, max_side / max(width, height, 1))
+        return to_array(image, (max(1, round(height * scale)), max(1, round(width * scale))), channels)
+
+    if isinstance(source, Image.Image):
+        return decode(source)
+    with Image.open(source) as image:
+        return decode(image)
+
+
 def probe(image: Image.Image) -> Probe:
     """((width, height) as displayed, i.e. after EXIF rotation, mode) of an opened image."""
     width, height = image.size

@@ -21,7 +21,7 @@ DEFAULT_VAL_IMAGES = 5000
 SPLIT_SEED = 0
 
 
-@dataclass
+@dataclass(repr=False)
 class Split:
     """One split: images uint8 (N, C, H, W) and labels int64 (N,), on one device."""
 
@@ -37,6 +37,9 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __repr__(self) -> str:
+        return f"Split({len(self):,} images {tuple(self.images.shape[1:])} uint8 on {self.images.device})"
+
     def to(self, device: torch.device | str, memory_format: torch.memory_format = torch.contiguous_format) -> Split:
         images = self.images.to(device).contiguous(memory_format=memory_format)
         return Split(images, self.labels.to(device))
@@ -49,7 +52,7 @@ class Split:
         return cls(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64)))
 
 
-@dataclass
+@dataclass(repr=False)
 class Dataset:
     """Train / validation / test splits of one dataset with its class names.
 
@@ -73,6 +76,10 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def __repr__(self) -> str:
+        return (f"Dataset({self.name!r}: {len(self.train):,} train / {len(self.val):,} val ({self.val_source}) / "
+                f"{len(self.test):,} test images, {self.num_classes} classes, input {self.input_shape})")
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of the training images, in pixel units (0-255)."""
@@ -171,6 +178,48 @@ def load_dataset(
         val_source=val_source,
         skipped=list(raw.skipped),
     )
+
+
+@dataclass
+class TestSet:
+    """A dataset's test split alone: what evaluating a saved model needs."""
+
+    name: str
+    classes: list[str]
+    test: Split
+
+
+def load_test_split(
+    name: str,
+    data_dir: str | None = None,
+    *,
+    locations=None,
+    limit: int | None = None,
+    download: bool = True,
+    mirror: str | None = None,
+    image_size: tuple[int, int] | None = None,
+    channels: int | None = None,
+    progress: bool = True,
+) -> TestSet:
+    """Load only the test split of a dataset, as `load_dataset(...).test` would give it.
+
+    Only the test files are needed (or fetched): for an IDX dataset the two t10k files. `locations`
+    (a sequence of cnnkit.data.sources.DataLocation) are searched in order for them, downloads going to
+    the last; without it `data_dir` (else $CNNKIT_DATA, else the cache) is the one location. `limit` takes
+    the same seeded slice as `load_dataset`'s `limit_eval`, so a run's reported test accuracy reproduces.
+    """
+    from pathlib import Path
+
+    from cnnkit.data.download import data_root
+    from cnnkit.data.sources import DataLocation, default_location, load_test_raw
+
+    if locations is None:
+        locations = [DataLocation(Path(data_root(data_dir)), "data_dir") if data_dir else default_location()]
+    raw = load_test_raw(name, locations, download=download, mirror=mirror, image_size=image_size,
+                        channels=channels, progress=progress)
+    if raw.test is None:
+        raise CnnkitError(f"dataset {name} has no test split")
+    return TestSet(name=raw.name, classes=list(raw.classes), test=_limit(Split.from_numpy(*raw.test), limit))
 
 
 def batch_indices(

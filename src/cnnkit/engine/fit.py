@@ -7,7 +7,7 @@ user's own hooks) is a callback (engine/callbacks/), and every option comes from
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -17,7 +17,8 @@ from torch import nn
 from cnnkit.config import TrainConfig, fit_config, selection_conflict
 from cnnkit.data.augment import AUGMENTATIONS
 from cnnkit.data.tensors import Dataset, batch_indices
-from cnnkit.engine.callbacks import EMA, Callback, CallbackList, EarlyStopping, History, ProgressBar, TrainState
+from cnnkit.engine.callbacks import EMA, BatchLogs, Callback, CallbackList, EarlyStopping, History, ProgressBar
+from cnnkit.engine.callbacks import TrainState
 from cnnkit.engine.callbacks import WeightSelection
 from cnnkit.engine.evaluate import loss_and_accuracy
 from cnnkit.engine.inference import autocast, resolve_device, resolve_precision
@@ -69,7 +70,7 @@ def fit(
             state.begin_epoch(epoch)
             hooks.on_epoch_begin(epoch)
             model.train()
-            running = RunningMetrics(device)
+            running = BatchLogs(device)
             for batch, index in enumerate(batch_indices(len(train), config.batch_size, generator=generator,
                                                         device=device)):
                 set_lr(optimizer, schedule(state.step, total_steps, config.lr, config.warmup))
@@ -119,37 +120,3 @@ def check_single_process(rank: int, world_size: int) -> None:
                           "process group (start with torchrun), and multi-process training is not built yet")
     raise CnnkitError("multi-process training is not built yet: without DistributedDataParallel each process "
                       "would train its own model; run one process")
-
-
-class RunningMetrics(Mapping):
-    """Sums of the epoch's training loss and correct predictions, kept on the device.
-
-    Read as a mapping ({"loss", "accuracy"}), it syncs with the device only when a value is looked up, so
-    callbacks that do not look (all but a throttled progress bar) add no per-step sync.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.loss_sum = torch.zeros((), device=device)
-        self.correct = torch.zeros((), device=device, dtype=torch.long)
-        self.seen = 0
-
-    def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.loss_sum.add_(loss.detach(), alpha=len(labels))
-        self.correct.add_((logits.detach().argmax(1) == labels).sum())
-        self.seen += len(labels)
-
-    def result(self) -> dict[str, float]:
-        return {"loss": self.loss_sum.item() / self.seen, "accuracy": self.correct.item() / self.seen}
-
-    def __getitem__(self, key: str) -> float:
-        if key == "loss":
-            return self.loss_sum.item() / max(1, self.seen)
-        if key == "accuracy":
-            return self.correct.item() / max(1, self.seen)
-        raise KeyError(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(("loss", "accuracy"))
-
-    def __len__(self) -> int:
-        return 2

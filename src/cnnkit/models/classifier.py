@@ -33,6 +33,16 @@ class ImageClassifier(nn.Module):
         super().__init__()
         self.rescale = Rescaling(mean, std)
         self.body = body
+        # What build_model made it from: enough to describe it in model.json and to summarise it.
+        self.architecture: str | None = None
+        self.model_kwargs: dict = {}
+        self.input_shape: tuple[int, int, int] | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(self.rescale(images))
+
+    def summary(self, input_shape: Sequence[int] | None = None):
+        """Keras's `model.summary()`: the layer table (printable; shown as the value in a notebook)."""
+        from cnnkit.models.summary import summary
+
+        return summary(self, input_shape)

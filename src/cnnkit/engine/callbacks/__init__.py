@@ -3,12 +3,12 @@
 A user's own callback subclasses `Callback` and is passed as `fit(..., callbacks=[...])`.
 """
 
-from cnnkit.engine.callbacks.base import Callback, CallbackList, TrainState
+from cnnkit.engine.callbacks.base import BatchLogs, Callback, CallbackList, TrainState
 from cnnkit.engine.callbacks.early_stopping import EarlyStopping
 from cnnkit.engine.callbacks.ema import EMA
 from cnnkit.engine.callbacks.history import History
 from cnnkit.engine.callbacks.progress import ProgressBar
 from cnnkit.engine.callbacks.selection import WeightSelection
 
-__all__ = ["EMA", "Callback", "CallbackList", "EarlyStopping", "History", "ProgressBar", "TrainState",
+__all__ = ["EMA", "BatchLogs", "Callback", "CallbackList", "EarlyStopping", "History", "ProgressBar", "TrainState",
            "WeightSelection"]

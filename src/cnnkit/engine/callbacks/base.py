@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,3 +143,42 @@ def monitored(logs: Mapping[str, Any], key: str, who: str) -> float:
 
         raise CnnkitError(f"{who} monitors {key!r}, which the epoch's logs lack (they have: {', '.join(logs)})")
     return float(logs[key])
+
+
+class BatchLogs(Mapping):
+    """The epoch's running training loss and accuracy, summed on the device: the `logs` of on_batch_end.
+
+    Read as a mapping ({"loss", "accuracy"}) it syncs with the device only when a value is looked up, so
+    callbacks that do not look (all but a throttled progress bar) add no per-step sync; `snapshot()`
+    copies the sums on the device for reading later, without a sync at all.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.seen = 0
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss_sum.add_(loss.detach(), alpha=len(labels))
+        self.correct.add_((logits.detach().argmax(1) == labels).sum())
+        self.seen += len(labels)
+
+    def snapshot(self) -> tuple[torch.Tensor, int]:
+        """(loss_sum, correct) stacked as one device tensor, and the count: means = values / count."""
+        return torch.stack([self.loss_sum, self.correct.to(self.loss_sum.dtype)]), self.seen
+
+    def result(self) -> dict[str, float]:
+        return {"loss": self["loss"], "accuracy": self["accuracy"]}
+
+    def __getitem__(self, key: str) -> float:
+        if key == "loss":
+            return self.loss_sum.item() / max(1, self.seen)
+        if key == "accuracy":
+            return self.correct.item() / max(1, self.seen)
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("loss", "accuracy"))
+
+    def __len__(self) -> int:
+        return 2

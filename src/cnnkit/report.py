@@ -1,0 +1,389 @@
+"""report.html: one page that tells a person what a run did, built from the run directory's files alone.
+
+The page is self-contained (inline CSS, every figure embedded as a base64 data URI, no scripts, links to
+other resources or web fonts), so it can be mailed, archived or opened offline and still shows everything.
+It reads only config.json, metrics.json, history.csv, model.json and the PNGs, so `cnnkit report RUN`
+rebuilds it for any run, old or new; it uses the standard library only (no torch, no matplotlib), so
+that is instant. Every piece of text from the files is escaped: class names and paths may hold < or &.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cnnkit.errors import CnnkitError
+from cnnkit.fileio import write_text
+
+REPORT_FILE = "report.html"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+# Known figures first, in the order a reader wants them, each with what to look for; any other PNG in
+# the run directory follows with its file name as caption.
+FIGURE_CAPTIONS = {
+    "history.png": "Learning curves: accuracy and loss per epoch on the training and validation data. "
+                   "The dotted line marks the epoch whose weights were kept.",
+    "confusion_matrix.png": "Confusion matrix on the test set: rows are the true class, columns the "
+                            "prediction; colour is the share of the true class's images, so the "
+                            "off-diagonal cells are the mistakes.",
+    "per_class.png": "Precision and recall per class on the test set.",
+    "errors.png": "The test images the model got wrong with the highest confidence: true → predicted "
+                  "(confidence, rounded down).",
+}
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+       margin: 2rem auto; max-width: 72rem; padding: 0 1rem; color: #1d1d1f; line-height: 1.45; }
+h1 { margin-bottom: 0.2rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid #ddd; }
+.subtitle { color: #555; margin-top: 0; }
+.headline { background: #f4f6fa; border-radius: 8px; padding: 1rem 1.4rem; margin: 1.2rem 0; }
+.headline .big { font-size: 2.4rem; font-weight: 650; }
+.headline .interval { font-size: 1.1rem; color: #333; margin-left: 0.6rem; }
+.warning { color: #8a1c00; font-weight: 600; }
+figure { margin: 1.5rem 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #444; font-size: 0.92rem; margin-top: 0.3rem; }
+table { border-collapse: collapse; margin: 0.6rem 0; font-size: 0.9rem; }
+th, td { padding: 0.2rem 0.7rem; border-bottom: 1px solid #e4e4e4; text-align: right; }
+th { background: #f4f6fa; } td.text, th.text { text-align: left; }
+tr.kept td { background: #fff4cc; font-weight: 600; }
+code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 0.9em; }
+footer { margin-top: 3rem; color: #777; font-size: 0.85rem; }
+"""
+
+
+@dataclass
+class RunFiles:
+    """What a run directory holds, as read from disk (every part optional except one of config/metrics)."""
+
+    path: Path
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, str]] = field(default_factory=list)
+    figures: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+def write_report(run_dir: Path, *, name: str | None = None) -> Path:
+    """Write `run_dir/report.html` (atomically) from the run's files and return its path.
+
+    `name` is the run's name shown as the page title; by default the directory's name (see run_name for
+    a run still in its hidden staging directory).
+    """
+    run = read_run_files(Path(run_dir))
+    path = run.path / REPORT_FILE
+    write_text(path, render_report(run, name or run_name(run)))
+    return path
+
+
+def read_run_files(run_dir: Path) -> RunFiles:
+    """Read what the report needs; a directory with neither config.json nor metrics.json is not a run."""
+    if not run_dir.is_dir():
+        raise CnnkitError(f"{run_dir}: no such run directory")
+    if not (run_dir / "config.json").is_file() and not (run_dir / "metrics.json").is_file():
+        raise CnnkitError(f"{run_dir}: not a cnnkit run directory (no config.json or metrics.json)")
+    return RunFiles(
+        path=run_dir,
+        config=_read_json(run_dir / "config.json"),
+        metrics=_read_json(run_dir / "metrics.json"),
+        model=_read_json(run_dir / "model.json"),
+        history=_read_csv(run_dir / "history.csv"),
+        figures=_read_figures(run_dir),
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CnnkitError(f"{path}: not valid JSON ({error})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    return list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
+
+
+def _read_figures(run_dir: Path) -> list[tuple[str, bytes]]:
+    """Every PNG in the run directory (hidden temporaries excluded), known figures first."""
+    names = sorted(p.name for p in run_dir.glob("*.png") if not p.name.startswith(".") and p.is_file())
+    ordered = [n for n in FIGURE_CAPTIONS if n in names] + [n for n in names if n not in FIGURE_CAPTIONS]
+    return [(name, (run_dir / name).read_bytes()) for name in ordered]
+
+
+def run_name(run: RunFiles) -> str | None:
+    """The directory's name; for a hidden staging directory (".train.partial-x1y2"), config.json's `name`.
+
+    An unnamed run gets its name (train, train2, ...) only when it is committed, so a report written
+    while staging does not guess one (None: the page is then titled "model on dataset").
+    """
+    name = run.path.name
+    if name.startswith(".") and ".partial-" in name:
+        return run.config.get("name") or None
+    return name
+
+
+# --- numbers ---------------------------------------------------------------------------------------------
+
+
+def wilson_interval(accuracy: float, count: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a proportion: the range of accuracies consistent with `count` test images.
+
+    Used only for runs whose metrics.json predates `test_accuracy_ci95`; a recorded interval is preferred.
+    """
+    if count <= 0:
+        return 0.0, 1.0
+    denominator = 1 + z * z / count
+    centre = (accuracy + z * z / (2 * count)) / denominator
+    half = z * math.sqrt(accuracy * (1 - accuracy) / count + z * z / (4 * count * count)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _number(value: Any, digits: int = 4) -> str:
+    """A value for a table cell: floats to `digits` significant places, NaN/None as a dash."""
+    if value is None or value == "":
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "–"
+        return f"{value:.{digits}g}" if abs(value) < 1e5 else f"{value:,.0f}"
+    if isinstance(value, str):
+        try:
+            return _number(int(value)) if value.lstrip("-").isdigit() else _number(float(value), digits)
+        except ValueError:
+            return value
+    return json.dumps(value)
+
+
+def _percent(value: float, digits: int = 2) -> str:
+    return f"{100 * value:.{digits}f}%"
+
+
+# --- HTML ------------------------------------------------------------------------------------------------
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, text_columns: int = 1,
+           row_classes: Sequence[str] | None = None) -> str:
+    """An HTML table of already formatted (unescaped) cells; the first `text_columns` are left-aligned."""
+    def cell(tag: str, i: int, value: str) -> str:
+        css = ' class="text"' if i < text_columns else ""
+        return f"<{tag}{css}>{_e(value)}</{tag}>"
+
+    head = "".join(cell("th", i, h) for i, h in enumerate(header))
+    body = []
+    for r, row in enumerate(rows):
+        css = row_classes[r] if row_classes else ""
+        opening = f'<tr class="{_e(css)}">' if css else "<tr>"
+        body.append(opening + "".join(cell("td", i, v) for i, v in enumerate(row)) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def render_report(run: RunFiles, name: str | None) -> str:
+    """The whole page as a string."""
+    m, config = run.metrics, run.config
+    model = m.get("model") or config.get("model") or run.model.get("architecture") or "model"
+    dataset = m.get("dataset") or config.get("dataset") or run.model.get("dataset") or "dataset"
+    name = name or f"{model} on {dataset}"
+    sections = [
+        f"<h1>{_e(name)}</h1>",
+        f'<p class="subtitle">{_e(model)} trained on {_e(dataset)}</p>',
+        _headline(m),
+        _kept_epoch(m, len(run.history)),
+        _most_confused(m, _classes(run)),
+        _figures(run.figures),
+        _per_class_section(m),
+        _history_section(run.history, (m.get("selected") or {}).get("epoch")),
+        _facts_section(m),
+        _config_section(config),
+        _files_section(run.path),
+        _footer(),
+    ]
+    body = "\n".join(s for s in sections if s)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f"<title>{_e(name)}: {_e(model)} on {_e(dataset)}</title>\n<style>{STYLE}</style>\n</head>\n"
+            f"<body>\n{body}\n</body>\n</html>\n")
+
+
+def _classes(run: RunFiles) -> list[str]:
+    classes = run.model.get("classes")
+    if classes:
+        return [str(c) for c in classes]
+    return [str(c) for c in (run.metrics.get("test_report") or {}).get("per_class", {})]
+
+
+def _headline(m: dict[str, Any]) -> str:
+    """Test accuracy in large type, its 95% interval, and what a finite test set means for it."""
+    accuracy = m.get("test_accuracy")
+    if accuracy is None:
+        return '<div class="headline"><p>No test accuracy recorded (metrics.json missing or incomplete).</p></div>'
+    count = m.get("num_test")
+    interval = m.get("test_accuracy_ci95")
+    computed = False
+    if not (isinstance(interval, (list, tuple)) and len(interval) == 2) and isinstance(count, int) and count > 0:
+        interval, computed = wilson_interval(float(accuracy), count), True
+    parts = [f'<span class="big">{_e(_percent(accuracy))}</span> test accuracy']
+    if isinstance(interval, (list, tuple)) and len(interval) == 2:
+        low, high = (float(v) for v in interval)
+        parts.append(f'<span class="interval">95% interval {_e(_percent(low, 1))} – {_e(_percent(high, 1))}</span>')
+    lines = [" ".join(parts)]
+    images = f"{count:,} test images" if isinstance(count, int) else "a finite test set"
+    if isinstance(interval, (list, tuple)) and len(interval) == 2:
+        lines.append(f"Measured once on {_e(images)}. A finite test set gives an estimate, not the exact "
+                     f"accuracy: on other images like these, this model would likely score between "
+                     f"{_e(_percent(low, 1))} and {_e(_percent(high, 1))} (Wilson 95% interval"
+                     f"{', computed here from the accuracy and the test-set size' if computed else ''}).")
+    else:
+        lines.append(f"Measured once on {_e(images)}: the test set is finite, so this is an estimate of the "
+                     f"accuracy on new images, not an exact value.")
+    extras = [f"Test loss {_number(m.get('test_loss'))}"]
+    macro_f1 = (m.get("test_report") or {}).get("macro_f1")
+    if macro_f1 is not None:
+        extras.append(f"macro F1 {_number(macro_f1)}")
+    lines.append(_e(", ".join(extras) + "."))
+    if m.get("val_source") == "test":
+        lines.append('<span class="warning">Validation used the test set (--val test), so the test accuracy '
+                     "was seen while choosing the epoch and is not an independent estimate.</span>")
+    return '<div class="headline">' + "".join(f"<p>{line}</p>" for line in lines) + "</div>"
+
+
+def _kept_epoch(m: dict[str, Any], epochs_in_history: int) -> str:
+    """Which epoch's weights the run kept, and by what rule: the test numbers describe those weights."""
+    selected = m.get("selected")
+    epochs = m.get("epochs") or epochs_in_history or None
+    if not selected:
+        return (f"<p><strong>Weights kept:</strong> those of the last epoch{f' ({epochs})' if epochs else ''}.</p>"
+                if epochs else "")
+    epoch = selected.get("epoch")
+    text = f"epoch {epoch}" + (f" of {epochs}" if epochs else "")
+    rule = []
+    if selected.get("keep"):
+        rule.append(f"keep = {selected['keep']}")
+    if selected.get("monitor"):
+        value = selected.get("value")
+        rule.append(f"{selected['monitor']} = {_number(value)}" if value is not None else str(selected["monitor"]))
+    if selected.get("weights"):
+        rule.append(f"{selected['weights']} weights")
+    return (f"<p><strong>Weights kept:</strong> {_e(text)}"
+            + (f" ({_e('; '.join(rule))})" if rule else "") + ". The test numbers above are for these weights.</p>")
+
+
+def _most_confused(m: dict[str, Any], classes: list[str]) -> str:
+    """The top confusions: from metrics.json's `most_confused`, else from its confusion matrix."""
+    pairs = m.get("most_confused")
+    if not pairs:
+        pairs = _top_confusions((m.get("test_report") or {}).get("confusion_matrix"), classes)
+    if not pairs:
+        return ""
+
+    def label(value: Any) -> str:
+        return classes[value] if isinstance(value, int) and 0 <= value < len(classes) else str(value)
+
+    items = "".join(f"<li>{_e(label(true))} → {_e(label(pred))}: {_e(_number(count))} "
+                    f"image{'s' if count != 1 else ''}</li>" for true, pred, count in pairs)
+    return f"<p><strong>Most confused (true → predicted, test set):</strong></p><ul>{items}</ul>"
+
+
+def _top_confusions(matrix: Any, classes: list[str], top: int = 3) -> list[list[Any]]:
+    if not matrix or len(classes) != len(matrix):
+        return []
+    cells = [(count, i, j) for i, row in enumerate(matrix) for j, count in enumerate(row) if i != j and count > 0]
+    cells.sort(key=lambda c: (-c[0], c[1], c[2]))
+    return [[classes[i], classes[j], count] for count, i, j in cells[:top]]
+
+
+def _figures(figures: list[tuple[str, bytes]]) -> str:
+    """Every PNG embedded as a data URI with a caption (a file that is not a PNG is named, not embedded)."""
+    if not figures:
+        return ""
+    blocks = ["<h2>Figures</h2>"]
+    for name, data in figures:
+        caption = FIGURE_CAPTIONS.get(name, name)
+        if not data.startswith(PNG_SIGNATURE):
+            blocks.append(f"<p>{_e(name)}: not a valid PNG file, left out.</p>")
+            continue
+        encoded = base64.b64encode(data).decode("ascii")
+        blocks.append(f'<figure><img alt="{_e(name)}" src="data:image/png;base64,{encoded}">'
+                      f"<figcaption><code>{_e(name)}</code>: {_e(caption)}</figcaption></figure>")
+    return "\n".join(blocks)
+
+
+def _per_class_section(m: dict[str, Any]) -> str:
+    per_class = (m.get("test_report") or {}).get("per_class") or {}
+    if not per_class:
+        return ""
+    rows = [[name, _number(v.get("precision")), _number(v.get("recall")), _number(v.get("f1")),
+             _number(v.get("support"))] for name, v in per_class.items()]
+    return ("<h2>Per-class metrics (test set)</h2>"
+            + _table(["class", "precision", "recall", "F1", "support"], rows))
+
+
+def _history_section(history: list[dict[str, str]], kept_epoch: Any) -> str:
+    if not history:
+        return ""
+    header = list(history[0])
+    rows = [[_number(row.get(key)) for key in header] for row in history]
+    kept = [("kept" if str(row.get("epoch")) == str(kept_epoch) else "") for row in history]
+    note = " The highlighted row is the epoch whose weights were kept." if any(kept) else ""
+    return (f"<h2>Epoch history</h2><p>From <code>history.csv</code>.{_e(note)}</p>"
+            + _table(header, rows, text_columns=0, row_classes=kept))
+
+
+def _facts_section(m: dict[str, Any]) -> str:
+    """The remaining scalar entries of metrics.json (timings, sizes, device...), as recorded."""
+    shown = {"test_report", "selected", "most_confused", "test_accuracy_ci95"}
+    rows = [[key, _number(value)] for key, value in m.items()
+            if key not in shown and not isinstance(value, (dict, list))]
+    if not rows:
+        return ""
+    return "<h2>Run facts</h2><p>From <code>metrics.json</code>.</p>" + _table(["metric", "value"], rows, text_columns=2)
+
+
+def _config_section(config: dict[str, Any]) -> str:
+    if not config:
+        return ""
+    rows = [[key, value if isinstance(value, str) else json.dumps(value)] for key, value in config.items()]
+    return ("<h2>Configuration</h2><p>Every option, from <code>config.json</code> "
+            "(<code>cnnkit train --config config.json</code> repeats the run).</p>"
+            + _table(["option", "value"], rows, text_columns=2))
+
+
+def _files_section(run_dir: Path) -> str:
+    files = sorted(p for p in run_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    rows = [[p.name, _size(p.stat().st_size)] for p in files if p.name != REPORT_FILE]
+    return "<h2>Files in this run</h2>" + _table(["file", "size"], rows) if rows else ""
+
+
+def _size(count: int) -> str:
+    for unit in ("bytes", "KB", "MB"):
+        if count < 1024 or unit == "MB":
+            return f"{count:,} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return str(count)
+
+
+def _footer() -> str:
+    from cnnkit import __version__
+
+    return (f"<footer>Written by cnnkit {_e(__version__)} from the files in this run directory; "
+            "rebuild it with <code>cnnkit report RUN</code>.</footer>")
