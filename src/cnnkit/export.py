@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from cnnkit.errors import CnnkitError
-from cnnkit.fileio import atomic_path
+from cnnkit.fileio import atomic_path, removing_new_dirs_on_failure
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_FILENAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -175,7 +175,7 @@ def export_run(run_dir, format: str = "onnx", out: str | Path | None = None,  # 
         expected = torch.cat([wrapper(batch) for batch in images.split(PARITY_BATCH)]).numpy()
     write = _write_onnx if format == "onnx" else _write_torchscript
     try:
-        with _cleanup_new_dirs(path.parent), atomic_path(path) as tmp:
+        with removing_new_dirs_on_failure(path.parent), atomic_path(path) as tmp:
             candidate = write(wrapper, run, tmp)
             max_diff, agreement = compare(expected, candidate, images)
             if not (max_diff <= PARITY_TOLERANCE and agreement == 1.0):
@@ -200,23 +200,6 @@ def _output_path(run_dir: Path, format: str, out: str | Path | None) -> Path:  #
         raise CnnkitError(f"{path}: is one of the run's own files, which an export must not replace; "
                           "choose another --out")
     return path
-
-
-@contextlib.contextmanager
-def _cleanup_new_dirs(folder: Path) -> Iterator[None]:
-    """Remove, on failure, the (empty) folders on the way to `folder` that the block created."""
-    missing = []
-    for parent in (folder, *folder.parents):
-        if parent.exists():
-            break
-        missing.append(parent)
-    try:
-        yield
-    except BaseException:
-        for parent in missing:  # deepest first
-            with contextlib.suppress(OSError):
-                parent.rmdir()
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -65,3 +65,23 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Atomically write a whole binary file."""
     with atomic_write(path, "wb") as handle:
         handle.write(data)
+
+
+@contextlib.contextmanager
+def removing_new_dirs_on_failure(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """On failure of the block, remove the folders on the way to `folder` that it created, if left empty.
+
+    A failed download or export must not leave behind the empty folders it made for its file.
+    """
+    created = []
+    for path in (Path(folder), *Path(folder).parents):
+        if path.exists():
+            break
+        created.append(path)
+    try:
+        yield
+    except BaseException:
+        for path in created:  # deepest first
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise

@@ -8,7 +8,6 @@ then renamed into place: an interrupted or wrong download never leaves a file a 
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import os
@@ -21,7 +20,7 @@ import platformdirs
 
 from cnnkit.data.registry import DatasetSpec, FileSpec
 from cnnkit.errors import CnnkitError
-from cnnkit.fileio import atomic_path
+from cnnkit.fileio import atomic_path, removing_new_dirs_on_failure
 
 __all__ = ["data_root", "dataset_dir", "dataset_present", "fetch_dataset", "how_to_provide", "missing_files",
            "split_roles", "verify_file"]
@@ -105,19 +104,13 @@ def fetch_dataset(
     if not missing:
         return folder
     mirror = mirror or os.environ.get(MIRROR_ENV, "").strip() or None
-    created = _absent_dirs(folder)
     try:
-        for file in missing:
-            _fetch_file(file, folder / file.filename, _sources(spec, file, mirror), progress=progress)
+        with removing_new_dirs_on_failure(folder):
+            for file in missing:
+                _fetch_file(file, folder / file.filename, _sources(spec, file, mirror), progress=progress)
     except CnnkitError as error:
-        for path in created:
-            _remove_if_empty(path)
         still = [folder / file.filename for file in missing if not (folder / file.filename).is_file()]
         raise CnnkitError(f"{error}; {how_to_provide(spec, still)}") from None
-    except BaseException:
-        for path in created:
-            _remove_if_empty(path)
-        raise
     return folder
 
 
@@ -129,16 +122,6 @@ def how_to_provide(spec: DatasetSpec, paths: list[Path]) -> str:
         f"(a folder holding {spec.name}/ with {'this file' if len(paths) == 1 else 'these files'}), or "
         f"{MIRROR_ENV}=URL (a mirror or local folder serving URL/{spec.name}/FILE)"
     )
-
-
-def _absent_dirs(folder: Path) -> list[Path]:
-    """`folder` and those of its parents that do not exist yet, deepest first."""
-    absent = []
-    for path in (folder, *folder.parents):
-        if path.exists():
-            break
-        absent.append(path)
-    return absent
 
 
 def verify_file(path: str | os.PathLike[str], file: FileSpec) -> str | None:
@@ -307,9 +290,3 @@ def _content_sha256(path: str | os.PathLike[str]) -> str | None:
     except (OSError, EOFError, zlib.error):
         return None
     return hasher.hexdigest()
-
-
-def _remove_if_empty(folder: Path) -> None:
-    """Remove a folder this call created when a failed download left it empty."""
-    with contextlib.suppress(OSError):
-        folder.rmdir()
