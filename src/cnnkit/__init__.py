@@ -1,8 +1,9 @@
 """cnnkit: train, evaluate and use convolutional image classifiers.
 
 The public verbs mirror Keras: `load_dataset`, `build_model`, `fit`, `evaluate`, `predict`,
-`load_run`, plus `train` (the whole `cnnkit train` pipeline). They are imported lazily so that
-`import cnnkit` and `cnnkit --help` stay fast (no torch until a verb is used).
+`load_run`, plus `train` (the whole `cnnkit train` pipeline) and `compare` (runs side by side).
+They are imported lazily so that `import cnnkit` and `cnnkit --help` stay fast (no torch until a verb
+is used).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ _EXPORTS = {
     "Callback": "cnnkit.engine.callbacks",
     "EarlyStopping": "cnnkit.engine.callbacks",
     "EMA": "cnnkit.engine.callbacks",
+    "TensorBoardLogger": "cnnkit.engine.callbacks",
     "evaluate": "cnnkit.engine.evaluate",
     "predict": "cnnkit.prediction",
     "predict_files": "cnnkit.prediction",
@@ -33,6 +35,7 @@ _EXPORTS = {
     "export_run": "cnnkit.export",
     "summary": "cnnkit.models.summary",
     "evaluate_run": "cnnkit.api",
+    "compare": "cnnkit.comparison",
     "TrainConfig": "cnnkit.config",
     "resolve_config": "cnnkit.config",
     "list_presets": "cnnkit.config",

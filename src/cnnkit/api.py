@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from cnnkit.config import TrainConfig, resolve_config
+from cnnkit.data.augment import resolve_flip
 from cnnkit.data.tensors import Dataset, load_dataset
 from cnnkit.engine.cpu import configure_cpu, peak_rss_mb
 from cnnkit.errors import CnnkitError
@@ -21,11 +22,14 @@ from cnnkit.engine.callbacks.selection import logs_key
 from cnnkit.engine.fit import fit
 from cnnkit.engine.inference import resolve_device, resolve_precision
 from cnnkit.models import build_model, model_entry
+from cnnkit.models.classifier import ImageClassifier, custom_architecture, takes_pixels
+from cnnkit.models.user import SOURCE_COPY, build_body, load_function, parse_file_spec, read_code, user_body
+from cnnkit.models.tta import check_tta, with_tta
 from cnnkit.plots import plot_confusion_matrix, plot_errors, plot_history, plot_per_class
 from cnnkit.preprocess import preprocessing_meta
 from cnnkit.report import write_report
 from cnnkit.runs import Run, load_run, save_model, staged_run, write_json
-from cnnkit.fileio import write_text
+from cnnkit.fileio import atomic_path, write_text
 
 ERROR_GRID_SIZE = 36
 TARGET_ACCURACY = 0.99
@@ -46,13 +50,58 @@ def dataset_for(config: TrainConfig, progress: bool = True) -> Dataset:
                         progress=progress)
 
 
-def model_for(config: TrainConfig, data: Dataset) -> torch.nn.Module:
-    """Build the configured model, seeded, standardising with train statistics where the model wants it."""
+def model_for(config: TrainConfig, data: Dataset, user_model: Any = None) -> ImageClassifier:
+    """Build the configured model, seeded, standardising with train statistics where the model wants it,
+    then load its starting weights when `init` (an earlier run) or `weights` (a safetensors file) says so.
+
+    `user_model` is a user's own network given as a Python object (TrainConfig.model then names it
+    custom:<class>); a FILE.py:FUNCTION model is built by running that file's function.
+    """
+    from cnnkit.models.transfer import init_from_run, init_meta, load_weights_file
+
+    init = init_meta(config.init, config.model, config.model_kwargs) if config.init else None
+    own = user_model is not None or parse_file_spec(config.model) is not None
     mean = std = None
-    if model_entry(config.model).standardize:
+    if init is not None:  # its features were learned on inputs standardised the earlier run's way
+        mean, std = init[1]["preprocessing"]["mean"], init[1]["preprocessing"]["std"]
+    elif own or model_entry(config.model).standardize:
         mean, std = data.channel_stats()
-    return build_model(config.model, data.input_shape, data.num_classes, mean=mean, std=std, seed=config.seed,
-                       **config.model_kwargs)
+    if own:
+        model = user_classifier(config, data, user_model, mean, std)
+    else:
+        model = build_model(config.model, data.input_shape, data.num_classes, mean=mean, std=std,
+                            seed=config.seed, **config.model_kwargs)
+    if init is not None:
+        model.weights_from = init_from_run(model, config.init, *init, data.classes)
+    elif config.weights is not None:
+        model.weights_from = load_weights_file(model, config.weights)
+    return model
+
+
+def user_classifier(config: TrainConfig, data: Dataset, user_model: Any, mean, std) -> ImageClassifier:
+    """A user's network (an object, or FILE.py:FUNCTION's result) inside the ImageClassifier every model
+    ships in, so its input standardisation travels with it to prediction, export and serving."""
+    code = None
+    if user_model is not None:
+        body = user_body(user_model, data.input_shape, data.num_classes, config.seed)
+    else:
+        code = read_code(config.model)
+        label = f"model {config.model}: {code.function}"
+        body = build_body(load_function(code, f"model {config.model}"), data.input_shape, data.num_classes,
+                          config.model_kwargs, config.seed, label, code.path)
+    if isinstance(body, ImageClassifier):
+        return body
+    model = ImageClassifier(body, mean, std)
+    model.architecture, model.model_kwargs, model.code = config.model, dict(config.model_kwargs), code
+    model.input_shape = data.input_shape
+    return model
+
+
+def user_model_name(model: Any) -> tuple[str, dict[str, Any]]:
+    """(architecture, model_kwargs) that a run records for a model given as a Python object."""
+    if isinstance(model, ImageClassifier) and model.architecture:
+        return model.architecture, dict(model.model_kwargs)
+    return custom_architecture(model), {}
 
 
 def model_meta(config: TrainConfig, data: Dataset, model: torch.nn.Module) -> dict[str, Any]:
@@ -66,6 +115,11 @@ def model_meta(config: TrainConfig, data: Dataset, model: torch.nn.Module) -> di
         "input": {"channels": channels, "height": height, "width": width, "dtype": "uint8", "layout": "NCHW"},
         "preprocessing": preprocessing_meta(channels, model.rescale.mean, model.rescale.std,
                                             data.train.images[:2000].numpy()),
+        "tta": config.tta,  # load_run wraps the model in it, so evaluate/predict/export/serve use it
+        "flip": resolve_flip(config.flip, data.mirror_ok),  # whether training mirrored images
+        "mirror_ok": data.mirror_ok,
+        "code": model.code.record() if getattr(model, "code", None) else None,  # FILE.py:FUNCTION models
+        "weights_from": getattr(model, "weights_from", None),  # --init / --weights, or None: random
         "cnnkit_version": _version(),
         "torch_version": torch.__version__,
     }
@@ -77,18 +131,40 @@ def _version() -> str:
     return __version__
 
 
+def run_callbacks(config: TrainConfig, run_dir: Path) -> list[Callback]:
+    """The callbacks a run option adds, writing into the (staging) run directory so their files move with it."""
+    if not config.tensorboard:
+        return []
+    from cnnkit.engine.callbacks.tensorboard import TensorBoardLogger
+
+    return [TensorBoardLogger(run_dir / "tensorboard")]
+
+
 def train(config: TrainConfig | None = None, *, progress: bool = True, started: float | None = None,
-          log=print, callbacks: Sequence[Callback] = (), **overrides: Any) -> TrainResult:
+          log=print, callbacks: Sequence[Callback] = (), model: Any = None, **overrides: Any) -> TrainResult:
     """Load data, build, fit, evaluate on the test set once, and write the run directory.
 
     `overrides` are TrainConfig options (e.g. `preset="fast", epochs=3`); `callbacks` go to fit().
+    `model` is a registered name or FILE.py:FUNCTION (TrainConfig.model), or your own network: an
+    nn.Module, or a callable (input_shape, num_classes) -> nn.Module (called with the seed set). It is
+    wrapped in an ImageClassifier that standardises its input with the training set's statistics, and
+    the run records it as custom:<class name>: load_run then needs the same code (`model=`).
     """
     started = time.perf_counter() if started is None else started
+    user_model = None
+    if isinstance(model, str):
+        overrides["model"] = model
+    elif model is not None:
+        user_model = model
     config = config or resolve_config(**overrides)
+    if user_model is not None:
+        architecture, kwargs = user_model_name(user_model)
+        config = dataclasses.replace(config, model=architecture, model_kwargs=kwargs)
     device = resolve_device(config.device)
     config = dataclasses.replace(config, precision=resolve_precision(config.precision, device))  # what ran
     threads = configure_cpu(config.threads)
     with staged_run(config.runs_dir, config.name) as (staging, final):
+        callbacks = [*callbacks, *run_callbacks(config, staging)]  # first: a missing extra fails before any data
         data = dataset_for(config, progress)
         if data.skipped:
             log(f"skipped {len(data.skipped)} unreadable files: {', '.join(data.skipped[:10])}"
@@ -96,15 +172,21 @@ def train(config: TrainConfig | None = None, *, progress: bool = True, started: 
         log(f"{data.name}: {len(data.train):,} train / {len(data.val):,} validation ({data.val_source}) / "
             f"{len(data.test):,} test images, {data.num_classes} classes, input {data.input_shape}; "
             f"device {device}, {threads} threads")
-        model = model_for(config, data)
+        check_tta_for(config, data)  # before training, not after it
+        model = model_for(config, data, user_model)
         history = fit(model, data, callbacks=callbacks, progress=progress, **config.fit_options())
         test_split = data.test.to(device)
-        report = evaluate(model, test_split, data.classes, batch_size=config.eval_batch_size)
+        report = evaluate(with_tta(model, config.tta), test_split, data.classes, batch_size=config.eval_batch_size)
         metrics = train_metrics(config, data, history, report, device, threads, started)
         write_run_files(staging, config, data, model, history, report, metrics)
     run_dir = final[0]
     write_report(run_dir)  # after the rename, so the page carries the run's final name; `cnnkit report` rebuilds it
     return TrainResult(run_dir, history, metrics, model)
+
+
+def check_tta_for(config: TrainConfig, data: Dataset) -> None:
+    """Refuse a mirroring test-time augmentation on data whose mirror images are not of their class."""
+    check_tta(config.tta, data.mirror_ok, resolve_flip(config.flip, data.mirror_ok), f"dataset {data.name}")
 
 
 def train_metrics(config: TrainConfig, data: Dataset, history: History, report: EvalReport,
@@ -125,6 +207,8 @@ def train_metrics(config: TrainConfig, data: Dataset, history: History, report: 
         "device": str(device),
         "threads": threads,
         "precision": config.precision,
+        "flip": resolve_flip(config.flip, data.mirror_ok),
+        "tta": config.tta,  # test_accuracy is that of the model with this test-time augmentation
         "peak_rss_mb": peak_rss_mb(),
         "val_accuracy": kept_val_accuracy(history),
         "selected": history.selected,
@@ -151,7 +235,11 @@ def kept_val_accuracy(history: History) -> float:
 def write_run_files(run_dir: Path, config: TrainConfig, data: Dataset, model: torch.nn.Module,
                     history: History, report: EvalReport, metrics: dict[str, Any]) -> None:
     model.to("cpu", memory_format=torch.contiguous_format)
+    metrics["weights_from"] = getattr(model, "weights_from", None)  # --init / --weights, or None: random
     save_model(run_dir, model, model_meta(config, data, model))
+    if getattr(model, "code", None) is not None:  # the exact text that built the model, beside its hash
+        with atomic_path(run_dir / SOURCE_COPY) as tmp:
+            tmp.write_bytes(model.code.source)
     write_json(run_dir / "config.json", config.to_dict())
     write_text(run_dir / "history.csv", history.to_csv())
     write_text(run_dir / "steps.csv", history.steps_to_csv())
@@ -184,38 +272,58 @@ def save_run(model: torch.nn.Module, data: Dataset, history: History, path: str 
     The test set is evaluated once here, as `cnnkit train` does at its end. `config.json` records the
     dataset and architecture; pass the `config` you trained with to record the rest (lr, epochs, ...).
     `path` must not exist yet: the run is assembled beside it and renamed into place when complete.
+    A plain nn.Module (trained by fit on float pixel values) is saved inside an ImageClassifier that casts
+    the images so, and recorded as custom:<class name>: load_run needs its code again (`model=`).
     """
     started = time.perf_counter()
     path = Path(path)
-    architecture = getattr(model, "architecture", None)
-    if architecture is None:
-        raise CnnkitError(f"save_run needs a model made by cnnkit.build_model, got {type(model).__name__}")
+    model = classifier_to_save(model, data)
     if config is None:
-        config = resolve_config(dataset=data.name, model=architecture, model_kwargs=model.model_kwargs,
+        config = resolve_config(dataset=data.name, model_kwargs=model.model_kwargs,
                                 epochs=max(1, len(history.epoch)), runs_dir=str(path.parent), name=path.name)
+        config = dataclasses.replace(config, model=model.architecture)  # custom:<class> is not an option value
     device = next(model.parameters()).device
     with staged_run(path.parent, path.name) as (staging, _):
-        report = evaluate(model, data.test.to(device), data.classes, batch_size=config.eval_batch_size)
+        check_tta_for(config, data)
+        report = evaluate(with_tta(model, config.tta), data.test.to(device), data.classes,
+                          batch_size=config.eval_batch_size)
         metrics = train_metrics(config, data, history, report, device, torch.get_num_threads(), started)
         write_run_files(staging, config, data, model, history, report, metrics)
     write_report(path)
     return path
 
 
+def classifier_to_save(model: torch.nn.Module, data: Dataset) -> ImageClassifier:
+    """`model` as the ImageClassifier a run holds, named custom:<class> when no registry name describes it."""
+    if isinstance(model, ImageClassifier):
+        if model.architecture is None:
+            model.architecture = custom_architecture(model.body)
+        return model
+    if not isinstance(model, torch.nn.Module) or takes_pixels(model):
+        raise CnnkitError(f"save_run needs the trained nn.Module (or its ImageClassifier), got {type(model).__name__}")
+    channels = data.input_shape[0]
+    wrapped = ImageClassifier(model, [0.0] * channels, [1.0] * channels)  # fit gave it float pixel values
+    wrapped.architecture, wrapped.input_shape = custom_architecture(model), data.input_shape
+    return wrapped.to(next(model.parameters()).device)
+
+
 def evaluate_run(run: str | Path | Run, data_dir: str | None = None, *, limit: int | None = None,
-                 progress: bool = True, mirror: str | None = None) -> EvalReport:
+                 progress: bool = True, mirror: str | None = None, tta: str | None = None,
+                 trust_code: bool = False) -> EvalReport:
     """Evaluate a saved run on its dataset's test split (only the test files are read or fetched).
 
     The data is looked for in `data_dir` alone when given; else in the run's recorded data_dir
     (config.json), then $CNNKIT_DATA or the default cache, where missing test files are downloaded.
     The run's model.json gives the input size and channels; `limit` takes the same seeded slice of the
-    test set as training's `limit_eval`.
+    test set as training's `limit_eval`. `tta` overrides the run's recorded test-time augmentation.
+    `trust_code` lets a run whose model is a user's file run that file (see load_run).
     """
     from cnnkit.data.sources import DataLocation, default_location
     from cnnkit.data.tensors import load_test_split
     from cnnkit.runs import recorded_data_dirs
 
-    run = run if isinstance(run, Run) else load_run(run)
+    if not isinstance(run, Run) or (tta is not None and tta != run.tta):
+        run = load_run(run.path if isinstance(run, Run) else run, tta=tta, trust_code=trust_code)
     channels, height, width = run.input_shape
     if data_dir:
         locations = [DataLocation(Path(data_dir).expanduser(), "--data-dir")]

@@ -154,7 +154,8 @@ def training_summary(metrics: dict, history: dict, run_dir) -> list[str]:
         lines.append(f"kept epoch {selected['epoch']}/{m['epochs']} ({selected['keep']}, {selected['weights']} "
                      f"weights): {figures}")
     low, high = m["test_accuracy_ci95"]
-    lines.append(f"test accuracy {m['test_accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}: {m['num_test']:,} test "
+    tta = f" with {m['tta']} test-time augmentation" if m.get("tta", "none") != "none" else ""
+    lines.append(f"test accuracy {m['test_accuracy']:.4f}{tta} (95% CI {low:.4f}-{high:.4f}: {m['num_test']:,} test "
                  f"images are a finite sample)  test loss {m['test_loss']:.4f}")
     if m.get("most_confused"):
         pairs = ", ".join(f"{true} -> {predicted} ({count})" for true, predicted, count in m["most_confused"])
@@ -175,14 +176,29 @@ def _add_evaluate(sub) -> None:
                         "~/.cache/cnnkit, where missing test files are downloaded)")
     p.add_argument("--mirror", metavar="URL", help="base URL of a mirror laid out as URL/NAME/FILE ($CNNKIT_MIRROR)")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate on a seeded slice of N test images")
+    _add_tta(p)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _add_trust_code(p)
     p.set_defaults(handler=cmd_evaluate)
+
+
+def _add_trust_code(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-code", action="store_true",
+                        help="allow loading a run whose model is your own Python file (--model FILE.py:FUNCTION): "
+                             "that runs the file, which must be unchanged since training")
+
+
+def _add_tta(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tta", choices=["none", "flip", "shift", "flip-shift"],
+                        help="test-time augmentation: average the logits over the image and its mirror (flip), "
+                             "1-px shifts (shift) or both (default: the run's, from its training --tta)")
 
 
 def cmd_evaluate(args: argparse.Namespace, started: float) -> int:
     from cnnkit.api import evaluate_run
 
-    report = evaluate_run(args.run, args.data_dir, limit=args.limit, progress=not args.json, mirror=args.mirror)
+    report = evaluate_run(args.run, args.data_dir, limit=args.limit, progress=not args.json, mirror=args.mirror,
+                          tta=args.tta, trust_code=args.trust_code)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
@@ -207,6 +223,24 @@ def _add_runs(sub) -> None:
     p.set_defaults(handler=cmd_runs)
 
 
+def _shown(value, fmt: str = "{}", missing: str = "?") -> str:
+    """A table cell: the value formatted (rich markup escaped), or `missing` when it could not be read."""
+    from rich.markup import escape
+
+    return missing if value is None else escape(fmt.format(value))
+
+
+def _duration(seconds: float | None) -> str:
+    """12.3s, 4m05s, 2h03m: a training time as a person reads it."""
+    if seconds is None:
+        return "?"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
 def cmd_runs(args: argparse.Namespace, started: float) -> int:
     from cnnkit.runs import list_runs
 
@@ -221,32 +255,65 @@ def cmd_runs(args: argparse.Namespace, started: float) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    def shown(value, fmt: str = "{}") -> str:
-        return "?" if value is None else escape(fmt.format(value))
-
-    def duration(seconds: float | None) -> str:  # 12.3s, 4m05s, 2h03m
-        if seconds is None:
-            return "?"
-        if seconds < 60:
-            return f"{seconds:.1f}s"
-        minutes, secs = divmod(round(seconds), 60)
-        hours, minutes = divmod(minutes, 60)
-        return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
     table = Table(title=f"runs in {escape(str(args.runs_dir))}, newest first")
     for column in ("name", "dataset", "model", "epochs", "test accuracy", "train time", "date"):
         table.add_column(column, justify="right" if column in ("epochs", "test accuracy", "train time") else "left",
                          no_wrap=column == "date")
     for run in runs:
-        table.add_row(escape(run.name), shown(run.dataset), shown(run.model), shown(run.epochs),
-                      shown(run.test_accuracy, "{:.4f}"),
-                      duration(run.train_seconds),
+        table.add_row(escape(run.name), _shown(run.dataset), _shown(run.model), _shown(run.epochs),
+                      _shown(run.test_accuracy, "{:.4f}"),
+                      _duration(run.train_seconds),
                       "?" if run.date is None else run.date.strftime("%Y-%m-%d %H:%M"))
     console = Console()
     console.print(table)
     for run in runs:
         if run.problem:
             console.print(f"{escape(run.name)}: not a complete run ({escape(run.problem)})", highlight=False)
+    return 0
+
+
+def _add_compare(sub) -> None:
+    p = _command(sub, "compare", "Compare runs: a table of what each was and how it did, and one PNG overlaying "
+                                 "their validation curves per epoch.",
+                 "cnnkit compare runs/train runs/train2 --out compare.png")
+    p.add_argument("runs", metavar="RUN", nargs="+", help="run directories")
+    p.add_argument("--out", metavar="FILE.png", default="compare.png",
+                   help="where to write the figure (default: compare.png in the current folder)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    p.set_defaults(handler=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace, started: float) -> int:
+    from cnnkit.comparison import compare
+
+    rows = compare(args.runs, out=args.out)
+    if args.json:
+        print(json.dumps([row.to_dict() for row in rows], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} run{'s' if len(rows) > 1 else ''} compared")
+    columns = ("run", "dataset", "model", "preset", "epochs", "train time", "best val accuracy", "test accuracy")
+    for column in columns:
+        table.add_column(column, justify="left" if column in columns[:4] else "right")
+    for row in rows:
+        run, best = row.summary, row.best_val_accuracy
+        table.add_row(escape(row.label), _shown(run.dataset), _shown(run.model), _shown(run.preset, missing="-"),
+                      _shown(run.epochs), _duration(run.train_seconds),
+                      "-" if best is None else f"{best:.4f} (epoch {row.best_val_epoch})",
+                      _shown(run.test_accuracy, "{:.4f}"))
+    console = Console()
+    console.print(table)
+    for row in rows:
+        if row.summary.problem:
+            console.print(f"{escape(row.label)}: not a complete run ({escape(row.summary.problem)})", highlight=False)
+        if row.note:
+            console.print(f"{escape(row.label)}: left out of the figure ({escape(row.note)})", highlight=False)
+    plotted = sum(row.plotted for row in rows)
+    print(f"validation curves of {plotted} run{'s' if plotted != 1 else ''}: {args.out}" if plotted
+          else f"no run has validation history; {args.out} not written")
     return 0
 
 
@@ -260,6 +327,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--csv", metavar="FILE", help="also write file,label,confidence,top to this CSV file")
     p.add_argument("--show-input", metavar="DIR", help="write each image as the model saw it (after "
                                                         "preprocessing) as a PNG in DIR")
+    _add_tta(p)
+    _add_trust_code(p)
     p.set_defaults(handler=cmd_predict)
 
 
@@ -267,8 +336,8 @@ def cmd_predict(args: argparse.Namespace, started: float) -> int:
     from cnnkit.prediction import predict_files, write_csv
     from cnnkit.runs import load_run
 
-    result = predict_files(load_run(args.run), args.images, top=args.top, progress=not args.json,
-                           show_input=args.show_input)
+    run = load_run(args.run, tta=args.tta, trust_code=args.trust_code)
+    result = predict_files(run, args.images, top=args.top, progress=not args.json, show_input=args.show_input)
     if args.csv:
         write_csv(result.predictions, args.csv)
     if args.json:
@@ -298,6 +367,7 @@ def _add_export(sub) -> None:
                    help="where the run's dataset lives for the check (default: the run's recorded data_dir, then "
                         "$CNNKIT_DATA or the cache; never downloaded; seeded random images if absent)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_trust_code(p)
     p.set_defaults(handler=cmd_export)
 
 
@@ -305,7 +375,7 @@ def cmd_export(args: argparse.Namespace, started: float) -> int:
     from cnnkit.export import export_run
 
     result = export_run(args.run, args.format, out=args.out, parity_images=args.parity_images,
-                        data_dir=args.data_dir)
+                        data_dir=args.data_dir, trust_code=args.trust_code)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0
 
@@ -334,13 +404,14 @@ def _add_serve(sub) -> None:
     p.add_argument("--port", type=_port, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
     p.add_argument("--max-upload-mb", type=_positive_float, default=10, metavar="MB",
                    help="refuse larger uploads with HTTP 413 (default 10 MiB)")
+    _add_trust_code(p)
     p.set_defaults(handler=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace, started: float) -> int:
     from cnnkit.serve import serve
 
-    serve(args.run, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+    serve(args.run, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, trust_code=args.trust_code)
     return 0
 
 
@@ -485,8 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    for add in (_add_train, _add_evaluate, _add_predict, _add_runs, _add_report, _add_export, _add_serve,
-                _add_datasets, _add_summary, _add_presets):
+    for add in (_add_train, _add_evaluate, _add_predict, _add_runs, _add_compare, _add_report, _add_export,
+                _add_serve, _add_datasets, _add_summary, _add_presets):
         add(sub)
     return parser
 

@@ -155,8 +155,62 @@ def _check_run_name(value: str) -> str | None:
     return None
 
 
+def _check_augment(value: str) -> str | None:
+    from cnnkit.data.augment import check_pipeline
+
+    return check_pipeline(value)
+
+
+class ModelChoices(LazyChoices):
+    """The registered model names, which --help lists; every string is let through to _check_model, which
+    also accepts FILE.py:FUNCTION and says what is wrong with anything else."""
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, str)
+
+
+def _check_model(value: str) -> str | None:
+    """A registered name, or FILE.py:FUNCTION naming an existing file that defines FUNCTION (parsed, not run)."""
+    if value in ModelChoices("cnnkit.models", "model_names")._names:
+        return None
+    if value.startswith("custom:"):
+        return (f"{value!r} was a Python object given to cnnkit.train(model=...); a config cannot rebuild it: "
+                "pass the object again")
+    from cnnkit.models.user import check_file_spec, looks_like_file_spec
+
+    if not looks_like_file_spec(value):
+        from cnnkit.models import model_names
+
+        return (f"must be one of {', '.join(model_names())} or FILE.py:FUNCTION, got {value!r}"
+                f"{did_you_mean(value, model_names())}")
+    return check_file_spec(value)
+
+
+def _check_init(value: str) -> str | None:
+    path = Path(value).expanduser()
+    if (path / "model.json").is_file() or (path.name == "model.json" and path.is_file()):
+        return None
+    return f"{value!r} is not a run directory (no model.json there); give the folder `cnnkit train` wrote"
+
+
+def _check_weights(value: str) -> str | None:
+    path = Path(value).expanduser()
+    if path.suffix != ".safetensors":
+        return f"{value!r}: only .safetensors files are read (never pickle: loading those runs code)"
+    return None if path.is_file() else f"{value!r}: file not found"
+
+
 def _check_model_kwargs(value: dict) -> str | None:
     return None if all(isinstance(key, str) for key in value) else "keys must be strings"
+
+
+def _check_tensorboard(value: bool) -> str | None:
+    """Refuse --tensorboard up front, before any data is read, when the optional package is missing."""
+    import importlib.util
+
+    if not value or importlib.util.find_spec("tensorboard") is not None:
+        return None
+    return 'needs the tensorboard package, which is not installed: pip install "cnnkit[tensorboard]"'
 
 
 @dataclass
@@ -166,11 +220,21 @@ class TrainConfig:
     preset: str | None = option(None, "named recipe whose values replace the defaults (see `cnnkit presets`)")
     dataset: str = option("mnist", "mnist, fashion-mnist, kmnist, cifar10, cifar100 or imagefolder:PATH",
                           check=_check_dataset)
-    model: str = option("seed", "architecture (see `cnnkit summary --list`)",
-                        choices=LazyChoices("cnnkit.models", "model_names"))
+    model: str = option("seed", "architecture (see `cnnkit summary --list`), or your own: FILE.py:FUNCTION, a "
+                                "function (input_shape, num_classes, **model_kwargs) returning an nn.Module",
+                        choices=ModelChoices("cnnkit.models", "model_names"), check=_check_model)
     model_kwargs: dict[str, Any] = option(help="architecture arguments as JSON, e.g. '{\"widths\": [16, 32, 96]}'",
                                           default_factory=dict, check=_check_model_kwargs, metavar="JSON",
                                           parse=_json_table)
+    init: str | None = option(None, "fine-tune: start from the weights of an earlier run of the same architecture "
+                                    "(a new head when the classes differ)", metavar="RUN", check=_check_init)
+    weights: str | None = option(None, "start from a safetensors state dict that matches the architecture exactly",
+                                 metavar="FILE", check=_check_weights)
+    freeze_epochs: int = option(0, "train only the head (the last linear layer) for the first N epochs, then "
+                                   "everything (fine-tuning)", scope="fit", low=0, metavar="N")
+    backbone_lr_scale: float = option(1.0, "learning rate of everything but the head, as a fraction of --lr "
+                                           "(fine-tuning: e.g. 0.1)", scope="fit", low=0, low_open=True, high=1,
+                                      metavar="F")
     epochs: int = option(10, "passes over the training set", scope="fit", low=1, high=100_000)
     batch_size: int = option(32, "images per training step", scope="fit", low=1, high=1 << 20)
     lr: float = option(1e-3, "peak learning rate", scope="fit", low=0, low_open=True)
@@ -182,8 +246,18 @@ class TrainConfig:
                            low=0, high=1, high_open=True)
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy", scope="fit",
                                     low=0, high=1, high_open=True)
-    augment: str = option("none", "batch augmentation", scope="fit",
-                          choices=LazyChoices("cnnkit.data.augment", "AUGMENTATIONS"))
+    augment: str = option("none", "batch augmentations applied in order, comma-separated: shift=PX (zero fill), "
+                                  "crop=PX (reflect pad + random crop), erase=SIZE (cutout: px, or fraction if < 1), "
+                                  "affine=DEGREES (rotate, zoom 0.9-1.1), or none; e.g. crop=4,erase=0.5",
+                          scope="fit", check=_check_augment, metavar="LIST")
+    flip: str = option("auto", "mirror a random half of each batch: auto (only where the dataset allows it: photos "
+                               "and clothing, never digits or characters), yes, or no", scope="fit",
+                       choices=("auto", "yes", "no"))
+    mix: str = option("none", "blend each batch with a shuffled copy of itself, the loss mixing both labels: "
+                              "mixup (pixel average) or cutmix (a pasted box)", scope="fit",
+                      choices=("none", "mixup", "cutmix"))
+    mix_alpha: float = option(1.0, "mixup/cutmix: the mixing share is drawn from Beta(alpha, alpha)", scope="fit",
+                              low=0, low_open=True, high=100)
     seed: int = option(0, "random seed of initialisation, shuffling and augmentation", scope="fit",
                        low=0, high=2**63 - 1)
     patience: int | None = option(None, "stop after this many epochs without a better --monitor value "
@@ -210,6 +284,10 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model (compile time counts as training time)", scope="fit")
     threads: int | None = option(None, "CPU threads (default: one per core)", low=1, check=_check_threads)
     eval_batch_size: int = option(1000, "images per validation/test forward pass", scope="fit", low=1, high=1 << 20)
+    tta: str = option("none", "test-time augmentation of the final test evaluation, recorded so evaluate, predict, "
+                              "export and serve use it too: the mean of the logits over the image and its mirror "
+                              "(flip), 1-px shifts (shift), or both (flip-shift)",
+                      choices=("none", "flip", "shift", "flip-shift"))
     image_size: list[int] | None = option(None, "image folders: resize to HEIGHTxWIDTH (default: the most common size)",
                                           check=_check_image_size, metavar="HxW", parse=_image_size)
     channels: int | None = option(None, "image folders: 1 (grayscale) or 3 (RGB) (default: 1 if all are grayscale)",
@@ -220,6 +298,9 @@ class TrainConfig:
                                         "~/.cache/cnnkit)", metavar="DIR")
     runs_dir: str = option("runs", "where run directories go", metavar="DIR")
     name: str | None = option(None, "run directory name (default: train, train2, ...)", check=_check_run_name)
+    tensorboard: bool = option(False, "also log every epoch's values (loss, accuracy, val_loss, val_accuracy, lr, "
+                                      "...) to RUN/tensorboard/ for `tensorboard --logdir runs`",
+                               check=_check_tensorboard)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -449,6 +530,8 @@ def resolve_config(preset: str | None = None, *, config_file: str | os.PathLike[
     config = TrainConfig(**values)
     if problem := selection_conflict(str(config.val).lower() == "test", config.keep, config.ema, spell):
         raise CnnkitError(problem)
+    if config.init is not None and config.weights is not None:
+        raise CnnkitError(f"{spell('init')} and {spell('weights')} both give the starting weights; use one")
     return config
 
 

@@ -137,12 +137,14 @@ def export_metadata(run) -> dict[str, str]:
         "preprocessing": json.dumps(run.meta.get("preprocessing", {})),
         "architecture": str(run.meta.get("architecture", "")),
         "dataset": str(run.meta.get("dataset", "")),
+        "tta": str(getattr(run, "tta", "none")),  # the graph averages the logits over these test-time views
         "cnnkit_version": __version__,
     }
 
 
 def export_run(run_dir, format: str = "onnx", out: str | Path | None = None,  # noqa: A002 - the CLI's word
-               parity_images: int = 1000, data_dir: str | Path | None = None) -> ExportResult:
+               parity_images: int = 1000, data_dir: str | Path | None = None,
+               trust_code: bool = False) -> ExportResult:
     """Export a run's model as ONNX or TorchScript and check it against PyTorch eager.
 
     `run_dir`: a run directory (or a loaded Run). `out`: the file to write (default RUN/model.onnx or
@@ -167,7 +169,7 @@ def export_run(run_dir, format: str = "onnx", out: str | Path | None = None,  # 
         raise CnnkitError(f"parity_images must be a whole number of at least 1, got {parity_images!r}")
     if format == "onnx":
         require_onnx()
-    run = run_dir if isinstance(run_dir, Run) else load_run(run_dir)
+    run = run_dir if isinstance(run_dir, Run) else load_run(run_dir, trust_code=trust_code)
     path = _output_path(run.path, format, out)
     images, data = parity_data(run, parity_images, data_dir)
     wrapper = ExportModule(run.model, run.input_shape).eval()

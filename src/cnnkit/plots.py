@@ -441,3 +441,52 @@ def _per_class_rows(precision: np.ndarray, recall: np.ndarray) -> tuple[list[int
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(count), where=precision + recall > 0)
     worst = np.argsort(f1, kind="stable")[:PER_CLASS_ALL_LIMIT]
     return worst.tolist(), f"The {PER_CLASS_ALL_LIMIT} classes with the lowest F1 of {count} (worst at the top)"
+
+
+# --- comparing runs --------------------------------------------------------------------------------------
+
+COMPARE_GID = "compare"  # gid prefix of each run's curve: "compare-val_accuracy-<label>" (tests find them by this)
+LINESTYLES = ("-", "--", ":", "-.")  # past ten runs the colours repeat, so the line style changes
+COMPARE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def plot_comparison(histories: dict[str, dict[str, Sequence[float]]], path: str | Path, title: str = "") -> Figure:
+    """Several runs' validation accuracy (and validation loss, when recorded) per epoch, one line per run.
+
+    `histories` maps the legend label (the run's name) to its history.csv columns, "epoch" among them.
+    Runs of different lengths share the epoch axis, so a longer run's extra epochs show as a longer line;
+    one legend below both panels (they share colours) names the runs without covering the curves.
+    """
+    metrics = [m for m in ("val_accuracy", "val_loss") if any(_finite(h.get(m, [])) for h in histories.values())]
+    metrics = metrics or ["val_accuracy"]
+    figure = Figure(figsize=(5.2 * len(metrics) + 0.6, 4.4), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(1, len(metrics)))
+    longest = max((len(h.get("epoch", [])) for h in histories.values()), default=1)
+    epochs = np.arange(1, max(1, longest) + 1)
+    for ax, metric in zip(axes, metrics):
+        for i, (label, history) in enumerate(histories.items()):
+            if metric not in history:
+                continue
+            # Runs with the same seed share their first epochs exactly: each later run is drawn thinner and
+            # with smaller markers on top, so the earlier one still shows around it.
+            ax.plot(np.asarray(history["epoch"], dtype=float), np.asarray(history[metric], dtype=float),
+                    marker=COMPARE_MARKERS[i % len(COMPARE_MARKERS)] if longest <= 20 else None,
+                    markersize=max(3.0, 8.0 - 1.5 * i), lw=max(1.0, 2.2 - 0.3 * i), color=f"C{i % 10}",
+                    ls=LINESTYLES[(i // 10) % len(LINESTYLES)], label=_legend_label(label),
+                    gid=f"{COMPARE_GID}-{metric}-{label}")
+        kind = metric.removeprefix("val_")
+        _style_epoch_axis(ax, epochs, kind, False)
+        ax.set_title(f"Validation {kind} ({'higher' if kind == 'accuracy' else 'lower'} is better)", fontsize=10)
+        ax.set_ylabel(f"Validation {kind}")
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center",
+                  ncols=min(4, max(1, len(histories))), fontsize=8, frameon=False)
+    if title:
+        figure.suptitle(short_title(title), parse_math=False)
+    _save(figure, path)
+    return figure
+
+
+def _legend_label(label: str) -> str:
+    """A run name as matplotlib shows it: '$' is not maths, and a leading '_' does not hide the line."""
+    label = short_title(label, 40).replace("$", r"\$")
+    return f" {label}" if label.startswith("_") else label

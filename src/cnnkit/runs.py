@@ -3,7 +3,9 @@
 Layout of RUNS_DIR/NAME/: config.json, history.csv, steps.csv, metrics.json, model.safetensors, model.json,
 history.png, confusion_matrix.png, per_class.png, errors.png, report.html. A run is assembled in a hidden staging directory and
 renamed into place only when complete, so an interrupted training leaves no half-written run.
-Weights are safetensors and metadata JSON: loading a run never executes code from its files.
+Weights are safetensors and metadata JSON: loading a run never executes code from its files, except a
+user's own model file (`--model FILE.py:FUNCTION`, copied to model_source.py), and that only on request
+(`trust_code`) and only when its SHA-256 is the recorded one.
 """
 
 from __future__ import annotations
@@ -108,10 +110,11 @@ class Run:
     """A loaded run: the model ready for inference and the metadata beside it."""
 
     path: Path
-    model: Any  # ImageClassifier, in eval mode on the CPU
+    model: Any  # ImageClassifier, in eval mode on the CPU (in a TestTimeAugmentation unless tta is "none")
     meta: dict[str, Any]
     config: dict[str, Any]
     metrics: dict[str, Any]
+    tta: str = "none"  # the test-time augmentation `model` applies: the run's recorded one or load_run's tta
 
     @property
     def classes(self) -> list[str]:
@@ -139,39 +142,106 @@ def resolve_run_dir(path: str | Path) -> Path:
     return path
 
 
-def load_run(path: str | Path) -> Run:
-    """Rebuild a trained model from a run directory (safetensors + JSON, nothing executed)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def load_run(path: str | Path, *, tta: str | None = None, trust_code: bool = False, model: Any = None) -> Run:
+    """Rebuild a trained model from a run directory (safetensors + JSON, nothing executed).
 
-    from cnnkit.models import build_model
+    The model comes wrapped in the run's test-time augmentation (model.json's `tta`), so evaluate, predict,
+    export and serve all use it; `tta` overrides it ("none" gives the bare classifier, e.g. to fine-tune).
+    A run whose model is a user's file (`--model FILE.py:FUNCTION`) is the one exception to "nothing
+    executed": it loads only with `trust_code=True`, and only from the very file it was trained with
+    (same SHA-256). A run of a model given as a Python object needs that object's code: `model=` an
+    nn.Module (the network, or its ImageClassifier) or a callable (input_shape, num_classes) -> nn.Module.
+    """
+    from cnnkit.models.tta import with_tta
 
     run_dir = resolve_run_dir(path)
+    meta = read_model_meta(run_dir)
+    model = rebuild_model(run_dir, meta, trust_code=trust_code, model=model)
+    weights = run_dir / "model.safetensors"
+    state = read_weights(weights)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CnnkitError(f"{weights}: cannot load weights ({_first_line(error)})") from None
+    model.eval()
+    config = read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
+    metrics = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
+    tta = run_tta(run_dir, meta, tta)
+    return Run(run_dir, with_tta(model, tta), meta, config, metrics, tta)
+
+
+def read_model_meta(run_dir: Path) -> dict[str, Any]:
+    """model.json, checked to be a cnnkit model description this version can read."""
     meta = read_json(run_dir / "model.json")
     if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
         raise CnnkitError(f"{run_dir / 'model.json'}: not a cnnkit model description")
     if meta.get("format_version", 0) > MODEL_FORMAT_VERSION:
         raise CnnkitError(f"{run_dir / 'model.json'}: made by a newer cnnkit (format {meta['format_version']})")
+    return meta
+
+
+def read_weights(path: Path) -> dict[str, Any]:
+    """A safetensors file's tensors (never pickle: reading weights runs no code)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
-        spec = meta["input"]
-        model = build_model(meta["architecture"], (spec["channels"], spec["height"], spec["width"]),
-                            len(meta["classes"]), mean=meta["preprocessing"]["mean"],
-                            std=meta["preprocessing"]["std"], **meta.get("model_kwargs", {}))
-    except (KeyError, TypeError) as error:
-        raise CnnkitError(f"{run_dir / 'model.json'}: missing or bad field {error}") from None
-    weights = run_dir / "model.safetensors"
-    try:
-        state = load_file(str(weights))
-        model.load_state_dict(state, strict=True)
+        return load_file(str(path))
     except FileNotFoundError:
-        raise CnnkitError(f"{weights}: file not found") from None
-    except (SafetensorError, RuntimeError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CnnkitError(f"{weights}: cannot load weights ({first_line})") from None
-    model.eval()
-    config = read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
-    metrics = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
-    return Run(run_dir, model, meta, config, metrics)
+        raise CnnkitError(f"{path}: file not found") from None
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CnnkitError(f"{path}: cannot load weights ({_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def rebuild_model(run_dir: Path, meta: dict[str, Any], *, trust_code: bool = False, model: Any = None):
+    """A fresh ImageClassifier of the run's architecture and preprocessing, before its weights are loaded."""
+    from cnnkit.models import ImageClassifier, build_model
+    from cnnkit.models.user import CUSTOM_PREFIX, build_body, code_for_run, custom_builder_missing, load_function
+    from cnnkit.models.user import user_body
+
+    try:
+        spec, architecture = meta["input"], str(meta["architecture"])
+        shape = (int(spec["channels"]), int(spec["height"]), int(spec["width"]))
+        mean, std = meta["preprocessing"]["mean"], meta["preprocessing"]["std"]
+        num_classes, kwargs = len(meta["classes"]), dict(meta.get("model_kwargs", {}))
+        if model is not None:
+            body = user_body(model, shape, num_classes, seed=0)
+            if isinstance(body, ImageClassifier):
+                return body
+        elif meta.get("code") is not None:
+            code = code_for_run(run_dir, meta, trust_code)
+            body = build_body(load_function(code, architecture), shape, num_classes, kwargs, 0,
+                              f"{architecture}: {code.function}", code.path)
+        elif architecture.startswith(CUSTOM_PREFIX):
+            raise custom_builder_missing(run_dir, architecture)
+        else:
+            return build_model(architecture, shape, num_classes, mean=mean, std=std, **kwargs)
+    except (KeyError, TypeError, ValueError) as error:
+        raise CnnkitError(f"{run_dir / 'model.json'}: missing or bad field {error}") from None
+    classifier = ImageClassifier(body, mean, std)
+    classifier.architecture, classifier.model_kwargs, classifier.input_shape = architecture, kwargs, shape
+    return classifier
+
+
+def run_tta(run_dir: Path, meta: dict[str, Any], tta: str | None) -> str:
+    """The TTA a loaded run applies: `tta` when given, else model.json's; refused where it would mirror digits.
+
+    Runs from before model.json recorded `mirror_ok` and `flip` get the dataset's property and no flip.
+    """
+    from cnnkit.data.registry import mirror_ok
+    from cnnkit.models.tta import check_tta
+
+    chosen = meta.get("tta", "none") if tta is None else tta
+    dataset = str(meta.get("dataset", "?"))
+    safe = meta.get("mirror_ok")
+    if not isinstance(safe, bool):
+        safe = mirror_ok(dataset, int(meta["input"]["channels"]))
+    check_tta(chosen, safe, meta.get("flip") is True, f"{run_dir} (trained on {dataset})")
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -226,6 +296,7 @@ class RunSummary:
     path: Path
     dataset: str | None = None
     model: str | None = None
+    preset: str | None = None  # the named recipe the run started from, None when it used none
     epochs: int | None = None
     test_accuracy: float | None = None
     train_seconds: float | None = None
@@ -276,6 +347,7 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
     meta = _read_dict(run_dir / "model.json", problems)
     summary.dataset = _first_str(metrics.get("dataset"), meta.get("dataset"), config.get("dataset"))
     summary.model = _first_str(metrics.get("model"), config.get("model"), meta.get("architecture"))
+    summary.preset = _first_str(metrics.get("preset"), config.get("preset"))
     summary.epochs = _number(metrics.get("epochs"), int)
     summary.test_accuracy = _number(metrics.get("test_accuracy"), float)
     summary.train_seconds = _number(metrics.get("train_seconds"), float)

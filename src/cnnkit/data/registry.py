@@ -13,7 +13,7 @@ from typing import Literal
 
 from cnnkit.errors import CnnkitError
 
-__all__ = ["DATASETS", "DatasetSpec", "FileSpec", "get_spec"]
+__all__ = ["DATASETS", "DatasetSpec", "FileSpec", "get_spec", "mirror_ok"]
 
 DatasetKind = Literal["idx", "cifar10", "cifar100"]
 
@@ -38,6 +38,10 @@ class DatasetSpec:
     classes: tuple[str, ...]
     shape: tuple[int, int, int]  # (C, H, W)
     description: str
+    # Whether a left-right mirror image is still an image of its class: true for photos and clothing, false
+    # for digits and characters (a mirrored 2 or "ki" is no 2 or "ki"). `flip=auto` trains with mirroring
+    # only where it is true, and flip test-time augmentation is refused where it is not.
+    mirror_ok: bool = False
 
 
 def get_spec(name: str) -> DatasetSpec:
@@ -96,6 +100,7 @@ _MNIST = DatasetSpec(
     classes=tuple(str(digit) for digit in range(10)),
     shape=(1, 28, 28),
     description="handwritten digits 0-9, 60k train / 10k test, 28x28 grayscale",
+    mirror_ok=False,
 )
 
 _FASHION_MNIST = DatasetSpec(
@@ -119,6 +124,7 @@ _FASHION_MNIST = DatasetSpec(
     classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
     shape=(1, 28, 28),
     description="Zalando clothing photos in 10 classes, 60k train / 10k test, 28x28 grayscale",
+    mirror_ok=True,
 )
 
 _KMNIST = DatasetSpec(
@@ -136,6 +142,7 @@ _KMNIST = DatasetSpec(
     classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
     shape=(1, 28, 28),
     description="Kuzushiji (cursive Japanese) characters in 10 classes, 60k train / 10k test, 28x28 grayscale",
+    mirror_ok=False,
 )
 
 # ---------------------------------------------------------------------------------------------------------
@@ -154,6 +161,7 @@ _CIFAR10 = DatasetSpec(
     classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
     shape=(3, 32, 32),
     description="small colour photos in 10 classes, 50k train / 10k test, 32x32 RGB",
+    mirror_ok=True,
 )
 
 # The 100 fine labels in label-index order (fine_label_names.txt of the archive).
@@ -184,6 +192,19 @@ _CIFAR100 = DatasetSpec(
     classes=_CIFAR100_FINE_LABELS,
     shape=(3, 32, 32),
     description="small colour photos in 100 fine classes, 50k train / 10k test, 32x32 RGB",
+    mirror_ok=True,
 )
 
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (_MNIST, _FASHION_MNIST, _KMNIST, _CIFAR10, _CIFAR100)}
+
+
+def mirror_ok(name: str, channels: int) -> bool:
+    """Whether mirrored images of dataset `name` keep their class (see DatasetSpec.mirror_ok).
+
+    An image folder (`imagefolder:PATH`) is taken as mirror-safe when it is in colour: grayscale folders
+    are most often digits or characters, colour ones photos. A name that is neither is not mirrored.
+    """
+    spec = DATASETS.get(name.strip().lower())
+    if spec is not None:
+        return spec.mirror_ok
+    return name.startswith("imagefolder:") and channels == 3

@@ -77,6 +77,17 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def mirror_ok(self) -> bool:
+        """Whether a mirrored image keeps its class: photos and clothing yes, digits and characters no.
+
+        What `flip=auto` follows (data/registry.py's per-dataset property; a colour image folder counts as
+        photos, a grayscale one as characters). A Dataset made by hand with another name is never mirrored.
+        """
+        from cnnkit.data.registry import mirror_ok
+
+        return mirror_ok(self.name, self.input_shape[0])
+
     def __repr__(self) -> str:
         return (f"Dataset({self.name!r}: {len(self.train):,} train / {len(self.val):,} val ({self.val_source}) / "
                 f"{len(self.test):,} test images, {self.num_classes} classes, input {self.input_shape})")

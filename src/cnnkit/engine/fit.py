@@ -11,19 +11,25 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cnnkit.config import TrainConfig, fit_config, selection_conflict
-from cnnkit.data.augment import AUGMENTATIONS
+from cnnkit.data.augment import resolve_flip, training_augmentation
+from cnnkit.data.mix import make_mix, mixed_cross_entropy
 from cnnkit.data.tensors import Dataset, batch_indices
 from cnnkit.engine.callbacks import EMA, BatchLogs, Callback, CallbackList, EarlyStopping, History, ProgressBar
+from cnnkit.engine.callbacks import FreezeBackbone
 from cnnkit.engine.callbacks import TrainState
 from cnnkit.engine.callbacks import WeightSelection
 from cnnkit.engine.evaluate import loss_and_accuracy
 from cnnkit.engine.inference import autocast, resolve_device, resolve_precision
 from cnnkit.engine.optim import SCHEDULES, make_optimizer, set_lr
 from cnnkit.errors import CnnkitError
+from cnnkit.models.classifier import init_from_data, model_input, takes_pixels
+
+#: Images that data-initialised layers (airbench's whitening) see: ~2M 2x2 patches at 32x32, plenty for a
+#: 12x12 covariance, and a fraction of a second.
+DATA_INIT_IMAGES = 2000
 
 
 def fit(
@@ -44,6 +50,8 @@ def fit(
     with its defaults: the tutorial's recipe. The model is moved to the device and trained in place and
     ends with the weights that `keep` selects (`history.selected` says which). Shuffling and augmentation
     draw from a generator seeded by `seed`, so on the CPU the same seed gives the same numbers.
+    Any nn.Module trains: cnnkit's models take uint8 pixels and rescale inside; a plain PyTorch module
+    gets them as float32 pixel values 0-255 (as Keras casts its input; `evaluate`/`predict` do the same).
     """
     config = fit_config(epochs=epochs, batch_size=batch_size, **options)
     check_single_process(rank, world_size)
@@ -54,9 +62,14 @@ def fit(
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
     model.to(device=device, memory_format=memory_format)
     train, val = data.train.to(device, memory_format), data.val.to(device, memory_format)
-    optimizer = make_optimizer(model.parameters(), config.optimizer, config.lr, config.weight_decay)
-    schedule, augment = SCHEDULES.get(config.schedule), AUGMENTATIONS.get(config.augment)
+    init_from_data(model, train.images[:DATA_INIT_IMAGES])
+    optimizer = make_optimizer(model, config.optimizer, config.lr, config.weight_decay,
+                               backbone_lr_scale=config.backbone_lr_scale)
+    schedule = SCHEDULES.get(config.schedule)
+    augment = training_augmentation(config.augment, resolve_flip(config.flip, data.mirror_ok))
+    mix = make_mix(config.mix, config.mix_alpha)
     step_model = torch.compile(model) if config.compile else model
+    pixels = takes_pixels(model)  # cnnkit's models rescale uint8 inside; a plain module gets float pixels
     generator = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = -(-len(train) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -76,9 +89,10 @@ def fit(
                 set_lr(optimizer, schedule(state.step, total_steps, config.lr, config.warmup))
                 images = augment(train.images[index], generator).contiguous(memory_format=memory_format)
                 labels = train.labels[index]
+                images, partners, lam = mix(images, labels, generator)
                 with autocast(device, precision):
-                    logits = step_model(images)
-                    loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+                    logits = step_model(model_input(images, pixels))
+                    loss = mixed_cross_entropy(logits, labels, partners, lam, config.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -104,6 +118,8 @@ def builtin_callbacks(config: TrainConfig, val_source: str, progress: bool) -> l
     chosen: list[Callback] = [WeightSelection(config.monitor, keep)]
     if config.ema is not None:
         chosen.append(EMA(config.ema))
+    if config.freeze_epochs:
+        chosen.append(FreezeBackbone(config.freeze_epochs))
     if config.patience is not None:
         chosen.append(EarlyStopping(config.monitor, config.patience))
     if progress:

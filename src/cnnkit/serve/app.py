@@ -382,7 +382,7 @@ def model_info(run, max_upload_mb: float) -> dict[str, Any]:
 
 
 def create_app(run_dir: str | Path, max_upload_mb: float = 10, *, max_batch: int = 64,
-               max_wait_ms: float = 4.0) -> FastAPI:
+               max_wait_ms: float = 4.0, trust_code: bool = False) -> FastAPI:
     """The FastAPI application serving the run in `run_dir` (loaded now: a bad run fails here, not later).
 
     Uploads over `max_upload_mb` MiB are refused with 413. Up to `max_batch` requests arriving within
@@ -395,7 +395,7 @@ def create_app(run_dir: str | Path, max_upload_mb: float = 10, *, max_batch: int
 
     if not (isinstance(max_upload_mb, (int, float)) and math.isfinite(max_upload_mb) and max_upload_mb > 0):
         raise CnnkitError(f"--max-upload-mb must be a positive number, got {max_upload_mb!r}")
-    run = load_run(run_dir)
+    run = load_run(run_dir, trust_code=trust_code)
     # NHWC weights: 2.5x faster forward passes for the seed model at batch 32 on the CPU (8.6 vs 21.7 ms),
     # the same answers (within 1e-6), as training already runs.
     run.model.to(memory_format=torch.channels_last)
@@ -494,7 +494,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10, *,
-          threads: int | None = None, access_log: bool = False) -> None:
+          threads: int | None = None, access_log: bool = False, trust_code: bool = False) -> None:
     """Serve the run until interrupted (Ctrl+C). Binds 127.0.0.1 unless another `host` is given.
 
     `threads` sets torch's intra-op threads (default: half the cores, leaving the rest to the event loop
@@ -504,7 +504,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_up
     import uvicorn
 
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
-    app = create_app(run_dir, max_upload_mb)
+    app = create_app(run_dir, max_upload_mb, trust_code=trust_code)
     # torch and the app leave ~200k long-lived objects that every full garbage collection would walk again
     # (a 100-300 ms pause in the middle of some request); freezing them makes those collections ~free.
     gc.collect()

@@ -1,4 +1,5 @@
-"""Callbacks for fit(): the Keras hooks, History, the progress bar, early stopping, weight selection, EMA.
+"""Callbacks for fit(): the Keras hooks, History, the progress bar, early stopping, weight selection, EMA,
+TensorBoard logging.
 
 A user's own callback subclasses `Callback` and is passed as `fit(..., callbacks=[...])`.
 """
@@ -6,9 +7,11 @@ A user's own callback subclasses `Callback` and is passed as `fit(..., callbacks
 from cnnkit.engine.callbacks.base import BatchLogs, Callback, CallbackList, TrainState
 from cnnkit.engine.callbacks.early_stopping import EarlyStopping
 from cnnkit.engine.callbacks.ema import EMA
+from cnnkit.engine.callbacks.freeze import FreezeBackbone
 from cnnkit.engine.callbacks.history import History
 from cnnkit.engine.callbacks.progress import ProgressBar
 from cnnkit.engine.callbacks.selection import WeightSelection
+from cnnkit.engine.callbacks.tensorboard import TensorBoardLogger
 
-__all__ = ["EMA", "BatchLogs", "Callback", "CallbackList", "EarlyStopping", "History", "ProgressBar", "TrainState",
-           "WeightSelection"]
+__all__ = ["EMA", "BatchLogs", "Callback", "CallbackList", "EarlyStopping", "FreezeBackbone", "History", "ProgressBar",
+           "TensorBoardLogger", "TrainState", "WeightSelection"]
