@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
+from contextlib import nullcontext
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,10 @@ from cnnkit.engine.cpu import configure_cpu, peak_rss_mb
 from cnnkit.errors import CnnkitError
 from cnnkit.engine.evaluate import EvalReport, evaluate
 from cnnkit.engine.callbacks import Callback, History
+from cnnkit.engine.callbacks.checkpoint import Checkpoint
 from cnnkit.engine.callbacks.selection import logs_key
+from cnnkit.engine.checkpoint import CHECKPOINT_JSON, data_fingerprint, has_checkpoint, read_checkpoint
+from cnnkit.engine.distributed import World, init_distributed, shutdown_distributed
 from cnnkit.engine.fit import fit
 from cnnkit.engine.inference import resolve_device, resolve_precision
 from cnnkit.models import build_model, model_entry
@@ -37,7 +42,7 @@ TARGET_ACCURACY = 0.99
 
 @dataclass
 class TrainResult:
-    run_dir: Path
+    run_dir: Path | None  # None on the processes other than rank 0 of a data-parallel run: it writes the run
     history: History
     metrics: dict[str, Any]
     model: torch.nn.Module
@@ -162,26 +167,134 @@ def train(config: TrainConfig | None = None, *, progress: bool = True, started: 
         config = dataclasses.replace(config, model=architecture, model_kwargs=kwargs)
     device = resolve_device(config.device)
     config = dataclasses.replace(config, precision=resolve_precision(config.precision, device))  # what ran
+    return _train_run(config, device, progress=progress, started=started, log=log, callbacks=callbacks,
+                      user_model=user_model)
+
+
+def resume(path: str | Path, *, progress: bool = True, started: float | None = None, log=print,
+           callbacks: Sequence[Callback] = (), model: Any = None, threads: int | None = None) -> TrainResult:
+    """Continue an unfinished run from its last checkpoint; it ends as the uninterrupted run would have.
+
+    `path` is the unfinished run's directory (the `runs/.NAME.partial-*` that an interrupted training
+    names) or its checkpoint.json. The run's own options are used, and its data must be the same (checked
+    by fingerprint). A run trained on your own nn.Module needs it again as `model`.
+    """
+    started = time.perf_counter() if started is None else started
+    staging = resumable_dir(path)
+    config = recorded_config(staging)
+    saved = read_checkpoint(staging)
+    if threads is not None:
+        config = dataclasses.replace(config, threads=threads)
+    if config.model.startswith("custom:") and model is None:
+        raise CnnkitError(f"{staging} trained your own network ({config.model}); resume it from Python with "
+                          "cnnkit.resume(path, model=...) passing the same network")
+    log(f"resuming {staging} after epoch {saved['epoch']} of {config.epochs}")
+    return _train_run(config, resolve_device(config.device), progress=progress, started=started, log=log,
+                      callbacks=callbacks, user_model=model, staging=staging, saved=saved)
+
+
+def recorded_config(path: str | Path) -> TrainConfig:
+    """The options an unfinished run was started with, as its checkpoint records them."""
+    staging = resumable_dir(path)
+    try:
+        recorded = json.loads((staging / CHECKPOINT_JSON).read_text(encoding="utf-8"))["state"]["meta"]["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise CnnkitError(f"{staging}: the checkpoint does not record the run's options")
+    return resolve_config(**recorded)
+
+
+def resumable_dir(path: str | Path) -> Path:
+    """The unfinished run directory that `path` names, or a clear error (a finished run, no checkpoint)."""
+    path = Path(path)
+    directory = path.parent if path.name == CHECKPOINT_JSON else path
+    if not directory.is_dir():
+        raise CnnkitError(f"{path}: no such run directory (resume takes the directory an interrupted training named)")
+    if not has_checkpoint(directory):
+        if (directory / "metrics.json").is_file():
+            raise CnnkitError(f"{directory} is a finished run: nothing to resume (to train further from its weights, "
+                              f"start a new run with --init {directory})")
+        raise CnnkitError(f"{directory}: no checkpoint to resume from ({CHECKPOINT_JSON} missing)")
+    return directory
+
+
+def _train_run(config: TrainConfig, device: torch.device, *, progress: bool, started: float, log,
+               callbacks: Sequence[Callback], user_model: Any, staging: Path | None = None,
+               saved: dict[str, Any] | None = None) -> TrainResult:
+    """train() and resume(): data, model, fit (from a checkpoint when `saved`), test once, run files.
+
+    Under torchrun every process runs this; rank 0 alone stages and writes the run directory, logs and
+    tests, the others train their share and return a result without a run directory.
+    """
     threads = configure_cpu(config.threads)
-    with staged_run(config.runs_dir, config.name) as (staging, final):
-        callbacks = [*callbacks, *run_callbacks(config, staging)]  # first: a missing extra fails before any data
-        data = dataset_for(config, progress)
+    world = init_distributed(config.device)
+    try:
+        result = _train_process(config, device, world, threads, progress=progress, started=started, log=log,
+                                callbacks=callbacks, user_model=user_model, staging=staging, saved=saved)
+    except BaseException:
+        shutdown_distributed(wait=False)  # the other processes may never reach a barrier now
+        raise
+    shutdown_distributed()
+    return result
+
+
+def _train_process(config: TrainConfig, device: torch.device, world: World, threads: int, *, progress: bool,
+                   started: float, log, callbacks: Sequence[Callback], user_model: Any, staging: Path | None,
+                   saved: dict[str, Any] | None) -> TrainResult:
+    main = world.is_main
+    log = log if main else (lambda *args, **kwargs: None)
+    stage = staged_run(config.runs_dir, config.name, staging=staging) if main else nullcontext((None, []))
+    with stage as (staging, final):
+        callbacks = [*callbacks, *(run_callbacks(config, staging) if main else [])]  # a missing extra fails first
+        data = load_in_turn(config, progress and main, world)
+        fingerprint = dataset_fingerprint(data)
+        if saved is not None and saved["meta"].get("data") != fingerprint:
+            raise CnnkitError(f"the data of {config.dataset} differs from the data this run started with "
+                              "(files added, removed or changed): a resumed run must see the same images")
+        if config.checkpoint and main:
+            callbacks.append(Checkpoint(staging, {"config": config.to_dict(), "data": fingerprint}))
+            if saved is None:
+                log(f"checkpoints go to {staging} after every epoch (if training stops: "
+                    f"cnnkit train --resume {staging})")
         if data.skipped:
             log(f"skipped {len(data.skipped)} unreadable files: {', '.join(data.skipped[:10])}"
                 + (" ..." if len(data.skipped) > 10 else ""))
+        processes = f", {world.world_size} processes" if world.distributed else ""
         log(f"{data.name}: {len(data.train):,} train / {len(data.val):,} validation ({data.val_source}) / "
             f"{len(data.test):,} test images, {data.num_classes} classes, input {data.input_shape}; "
-            f"device {device}, {threads} threads")
+            f"device {device}, {threads} threads{processes}")
         check_tta_for(config, data)  # before training, not after it
         model = model_for(config, data, user_model)
-        history = fit(model, data, callbacks=callbacks, progress=progress, **config.fit_options())
+        history = fit(model, data, callbacks=callbacks, progress=progress and main, resume=saved,
+                      **config.fit_options())
+        if not main:
+            return TrainResult(None, history, {}, model)
         test_split = data.test.to(device)
-        report = evaluate(with_tta(model, config.tta), test_split, data.classes, batch_size=config.eval_batch_size)
+        report = evaluate(with_tta(model, config.tta), test_split, data.classes,
+                          batch_size=config.eval_batch_size)
         metrics = train_metrics(config, data, history, report, device, threads, started)
+        metrics["processes"] = world.world_size
         write_run_files(staging, config, data, model, history, report, metrics)
     run_dir = final[0]
     write_report(run_dir)  # after the rename, so the page carries the run's final name; `cnnkit report` rebuilds it
     return TrainResult(run_dir, history, metrics, model)
+
+
+def load_in_turn(config: TrainConfig, progress: bool, world: World) -> Dataset:
+    """The dataset; with several processes rank 0 loads first (downloads, decodes, fills the cache) and
+    the others then read what it left, instead of all fetching and writing the same files at once."""
+    if world.distributed and not world.is_main:
+        torch.distributed.barrier()
+    data = dataset_for(config, progress)
+    if world.distributed and world.is_main:
+        torch.distributed.barrier()
+    return data
+
+
+def dataset_fingerprint(data: Dataset) -> str:
+    splits = (data.train, data.val, data.test)
+    return data_fingerprint(*(split.labels for split in splits), *(split.images for split in splits))
 
 
 def check_tta_for(config: TrainConfig, data: Dataset) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -118,26 +119,79 @@ def add_schema_options(parser: argparse.ArgumentParser) -> None:
 def _add_train(sub) -> None:
     p = _command(sub, "train", "Train a model, evaluate it on the test set once, save plots and weights.",
                  "cnnkit train --dataset mnist --model seed --epochs 10 --data-dir ../shared/data\n"
-                 "  cnnkit train --config runs/train/config.json --seed 1   # repeat a run with another seed")
+                 "  cnnkit train --config runs/train/config.json --seed 1   # repeat a run with another seed\n"
+                 "  cnnkit train --resume runs/.train.partial-abc123        # continue an interrupted run")
     p.add_argument("--config", metavar="FILE", help="TOML or JSON file of options (a run's config.json repeats "
                                                      "that run); flags override it, it overrides the preset")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint (the "
+                                                   "directory the interruption named), with its own options")
     add_schema_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.set_defaults(handler=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace, started: float) -> int:
-    from cnnkit.api import train
+    from cnnkit.api import resume, train
     from cnnkit.config import FIELD_NAMES, cli_flag, resolve_config
 
     overrides = {name: value for name, value in vars(args).items() if name in FIELD_NAMES}
-    preset = overrides.pop("preset", None)
-    config = resolve_config(preset, config_file=args.config, spell=cli_flag, **overrides)
     log = (lambda *a, **k: None) if args.quiet else (lambda message: print(message, flush=True))
-    result = train(config, progress=not args.quiet, started=started, log=log)
+    if args.resume is not None:
+        check_resume_options(args, overrides)
+        devices = recorded_devices(args.resume)
+    else:
+        preset = overrides.pop("preset", None)
+        config = resolve_config(preset, config_file=args.config, spell=cli_flag, **overrides)
+        devices = config.devices
+    if devices > 1 and "RANK" not in os.environ:  # not yet one of torchrun's processes: start them
+        return launch_processes(devices, args.argv)
+    if args.resume is not None:
+        result = resume(args.resume, progress=not args.quiet, started=started, log=log,
+                        threads=overrides.get("threads"))
+    else:
+        result = train(config, progress=not args.quiet, started=started, log=log)
+    if result.run_dir is None:  # another rank of a data-parallel run: rank 0 reports
+        return 0
     for line in training_summary(result.metrics, result.history.history, result.run_dir):
         print(line)
     print(result.run_dir)
+    return 0
+
+
+#: What may change when a run resumes: how it runs on this machine, never what it computes.
+RESUME_OPTIONS = frozenset({"threads"})
+
+
+def check_resume_options(args: argparse.Namespace, overrides: dict) -> None:
+    from cnnkit.config import cli_flag
+
+    changed = sorted(cli_flag(name) for name in overrides if name not in RESUME_OPTIONS)
+    if changed or args.config is not None:
+        flags = ", ".join(changed + (["--config"] if args.config is not None else []))
+        raise CnnkitError(f"--resume continues a run with its own options; drop {flags} (to train with other "
+                          f"options, start a new run with --init)")
+
+
+def recorded_devices(path: str) -> int:
+    from cnnkit.api import recorded_config
+
+    return recorded_config(path).devices
+
+
+def launch_processes(devices: int, argv: list[str]) -> int:
+    """Run this same command as `devices` data-parallel processes through torchrun's elastic launcher
+    (standalone: a rendezvous on this machine); each process sees RANK and so trains instead of launching."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    launcher = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={devices}", "--module", PROG, *argv])
+    try:
+        run(launcher)
+    except ChildFailedError as error:
+        codes = sorted({failure.exitcode for failure in error.failures.values()})
+        print(f"{PROG}: error: a training process failed (exit code {', '.join(map(str, codes))}); "
+              "its message is above", file=sys.stderr)
+        return next((code for code in codes if code > 0), 1)
     return 0
 
 
@@ -562,17 +616,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (what `kill`, a job scheduler or a container stop sends) ends cnnkit as Ctrl-C does.
+
+    Without this, Python dies at once on SIGTERM: no cleanup, no message. As a KeyboardInterrupt it
+    unwinds normally: temporary files go, a training keeps its checkpoint and says how to resume it.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: `--devices N` runs it again N times
     if extra:  # reported by the command's own parser, which knows its flags and can suggest one
         args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    stop_on_sigterm()
     try:
         return args.handler(args, started)
     except CnnkitError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 1
+        return getattr(error, "exit_code", 1)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was saved", file=sys.stderr)
         return 130

@@ -7,3 +7,12 @@ and keeps its traceback.
 
 class CnnkitError(Exception):
     """A user-facing error whose message names the file or value at fault and, where possible, the fix."""
+
+
+class RunInterrupted(CnnkitError):
+    """Training was stopped (Ctrl-C, SIGTERM) after a checkpoint: the message says where and how to resume.
+
+    `exit_code` is the shell's for a process ended by Ctrl-C (128 + SIGINT).
+    """
+
+    exit_code = 130

@@ -48,25 +48,86 @@ def check_run_name(runs_dir: Path, name: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_run(runs_dir: str | Path, name: str | None) -> Iterator[tuple[Path, list[Path]]]:
+def staged_run(runs_dir: str | Path, name: str | None, *,
+               staging: Path | None = None) -> Iterator[tuple[Path, list[Path]]]:
     """Yield (staging_dir, [final_dir]); the staging dir becomes the final run dir on success.
 
     The final name is picked at commit time when `name` is None, so two trainings started together
-    never write into the same directory.
+    never write into the same directory. `staging` continues an unfinished run's directory (a resume).
+    The directory is locked while in use, so a second process cannot resume it at the same time.
+    If the block fails after a checkpoint was written, the directory is kept and the error says how to
+    resume it; without a checkpoint there is nothing worth keeping and it is removed.
     """
-    runs_dir = Path(runs_dir)
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    if name is not None:
-        check_run_name(runs_dir, name)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name or DEFAULT_RUN_NAME}.partial-", dir=runs_dir))
-    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700
+    from cnnkit.engine.checkpoint import has_checkpoint, remove_checkpoint
+
+    if staging is None:
+        runs_dir = Path(runs_dir)
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        if name is not None:
+            check_run_name(runs_dir, name)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name or DEFAULT_RUN_NAME}.partial-", dir=runs_dir))
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700
+    else:
+        runs_dir = staging.parent
     final: list[Path] = []
+    with locked_dir(staging):
+        try:
+            yield staging, final
+            final.append(_commit(staging, runs_dir, name))
+        except BaseException as error:
+            if has_checkpoint(staging):
+                raise_resumable(error, staging)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    remove_checkpoint(final[0])
+
+
+@contextlib.contextmanager
+def locked_dir(directory: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `directory` (not a file in it: nothing to clean up) while the block runs.
+
+    The kernel drops the lock when the process dies, however it dies, so a held lock means a live owner.
+    """
+    import fcntl
+
+    fd = os.open(directory, os.O_RDONLY)
     try:
-        yield staging, final
-        final.append(_commit(staging, runs_dir, name))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CnnkitError(f"{directory} is in use by another cnnkit process (it is still training)") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def checkpoint_epoch(staging: Path) -> int | None:
+    """The epoch of the staging directory's checkpoint, or None if it has none or it cannot be read."""
+    from cnnkit.engine.checkpoint import CHECKPOINT_JSON
+
+    try:
+        epoch = json.loads((staging / CHECKPOINT_JSON).read_text(encoding="utf-8"))["state"]["epoch"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return epoch if isinstance(epoch, int) else None
+
+
+def resume_hint(staging: Path) -> str:
+    return (f"the checkpoint of epoch {checkpoint_epoch(staging)} is kept in {staging}; "
+            f"continue with: cnnkit train --resume {staging}")
+
+
+def raise_resumable(error: BaseException, staging: Path) -> None:
+    """Re-raise a failure of a run that has a checkpoint, saying where it is and how to resume it."""
+    from cnnkit.errors import RunInterrupted
+
+    if isinstance(error, KeyboardInterrupt):
+        raise RunInterrupted(f"training interrupted; {resume_hint(staging)}") from None
+    if isinstance(error, CnnkitError):
+        raise CnnkitError(f"{error}; {resume_hint(staging)}") from error
+    if hasattr(error, "add_note"):  # a bug: keep its traceback, with the way back to the work
+        error.add_note(resume_hint(staging))
+    raise error
 
 
 def _commit(staging: Path, runs_dir: Path, name: str | None) -> Path:
@@ -313,8 +374,8 @@ class RunSummary:
 def list_runs(runs_dir: str | Path) -> list[RunSummary]:
     """Summaries of the run directories in `runs_dir`, newest first.
 
-    Hidden directories (a training's `.NAME.partial-*` staging directory among them) and plain files are
-    skipped. A directory that is not a complete run is listed with what could be read and `problem` set,
+    Hidden directories and plain files are skipped, except the staging directory of a training that
+    stopped after a checkpoint: it is listed as unfinished, with the command that resumes it. A directory that is not a complete run is listed with what could be read and `problem` set,
     never an exception. A missing `runs_dir` is a CnnkitError.
     """
     runs_dir = Path(runs_dir)
@@ -326,6 +387,7 @@ def list_runs(runs_dir: str | Path) -> list[RunSummary]:
     except OSError as error:
         raise CnnkitError(f"{runs_dir}: cannot list ({error.strerror or error})") from None
     summaries = [summarize_run(path) for path in entries if not path.name.startswith(".") and _is_dir(path)]
+    summaries += [summarize_unfinished(path) for path in entries if is_unfinished_run(path)]
     oldest = datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
     return sorted(summaries, key=lambda run: (run.date or oldest, run.name), reverse=True)
 
@@ -361,6 +423,35 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
     if not (run_dir / "model.safetensors").is_file() and not problems:
         problems.append("no model.safetensors")
     summary.problem = "; ".join(problems) or None
+    return summary
+
+
+def is_unfinished_run(path: Path) -> bool:
+    """A training's staging directory (`.NAME.partial-*`) holding a checkpoint: resumable work."""
+    from cnnkit.engine.checkpoint import CHECKPOINT_JSON
+
+    return path.name.startswith(".") and ".partial-" in path.name and (path / CHECKPOINT_JSON).is_file()
+
+
+def summarize_unfinished(path: Path) -> RunSummary:
+    """An unfinished run as read from its checkpoint.json (never raises)."""
+    from cnnkit.engine.checkpoint import CHECKPOINT_JSON
+
+    problems: list[str] = []
+    document = _read_dict(path / CHECKPOINT_JSON, problems)
+    state = document.get("state") if isinstance(document.get("state"), dict) else {}
+    meta = state.get("meta") if isinstance(state.get("meta"), dict) else {}
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    name = path.name[1:].split(".partial-")[0]
+    summary = RunSummary(name=f"{name} (unfinished)", path=path, dataset=_first_str(config.get("dataset")),
+                         model=_first_str(config.get("model")), preset=_first_str(config.get("preset")),
+                         epochs=_number(state.get("epoch"), int))
+    with contextlib.suppress(OSError):
+        stamp = (path / CHECKPOINT_JSON).stat().st_mtime
+        summary.date = datetime.datetime.fromtimestamp(stamp, tz=datetime.timezone.utc).astimezone()
+    planned = _number(config.get("epochs"), int)
+    summary.problem = "; ".join(problems) or (f"unfinished: stopped after epoch {summary.epochs} of {planned}; "
+                                              f"continue with: cnnkit train --resume {path}")
     return summary
 
 

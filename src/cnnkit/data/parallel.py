@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
 from typing import Any
+
+from cnnkit.lifetime import die_with_parent
 
 __all__ = ["choose_executor", "run_chunks"]
 
@@ -33,7 +36,9 @@ def choose_executor(count: int, workers: int | None) -> Executor:
         workers = min(available, 8) if count >= _PARALLEL_MIN_ITEMS else 1
     if workers <= 1:
         return _InlineExecutor()
-    return ProcessPoolExecutor(workers, mp_context=_process_context())
+    # Workers die with this process: a kill -9 of cnnkit must not leave them blocked and holding memory.
+    return ProcessPoolExecutor(workers, mp_context=_process_context(), initializer=die_with_parent,
+                               initargs=(signal.SIGKILL, os.getpid()))
 
 
 def _process_context() -> multiprocessing.context.BaseContext:

@@ -243,18 +243,47 @@ def batch_indices(
     drop_last: bool = False,
     device: torch.device | str = "cpu",
 ) -> Iterator[torch.Tensor]:
-    """Index tensors for one epoch: shuffled when a generator is given, sharded by rank.
+    """Index tensors for one epoch: shuffled when a generator is given, this rank's share when sharded.
 
-    Every rank draws the same permutation from an identically seeded generator and keeps its own
-    stride of it, which is how distributed training will split an epoch without a sampler object.
+    With several processes (data-parallel training) every rank draws the same permutation from an
+    identically seeded generator and takes its part of each global batch (`shard_batches`), so no
+    sampler object is needed and no image is dropped or repeated across ranks.
     """
     if generator is not None:
         order = torch.randperm(num_items, generator=generator)
     else:
         order = torch.arange(num_items)
-    if world_size > 1:
-        order = order[rank::world_size]
     order = order.to(device)
+    if world_size > 1:
+        yield from shard_batches(order, batch_size, rank, world_size)
+        return
     stop = len(order) - (len(order) % batch_size if drop_last else 0)
     for start in range(0, stop, batch_size):
         yield order[start : start + batch_size]
+
+
+def shard_batches(order: torch.Tensor, batch_size: int, rank: int, world_size: int) -> Iterator[torch.Tensor]:
+    """Rank `rank`'s batches of the permutation `order`, with `batch_size` images per rank per step.
+
+    The permutation is cut into global batches of batch_size x world_size, and each global batch into
+    world_size near-equal parts (sizes differ by at most one), part `rank` being this rank's. Every rank
+    so takes the same number of steps (each DDP step is a collective: an extra step on one rank would
+    hang the others), and the ranks' batches together cover the permutation exactly once. A last global
+    batch too small to give every rank an image joins the one before it.
+    """
+    chunks = list(order.split(batch_size * world_size))
+    if len(chunks) > 1 and len(chunks[-1]) < world_size:
+        chunks[-2:] = [torch.cat(chunks[-2:])]
+    if len(chunks[0]) < world_size:
+        raise CnnkitError(f"{len(order)} training images cannot feed {world_size} processes; use fewer processes")
+    for chunk in chunks:
+        yield chunk.tensor_split(world_size)[rank]
+
+
+def batches_per_epoch(num_items: int, batch_size: int, world_size: int = 1) -> int:
+    """How many batches batch_indices yields per epoch on every rank (drop_last off)."""
+    global_batch = batch_size * world_size
+    steps = -(-num_items // global_batch)
+    if world_size > 1 and steps > 1 and num_items - (steps - 1) * global_batch < world_size:
+        steps -= 1
+    return steps

@@ -16,11 +16,14 @@ from torch import nn
 from cnnkit.config import TrainConfig, fit_config, selection_conflict
 from cnnkit.data.augment import resolve_flip, training_augmentation
 from cnnkit.data.mix import make_mix, mixed_cross_entropy
-from cnnkit.data.tensors import Dataset, batch_indices
+from cnnkit.data.tensors import Dataset, Split, batch_indices, batches_per_epoch
 from cnnkit.engine.callbacks import EMA, BatchLogs, Callback, CallbackList, EarlyStopping, History, ProgressBar
 from cnnkit.engine.callbacks import FreezeBackbone
 from cnnkit.engine.callbacks import TrainState
 from cnnkit.engine.callbacks import WeightSelection
+from cnnkit.engine.checkpoint import restore_training
+from cnnkit.engine.distributed import World, all_reduce_sum, broadcast_buffers, current_world, epoch_seed
+from cnnkit.engine.distributed import process_device, wrap_model
 from cnnkit.engine.evaluate import loss_and_accuracy
 from cnnkit.engine.inference import autocast, resolve_device, resolve_precision
 from cnnkit.engine.optim import SCHEDULES, make_optimizer, set_lr
@@ -40,8 +43,9 @@ def fit(
     *,
     callbacks: Iterable[Callback] = (),
     progress: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
+    rank: int | None = None,
+    world_size: int | None = None,
+    resume: dict[str, Any] | None = None,
     **options: Any,
 ) -> History:
     """Train `model` on `data.train`, validating on `data.val` after every epoch; returns the History.
@@ -52,10 +56,15 @@ def fit(
     draw from a generator seeded by `seed`, so on the CPU the same seed gives the same numbers.
     Any nn.Module trains: cnnkit's models take uint8 pixels and rescale inside; a plain PyTorch module
     gets them as float32 pixel values 0-255 (as Keras casts its input; `evaluate`/`predict` do the same).
+    Under torchrun (an initialised process group) every process calls fit() and it trains data-parallel:
+    DistributedDataParallel, each rank its share of every global batch, validation reduced over the
+    whole split; `rank`/`world_size`, when given, must be the process group's.
+    `resume` is a state read from a checkpoint (engine.checkpoint.read_checkpoint) of a fit() with the same
+    model, data and options: training goes on after its epoch as if it had never stopped.
     """
     config = fit_config(epochs=epochs, batch_size=batch_size, **options)
-    check_single_process(rank, world_size)
-    device = resolve_device(config.device)
+    world = check_world(rank, world_size)
+    device = process_device(resolve_device(config.device), world)
     precision = resolve_precision(config.precision, device)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     if device.type == "cuda":
@@ -63,33 +72,50 @@ def fit(
     model.to(device=device, memory_format=memory_format)
     train, val = data.train.to(device, memory_format), data.val.to(device, memory_format)
     init_from_data(model, train.images[:DATA_INIT_IMAGES])
-    optimizer = make_optimizer(model, config.optimizer, config.lr, config.weight_decay,
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+    peak_lr = config.lr * (world.world_size if config.scale_lr else 1)
+    optimizer = make_optimizer(model, config.optimizer, peak_lr, config.weight_decay,
                                backbone_lr_scale=config.backbone_lr_scale)
     schedule = SCHEDULES.get(config.schedule)
     augment = training_augmentation(config.augment, resolve_flip(config.flip, data.mirror_ok))
     mix = make_mix(config.mix, config.mix_alpha)
-    step_model = torch.compile(model) if config.compile else model
+    step_model = wrap_model(model, device, world, config.sync_bn)
+    step_model = torch.compile(step_model) if config.compile else step_model
     pixels = takes_pixels(model)  # cnnkit's models rescale uint8 inside; a plain module gets float pixels
-    generator = torch.Generator().manual_seed(config.seed)
-    steps_per_epoch = -(-len(train) // config.batch_size)
+    generator = torch.Generator().manual_seed(config.seed)  # shuffling: the same permutation on every rank
+    # One process draws augmentation from the same generator; ranks draw their own, re-seeded each epoch.
+    draws = torch.Generator() if world.distributed else generator
+    steps_per_epoch = batches_per_epoch(len(train), config.batch_size, world.world_size)
     total_steps = steps_per_epoch * config.epochs
-    state = TrainState(model, optimizer, val, device, config.epochs, steps_per_epoch, config.eval_batch_size)
+    state = TrainState(model, optimizer, val, device, config.epochs, steps_per_epoch, config.eval_batch_size,
+                       generator=generator, initial_epoch=resume["epoch"] if resume else 0,
+                       score=validation_scorer(val, world, config.eval_batch_size))
     state.weight_sources["raw"] = model.state_dict
     history = History()
-    chosen = [*builtin_callbacks(config, data.val_source, progress and rank == 0), *callbacks, history]
+    chosen = [*builtin_callbacks(config, data.val_source, progress and world.is_main), *callbacks, history]
     with CallbackList(chosen, state) as hooks:
         hooks.on_train_begin()
-        for epoch in range(1, config.epochs + 1):
+        if resume is not None:
+            restore_training(state, resume)
+        logs: dict[str, Any] = {}
+        for epoch in range(state.initial_epoch + 1, config.epochs + 1):
+            if state.stop_training:  # a resumed run whose early stopping had already fired
+                break
             state.begin_epoch(epoch)
+            if world.distributed:
+                draws.manual_seed(epoch_seed(config.seed, world.rank, epoch))
+                torch.manual_seed(epoch_seed(config.seed, world.rank, epoch) + 1)  # dropout: per rank and epoch
             hooks.on_epoch_begin(epoch)
             model.train()
             running = BatchLogs(device)
             for batch, index in enumerate(batch_indices(len(train), config.batch_size, generator=generator,
+                                                        rank=world.rank, world_size=world.world_size,
                                                         device=device)):
-                set_lr(optimizer, schedule(state.step, total_steps, config.lr, config.warmup))
-                images = augment(train.images[index], generator).contiguous(memory_format=memory_format)
+                set_lr(optimizer, schedule(state.step, total_steps, peak_lr, config.warmup))
+                images = augment(train.images[index], draws).contiguous(memory_format=memory_format)
                 labels = train.labels[index]
-                images, partners, lam = mix(images, labels, generator)
+                images, partners, lam = mix(images, labels, draws)
                 with autocast(device, precision):
                     logits = step_model(model_input(images, pixels))
                     loss = mixed_cross_entropy(logits, labels, partners, lam, config.label_smoothing)
@@ -100,8 +126,8 @@ def fit(
                 state.step += 1
                 hooks.on_batch_end(batch, running)
             # Scored in fp32, as predict() and exported models will run it, whatever the training precision.
-            val_loss, val_accuracy = loss_and_accuracy(model, val, batch_size=config.eval_batch_size)
-            logs = {**running.result(), "val_loss": val_loss, "val_accuracy": val_accuracy,
+            val_loss, val_accuracy = state.score(model)
+            logs = {**running.result(world), "val_loss": val_loss, "val_accuracy": val_accuracy,
                     "lr": optimizer.param_groups[0]["lr"]}
             hooks.on_epoch_end(epoch, logs)
             if state.stop_training:
@@ -127,12 +153,34 @@ def builtin_callbacks(config: TrainConfig, val_source: str, progress: bool) -> l
     return chosen
 
 
-def check_single_process(rank: int, world_size: int) -> None:
-    """Refuse multi-process training until it averages gradients (DDP); two processes would train two models."""
-    if world_size == 1 and rank == 0:
-        return
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+def check_world(rank: int | None, world_size: int | None) -> World:
+    """The process group fit() trains in; explicit rank/world_size must agree with it (no silent misuse)."""
+    world = current_world()
+    wanted = World(world.rank if rank is None else rank, world.world_size if world_size is None else world_size)
+    if (wanted.rank, wanted.world_size) == (world.rank, world.world_size):
+        return world
+    if not world.distributed:
         raise CnnkitError(f"fit(rank={rank}, world_size={world_size}) needs an initialised torch.distributed "
-                          "process group (start with torchrun), and multi-process training is not built yet")
-    raise CnnkitError("multi-process training is not built yet: without DistributedDataParallel each process "
-                      "would train its own model; run one process")
+                          "process group of that size: start the processes with torchrun")
+    raise CnnkitError(f"fit(rank={rank}, world_size={world_size}) disagrees with the process group "
+                      f"(rank {world.rank} of {world.world_size}); leave them out")
+
+
+def validation_scorer(val: Split, world: World, batch_size: int):
+    """(loss, accuracy) of a model on the validation split; with several processes each scores its
+    share and the sums are reduced, so every rank gets the figures of the whole split."""
+    if not world.distributed:
+        return lambda model: loss_and_accuracy(model, val, batch_size=batch_size)
+    share = val.take(slice(world.rank, None, world.world_size))
+
+    def score(model: nn.Module) -> tuple[float, float]:
+        # Every rank scores the same model: BatchNorm statistics (and an EMA's averages of them) drift apart
+        # between DDP's per-step broadcasts, as each rank's last forward updates its own copy.
+        broadcast_buffers(model)
+        loss, accuracy = loss_and_accuracy(model, share, batch_size=batch_size) if len(share) else (0.0, 0.0)
+        sums = torch.tensor([loss * len(share), accuracy * len(share), len(share)], dtype=torch.float64,
+                            device=share.labels.device)
+        total_loss, correct, count = all_reduce_sum(sums, world).tolist()
+        return total_loss / count, correct / count
+
+    return score

@@ -42,6 +42,21 @@ class TrainState:
     weight_sources: dict[str, Callable[[], StateDict]] = field(default_factory=dict)
     #: Which weights the model holds after training, set by WeightSelection (epoch, weights, monitor, value).
     selected: dict[str, Any] | None = None
+    #: Epochs already done before this fit() call began: 0, or the epoch a resumed run's checkpoint was at.
+    initial_epoch: int = 0
+    #: The generator of shuffling and augmentation (its state is part of a checkpoint).
+    generator: torch.Generator | None = None
+    #: Every callback of this fit() in hook order, set by CallbackList (a checkpoint saves each one's state).
+    callbacks: list[Callback] = field(default_factory=list)
+    #: (loss, accuracy) of a model on the validation split (over all ranks when data-parallel); None: `val`.
+    score: Callable[[nn.Module], tuple[float, float]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.score is None:
+            from cnnkit.engine.evaluate import loss_and_accuracy
+
+            val, batch_size = self.val, self.eval_batch_size
+            self.score = lambda model: loss_and_accuracy(model, val, batch_size=batch_size)
 
     def begin_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -85,6 +100,17 @@ class Callback:
     def close(self) -> None:
         """Release what the callback holds (a live display), whether or not training finished."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue this callback exactly (counters, best values, tensors).
+
+        Plain values and tensors only, nested in dicts and lists: a checkpoint stores them as JSON and
+        safetensors. A stateless callback keeps the default, {}.
+        """
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict() returned; called after on_train_begin of a resumed fit()."""
+
 
 class CallbackList:
     """Calls each hook on every callback in `order`; on_batch_end only on those that override it."""
@@ -93,6 +119,7 @@ class CallbackList:
         self.callbacks = sorted(callbacks, key=lambda callback: callback.order)
         for callback in self.callbacks:
             callback.set_state(state)
+        state.callbacks = self.callbacks
         self._per_step = [c for c in self.callbacks if type(c).on_batch_end is not Callback.on_batch_end]
 
     def on_train_begin(self) -> None:
@@ -167,8 +194,16 @@ class BatchLogs(Mapping):
         """(loss_sum, correct) stacked as one device tensor, and the count: means = values / count."""
         return torch.stack([self.loss_sum, self.correct.to(self.loss_sum.dtype)]), self.seen
 
-    def result(self) -> dict[str, float]:
-        return {"loss": self["loss"], "accuracy": self["accuracy"]}
+    def result(self, world: Any = None) -> dict[str, float]:
+        """The epoch's mean loss and accuracy; over every rank's images when `world` is data-parallel."""
+        if world is None or not world.distributed:
+            return {"loss": self["loss"], "accuracy": self["accuracy"]}
+        from cnnkit.engine.distributed import all_reduce_sum
+
+        sums = torch.stack([self.loss_sum.double(), self.correct.double(),
+                            torch.tensor(float(self.seen), dtype=torch.float64, device=self.loss_sum.device)])
+        loss_sum, correct, seen = all_reduce_sum(sums, world).tolist()
+        return {"loss": loss_sum / max(1.0, seen), "accuracy": correct / max(1.0, seen)}
 
     def __getitem__(self, key: str) -> float:
         if key == "loss":

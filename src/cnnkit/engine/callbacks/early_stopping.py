@@ -25,6 +25,12 @@ class EarlyStopping(Callback):
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self.best, self.wait, self.stopped_epoch = None, 0, None
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "wait": self.wait, "stopped_epoch": self.stopped_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.wait, self.stopped_epoch = state["best"], int(state["wait"]), state["stopped_epoch"]
+
     def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
         value = monitored(logs, self.monitor, "EarlyStopping")
         if is_better(value, self.best, self.mode, self.min_delta):

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from cnnkit.engine.callbacks.base import Callback, StateDict
-from cnnkit.engine.evaluate import loss_and_accuracy
 
 
 def ema_decay(decay: float, updates: int) -> float:
@@ -46,6 +45,15 @@ class EMA(Callback):
         self._copied = [(averaged[key], live[key]) for key in live if key not in floats]
         self.state.weight_sources["ema"] = self.averaged_weights
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "average": self.averaged_weights()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        assert self.average is not None, "on_train_begin comes first"
+        self.updates = int(state["updates"])
+        self.average.load_state_dict(state["average"])
+
     def averaged_weights(self) -> StateDict:
         assert self.average is not None
         return self.average.state_dict()
@@ -58,5 +66,5 @@ class EMA(Callback):
             target.copy_(source)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
-        loss, accuracy = loss_and_accuracy(self.average, self.state.val, batch_size=self.state.eval_batch_size)
+        loss, accuracy = self.state.score(self.average)
         logs["ema_val_loss"], logs["ema_val_accuracy"] = loss, accuracy

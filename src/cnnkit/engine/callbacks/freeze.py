@@ -29,7 +29,7 @@ class FreezeBackbone(Callback):
         self._frozen: list[nn.Parameter] = []
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-        if self.epochs == 0:
+        if self.state.initial_epoch >= self.epochs:  # none, or a resumed run already past the frozen epochs
             return
         head = {id(parameter) for parameter in head_parameters(self.model)}
         # Only those that train now: a layer frozen by design (airbench's whitening) stays frozen after.
@@ -38,7 +38,7 @@ class FreezeBackbone(Callback):
             parameter.requires_grad_(False)
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if epoch == self.epochs + 1:
+        if epoch > self.epochs:
             self.unfreeze()
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:

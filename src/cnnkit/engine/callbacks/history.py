@@ -61,6 +61,14 @@ class History(Callback):
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self.selected = self.state.selected
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "epoch": self.epoch, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = {key: [float(v) for v in values] for key, values in state["history"].items()}
+        self.epoch = [int(epoch) for epoch in state["epoch"]]
+        self.steps = {key: list(state["steps"].get(key, [])) for key in STEP_KEYS}
+
     def append(self, epoch: int, **values: float) -> None:
         """Add one epoch; a key first seen now is NaN for earlier epochs, a missing key NaN for this one."""
         for key in values:

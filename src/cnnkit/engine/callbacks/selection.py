@@ -43,6 +43,12 @@ class WeightSelection(Callback):
                 if self.keep == "best":
                     self.snapshot = {key: tensor.detach().clone() for key, tensor in weights().items()}
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "choice": self.choice, "snapshot": self.snapshot}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.choice, self.snapshot = state["best"], state["choice"], state["snapshot"]
+
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         if self.choice is None:
             return

@@ -1,0 +1,124 @@
+"""Data-parallel training on PyTorch's own engine: torch.distributed + DistributedDataParallel.
+
+Processes are started by torchrun (or `cnnkit train --devices N`, which calls torchrun's launcher), which
+sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous; the same command then works on one machine and on
+a cluster. cnnkit adds only what is its own: reducing validation figures over the whole split, and which rank writes files (rank 0). How an epoch is
+cut into per-rank batches is the data layer's (data.tensors.batch_indices).
+
+Batch size is per process, as in DDP itself: N processes step on N x --batch-size images at a time.
+`--scale-lr` applies the linear scaling rule (Goyal et al., 2017: "when the minibatch size is multiplied
+by k, multiply the learning rate by k", with warm-up) to the peak learning rate.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cnnkit.errors import CnnkitError
+from cnnkit.lifetime import die_with_parent
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_world() -> World:
+    """The World torchrun describes in the environment, or a single process when not launched by it."""
+    try:
+        return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                     int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError:
+        raise CnnkitError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (they are set by torchrun)") from None
+
+
+def current_world() -> World:
+    """The World of the initialised process group, else a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return World(torch.distributed.get_rank(), torch.distributed.get_world_size(),
+                     int(os.environ.get("LOCAL_RANK", 0)))
+    return World()
+
+
+def init_distributed(device: str = "auto") -> World:
+    """Join the process group torchrun set up (gloo on CPU, NCCL on CUDA); a no-op for one process."""
+    world = launched_world()
+    if not world.distributed or torch.distributed.is_initialized():
+        return current_world() if world.distributed else world
+    # torchrun starts each worker in a session of its own, so a kill -9 of the launcher would leave them
+    # training on (measured: rank 0 finished and wrote the run after its launcher was killed).
+    die_with_parent(signal.SIGKILL)
+    if not torch.distributed.is_available():
+        raise CnnkitError("this PyTorch build has no torch.distributed; train with one process")
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(world.local_rank)
+    torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    return current_world()
+
+
+def shutdown_distributed(wait: bool = True) -> None:
+    """Leave the process group, after a barrier when `wait` (no rank leaves while another still needs it;
+    after a failure there is none, as the other processes may never reach it)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if wait:
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def process_device(device: torch.device, world: World) -> torch.device:
+    """Each process of a CUDA job takes the GPU of its local rank."""
+    if world.distributed and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", world.local_rank)
+    return device
+
+
+def wrap_model(model: nn.Module, device: torch.device, world: World, sync_batchnorm: bool = False) -> nn.Module:
+    """The module the train step calls: DDP around `model` when distributed (gradients averaged over
+    ranks during backward), else the model itself."""
+    if not world.distributed:
+        return model
+    if sync_batchnorm:
+        if device.type != "cuda":
+            raise CnnkitError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); drop it on CPU")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """A seed of its own for each (run seed, rank, epoch): the draws of augmentation (and dropout) on
+    each rank, re-seeded every epoch, so a resumed multi-process run needs no per-rank RNG state."""
+    return (seed * 1_000_003 + rank * 10_007 + epoch) % (2**63 - 1)
+
+
+@torch.no_grad()
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics) of `model`."""
+    for buffer in model.buffers():
+        torch.distributed.broadcast(buffer, src=0)
+
+
+def all_reduce_sum(values: torch.Tensor, world: World) -> torch.Tensor:
+    """Sum `values` over ranks (in place and returned); unchanged for one process."""
+    if world.distributed:
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
+    return values

@@ -1,0 +1,124 @@
+"""Data-parallel training on torch.distributed: shards, real torchrun launches (gloo on CPU), DDP resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cnnkit.data.tensors import batch_indices, batches_per_epoch
+from cnnkit.engine.checkpoint import CHECKPOINT_JSON
+from cnnkit.engine.fit import fit
+from cnnkit.errors import CnnkitError
+from cnnkit.models import build_model
+from slices import SHARED_DATA, mnist_dataset
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+@pytest.mark.parametrize("num_items, batch_size", [(1000, 32), (1001, 32), (97, 8), (65, 16), (7, 1), (130, 64)])
+def test_the_ranks_shards_cover_every_epoch_exactly_once_in_equal_steps(num_items, batch_size, world_size):
+    seen = []
+    steps = []
+    for rank in range(world_size):
+        generator = torch.Generator().manual_seed(5)  # every rank seeds the same: the same permutation
+        batches = list(batch_indices(num_items, batch_size, generator=generator, rank=rank, world_size=world_size))
+        steps.append(len(batches))
+        assert all(0 < len(batch) <= 2 * batch_size for batch in batches)
+        seen += [int(i) for batch in batches for i in batch]
+    assert sorted(seen) == list(range(num_items))  # none dropped, none repeated
+    assert steps == [batches_per_epoch(num_items, batch_size, world_size)] * world_size  # DDP: the same step count
+
+
+def test_one_process_batches_are_unchanged_by_sharding_support():
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(1))
+    batches = list(batch_indices(100, 32, generator=torch.Generator().manual_seed(1)))
+    assert [len(b) for b in batches] == [32, 32, 32, 4] and torch.equal(torch.cat(batches), order)
+    assert batches_per_epoch(100, 32) == 4
+
+
+def test_fit_refuses_a_rank_without_a_process_group():
+    data = mnist_dataset(limit_train=200, limit_eval=100)
+    with pytest.raises(CnnkitError, match="start the processes with torchrun"):
+        fit(build_model("fast", (1, 28, 28), 10), data, epochs=1, progress=False, rank=1, world_size=2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Real launches: torchrun's own launcher, two gloo processes on this machine
+
+TRAIN = ["train", "--data-dir", str(SHARED_DATA), "--limit-train", "4000", "--limit-eval", "1000", "--model", "fast",
+         "--batch-size", "64", "--optimizer", "adamw", "--lr", "3e-3", "--schedule", "onecycle", "--precision", "fp32",
+         "--quiet"]
+
+
+def run_files(run: Path) -> tuple[dict, list[str], dict]:
+    rows = (run / "history.csv").read_text().splitlines()
+    keep = [i for i, key in enumerate(rows[0].split(",")) if key != "seconds"]
+    history = [",".join(row.split(",")[i] for i in keep) for row in rows]
+    return load_file(str(run / "model.safetensors")), history, json.loads((run / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_gloo_processes_trains_like_one_and_writes_one_run(tmp_path):
+    runs = tmp_path / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "cnnkit", *TRAIN, "--epochs", "2", "--threads", "1",
+                          "--runs-dir", str(runs), "--name", "one"], capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "cnnkit", *TRAIN, "--epochs", "2", "--runs-dir", str(runs), "--name", "two"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr
+    assert sorted(p.name for p in runs.iterdir()) == ["one", "two"]  # rank 1 wrote nothing of its own
+    assert two.stdout.count("test accuracy") == 1  # and printed nothing: rank 0 reports
+    _, history, metrics = run_files(runs / "two")
+    _, _, single = run_files(runs / "one")
+    assert metrics["processes"] == 2 and metrics["num_train"] == single["num_train"]
+    # Two processes of 64 images step on 128 at a time (half the steps): the same accuracy band.
+    assert single["test_accuracy"] > 0.93 and metrics["test_accuracy"] > 0.93, (single, metrics)
+    assert abs(single["test_accuracy"] - metrics["test_accuracy"]) < 0.03
+
+
+def kill_group_after_checkpoint(process: subprocess.Popen, runs: Path, epoch: int, timeout: float = 300) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        for path in runs.glob(f".*.partial-*/{CHECKPOINT_JSON}"):
+            try:
+                if json.loads(path.read_text())["state"]["epoch"] >= epoch:
+                    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both workers at once, as a crash
+                    process.communicate(timeout=60)
+                    return path.parent
+            except (ValueError, KeyError, OSError):
+                pass
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    raise AssertionError(f"no checkpoint of epoch {epoch} within {timeout} s")
+
+
+@pytest.mark.slow
+def test_a_two_process_run_killed_after_an_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
+    command = [sys.executable, "-m", "cnnkit", *TRAIN, "--devices", "2", "--epochs", "3", "--ema", "0.9"]
+    whole = subprocess.run([*command, "--runs-dir", str(tmp_path / "whole"), "--name", "r"],
+                           capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+
+    runs = tmp_path / "runs"
+    process = subprocess.Popen([*command, "--runs-dir", str(runs), "--name", "r"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    staging = kill_group_after_checkpoint(process, runs, 1)
+    resumed = subprocess.run([sys.executable, "-m", "cnnkit", "train", "--resume", str(staging), "--quiet"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    weights, history, metrics = run_files(runs / "r")
+    expected_weights, expected_history, expected = run_files(tmp_path / "whole" / "r")
+    assert metrics["processes"] == 2 and history == expected_history
+    assert all(torch.equal(weights[key], expected_weights[key]) for key in expected_weights)
+    assert metrics["test_accuracy"] == expected["test_accuracy"]
