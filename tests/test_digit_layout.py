@@ -19,7 +19,7 @@ from cnnkit.data.tensors import load_dataset
 from photos import photograph
 from slices import SHARED_DATA, mnist_dataset
 
-PHOTOS = 300
+PHOTOS = 1000  # a gap of one point is ten digits: fewer would measure noise
 
 
 def centre_of_mass(image: np.ndarray) -> tuple[float, float]:
@@ -75,18 +75,27 @@ def accuracy(run: Path, folder: Path, labels: list[str], show: Path | None = Non
     return float(np.mean([item["label"] == label for item, label in zip(items, labels)]))
 
 
+def train_digits(runs: Path, name: str, *options: str) -> Path:
+    subprocess.run([sys.executable, "-m", "cnnkit", "train", "--data-dir", str(SHARED_DATA), "--runs-dir", str(runs),
+                    "--name", name, "--quiet", "--no-checkpoint", *options], check=True, capture_output=True)
+    assert json.loads((runs / name / "model.json").read_text())["preprocessing"]["layout"] == "mnist"
+    return runs / name
+
+
 @pytest.mark.slow
 def test_photos_of_digits_score_within_a_point_of_the_original_images(digit_folders, tmp_path):
+    """A model trained with small shifts and rotations (what a photographed digit adds to MNIST's own
+    variation) is as right on photos as on MNIST's images; the tutorial's model, trained without, is near."""
     plain, photos, labels = digit_folders
-    runs = tmp_path / "runs"
-    subprocess.run([sys.executable, "-m", "cnnkit", "train", "--epochs", "2", "--data-dir", str(SHARED_DATA),
-                    "--runs-dir", str(runs), "--quiet"], check=True, capture_output=True)
-    run = runs / "train"
-    assert json.loads((run / "model.json").read_text())["preprocessing"]["layout"] == "mnist"
-    original = accuracy(run, plain, labels)
-    photographed = accuracy(run, photos, labels, show=tmp_path / "seen")
-    # Seed model, 2 epochs, 300 digits: measured 99.7% on the plain images and 97.3% on the photos (36.0%
-    # with a plain resize of the photos). The issue's target is a gap of at most 1 point: not reached yet.
-    assert original >= 0.97 and photographed >= original - 0.04, (original, photographed)
+    robust = train_digits(tmp_path / "runs", "robust", "--preset", "fast", "--epochs", "3",
+                          "--augment", "shift=2,affine=10")
+    original = accuracy(robust, plain, labels)
+    photographed = accuracy(robust, photos, labels, show=tmp_path / "seen")
+    # Measured on these 1,000 digits: 99.1% plain, 99.0% photos (gap 0.1 points). The photos' rotation (up to
+    # 8 degrees) is what --augment affine=10 teaches; a plain resize of the photos scores 36.0% (seed model).
+    assert original >= 0.98 and photographed >= original - 0.01, (original, photographed)
+    tutorial = train_digits(tmp_path / "runs", "tutorial", "--epochs", "2")
+    # Measured: 98.8% plain, 97.8% photos (gap 1.0 point) for the tutorial's seed model after 2 epochs.
+    assert accuracy(tutorial, photos, labels) >= accuracy(tutorial, plain, labels) - 0.02
     seen = np.asarray(Image.open(tmp_path / "seen" / "0000.png"))
     assert seen.shape == (28, 28) and seen[:3].max() < 30  # --show-input wrote what the model saw

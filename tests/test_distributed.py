@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from cnnkit.data.tensors import batch_indices, batches_per_epoch
-from cnnkit.engine.checkpoint import CHECKPOINT_JSON
 from cnnkit.engine.fit import fit
 from cnnkit.errors import CnnkitError
 from cnnkit.models import build_model
+from checkpoints import wait_for_checkpoint
 from slices import SHARED_DATA, mnist_dataset
 
 
@@ -86,23 +85,6 @@ def test_torchrun_with_two_gloo_processes_trains_like_one_and_writes_one_run(tmp
     assert abs(single["test_accuracy"] - metrics["test_accuracy"]) < 0.03
 
 
-def kill_group_after_checkpoint(process: subprocess.Popen, runs: Path, epoch: int, timeout: float = 300) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()
-        for path in runs.glob(f".*.partial-*/{CHECKPOINT_JSON}"):
-            try:
-                if json.loads(path.read_text())["state"]["epoch"] >= epoch:
-                    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both workers at once, as a crash
-                    process.communicate(timeout=60)
-                    return path.parent
-            except (ValueError, KeyError, OSError):
-                pass
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    raise AssertionError(f"no checkpoint of epoch {epoch} within {timeout} s")
-
-
 @pytest.mark.slow
 def test_a_two_process_run_killed_after_an_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
     command = [sys.executable, "-m", "cnnkit", *TRAIN, "--devices", "2", "--epochs", "3", "--ema", "0.9"]
@@ -113,7 +95,9 @@ def test_a_two_process_run_killed_after_an_epoch_resumes_to_the_uninterrupted_we
     runs = tmp_path / "runs"
     process = subprocess.Popen([*command, "--runs-dir", str(runs), "--name", "r"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-    staging = kill_group_after_checkpoint(process, runs, 1)
+    staging = wait_for_checkpoint(runs, 1, process)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both workers at once, as a crash would
+    process.communicate(timeout=60)
     resumed = subprocess.run([sys.executable, "-m", "cnnkit", "train", "--resume", str(staging), "--quiet"],
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr

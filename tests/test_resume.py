@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from cnnkit.engine.checkpoint import CHECKPOINT_JSON, join_tensors, read_checkpo
 from cnnkit.engine.fit import fit
 from cnnkit.errors import CnnkitError
 from cnnkit.models import build_model
+from checkpoints import wait_for_checkpoint
 from slices import SHARED_DATA, mnist_dataset
 
 # Every callback with state is on: EMA (its average), weight selection (the best snapshot), early
@@ -132,22 +132,6 @@ def cnnkit(*args: str, **kwargs) -> subprocess.CompletedProcess:
 TRAIN = ["train", "--data-dir", str(SHARED_DATA), "--limit-train", "3000", "--limit-eval", "500", "--model", "fast",
          "--epochs", "4", "--batch-size", "64", "--optimizer", "adamw", "--lr", "3e-3", "--schedule", "onecycle",
          "--ema", "0.9", "--precision", "fp32", "--threads", "1", "--quiet"]
-
-
-def wait_for_checkpoint(runs: Path, epoch: int, process: subprocess.Popen, timeout: float = 240) -> Path:
-    """The staging directory once its checkpoint has reached `epoch`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()
-        for path in runs.glob(f".*.partial-*/{CHECKPOINT_JSON}"):
-            try:
-                if json.loads(path.read_text())["state"]["epoch"] >= epoch:
-                    return path.parent
-            except (ValueError, KeyError, OSError):
-                pass  # being replaced this instant
-        time.sleep(0.05)
-    process.kill()
-    raise AssertionError(f"no checkpoint of epoch {epoch} within {timeout} s")
 
 
 def run_files(run: Path) -> tuple[dict, list[str]]:

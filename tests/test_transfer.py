@@ -88,6 +88,17 @@ def test_backbone_groups_get_the_scaled_rate_and_the_head_the_full_one():
     assert all(rates[id(p)] == (0.02 if id(p) in head else pytest.approx(0.002)) for p in model.parameters())
 
 
+def test_biases_and_norm_shifts_get_the_bias_rate_and_no_decay():
+    model = cnnkit.build_model("airbench", (3, 32, 32), 10, widths=[16, 32, 32])
+    optimizer = make_optimizer(model, "sgd", 1.0, 5e-4, bias_lr_scale=64)
+    set_lr(optimizer, 0.01)
+    assert optimizer.param_groups[0]["lr"] == 0.01  # the weights' group first: the schedule's rate is logged
+    rates = {id(p): (group["lr"], group["weight_decay"]) for group in optimizer.param_groups for p in group["params"]}
+    for name, p in model.named_parameters():
+        expected = (0.64, 0.0) if name.endswith("bias") else (0.01, 0.0) if p.ndim <= 1 else (0.01, 5e-4)
+        assert rates[id(p)] == expected, name  # BatchNorm scales keep the weights' rate, undecayed
+
+
 # ---------------------------------------------------------------------------------------------------------
 # --init RUN
 

@@ -1,7 +1,8 @@
 """cnnkit: train, evaluate and use convolutional image classifiers.
 
 The public verbs mirror Keras: `load_dataset`, `build_model`, `fit`, `evaluate`, `predict`,
-`load_run`, plus `train` (the whole `cnnkit train` pipeline) and `compare` (runs side by side).
+`load_run`, plus `train` (the whole `cnnkit train` pipeline), `resume` (an interrupted one) and `compare`
+(runs side by side).
 They are imported lazily so that `import cnnkit` and `cnnkit --help` stay fast (no torch until a verb
 is used).
 """
@@ -31,6 +32,8 @@ _EXPORTS = {
     "predict_images": "cnnkit.prediction",
     "load_run": "cnnkit.runs",
     "train": "cnnkit.api",
+    "resume": "cnnkit.api",
+    "Checkpoint": "cnnkit.engine.callbacks.checkpoint",
     "save_run": "cnnkit.api",
     "export_run": "cnnkit.export",
     "summary": "cnnkit.models.summary",

@@ -76,7 +76,7 @@ def fit(
         model.load_state_dict(resume["model"])
     peak_lr = config.lr * (world.world_size if config.scale_lr else 1)
     optimizer = make_optimizer(model, config.optimizer, peak_lr, config.weight_decay,
-                               backbone_lr_scale=config.backbone_lr_scale)
+                               backbone_lr_scale=config.backbone_lr_scale, bias_lr_scale=config.bias_lr_scale)
     schedule = SCHEDULES.get(config.schedule)
     augment = training_augmentation(config.augment, resolve_flip(config.flip, data.mirror_ok))
     mix = make_mix(config.mix, config.mix_alpha)

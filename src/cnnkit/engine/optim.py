@@ -45,7 +45,7 @@ def sgd(groups: list[dict[str, Any]], lr: float, weight_decay: float) -> torch.o
 
 
 def param_groups(model: nn.Module | Iterable[nn.Parameter], weight_decay: float,
-                 backbone_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+                 backbone_lr_scale: float = 1.0, bias_lr_scale: float = 1.0) -> list[dict[str, Any]]:
     """The parameters split into optimizer groups by (weight decay, learning-rate scale).
 
     Weight decay applies only to weight matrices and kernels: BatchNorm/LayerNorm scales and shifts and
@@ -53,7 +53,10 @@ def param_groups(model: nn.Module | Iterable[nn.Parameter], weight_decay: float,
     or a bias toward zero regularises nothing and fights the normalisation). With `backbone_lr_scale`
     below 1, everything but the model's head (`classifier.head_parameters`, the last nn.Linear) learns
     at that fraction of the rate: fine-tuning moves pretrained features less than the new head.
-    Groups at the full rate come first, so `param_groups[0]["lr"]` is the schedule's rate.
+    `bias_lr_scale` multiplies the rate of every bias (BatchNorm shifts included, not its scales): the CIFAR
+    speed runs train BatchNorm biases 64x faster than the weights (airbench's ablations: 94% in 17 instead
+    of 22 epochs). Groups at the full rate come first, so `param_groups[0]["lr"]` is the
+    schedule's rate.
     """
     parameters = list(model.parameters()) if isinstance(model, nn.Module) else list(model)
     head: set[int] = set()
@@ -63,19 +66,26 @@ def param_groups(model: nn.Module | Iterable[nn.Parameter], weight_decay: float,
         if not isinstance(model, nn.Module):
             raise ValueError("backbone_lr_scale needs the model, to tell its head from its backbone")
         head = {id(p) for p in head_parameters(model)}
+    biases: set[int] = set()
+    if bias_lr_scale != 1.0:
+        if not isinstance(model, nn.Module):
+            raise ValueError("bias_lr_scale needs the model, to tell biases by their names")
+        biases = {id(p) for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] == "bias"}
     grouped: dict[tuple[float, float], list[nn.Parameter]] = {}
     for parameter in parameters:
         decay = weight_decay if parameter.ndim > 1 else 0.0
         scale = 1.0 if id(parameter) in head else backbone_lr_scale
+        scale *= bias_lr_scale if id(parameter) in biases else 1.0
         grouped.setdefault((scale, decay), []).append(parameter)
-    order = sorted(grouped, key=lambda key: (-key[0], -key[1]))
+    order = sorted(grouped, key=lambda key: (key[0] != 1.0, -key[0], -key[1]))
     return [{"params": grouped[key], "weight_decay": key[1], "lr_scale": key[0]} for key in order]
 
 
 def make_optimizer(model: nn.Module | Iterable[nn.Parameter], name: str, lr: float, weight_decay: float,
-                   *, backbone_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+                   *, backbone_lr_scale: float = 1.0, bias_lr_scale: float = 1.0) -> torch.optim.Optimizer:
     """The named optimizer over `param_groups(model, ...)` (no decay on norms and biases)."""
-    return OPTIMIZERS.get(name)(param_groups(model, weight_decay, backbone_lr_scale), lr, weight_decay)
+    groups = param_groups(model, weight_decay, backbone_lr_scale, bias_lr_scale)
+    return OPTIMIZERS.get(name)(groups, lr, weight_decay)
 
 
 def _warmup_steps(total_steps: int, warmup: float) -> int:

@@ -3,7 +3,7 @@
 The checkpoint (engine/checkpoint.py) holds the weights, the optimizer, every callback's state, the RNG
 states and `meta` (what the caller needs to rebuild the run: its config and a fingerprint of its data);
 `cnnkit train --resume` continues from it and ends with the weights an uninterrupted run would have.
-Writing costs one safetensors file of about three times the weights (weights, optimizer moments, the
+Writing costs one safetensors file of three to four times the weights (weights, optimizer moments, the
 kept best weights) per epoch.
 """
 
