@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from contextlib import nullcontext
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from cnnkit.engine.callbacks import Callback, History
 from cnnkit.engine.callbacks.checkpoint import Checkpoint
 from cnnkit.engine.callbacks.selection import logs_key
 from cnnkit.engine.checkpoint import CHECKPOINT_JSON, data_fingerprint, has_checkpoint, read_checkpoint
+from cnnkit.engine.checkpoint import read_checkpoint_document
 from cnnkit.engine.distributed import World, init_distributed, shutdown_distributed
 from cnnkit.engine.fit import fit
 from cnnkit.engine.inference import resolve_device, resolve_precision
@@ -181,8 +181,8 @@ def resume(path: str | Path, *, progress: bool = True, started: float | None = N
     """
     started = time.perf_counter() if started is None else started
     staging = resumable_dir(path)
-    config = recorded_config(staging)
     saved = read_checkpoint(staging)
+    config = config_of(saved, staging)
     if threads is not None:
         config = dataclasses.replace(config, threads=threads)
     if config.model.startswith("custom:") and model is None:
@@ -194,12 +194,13 @@ def resume(path: str | Path, *, progress: bool = True, started: float | None = N
 
 
 def recorded_config(path: str | Path) -> TrainConfig:
-    """The options an unfinished run was started with, as its checkpoint records them."""
+    """The options an unfinished run was started with, as its checkpoint records them (no tensors read)."""
     staging = resumable_dir(path)
-    try:
-        recorded = json.loads((staging / CHECKPOINT_JSON).read_text(encoding="utf-8"))["state"]["meta"]["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        recorded = None
+    return config_of(read_checkpoint_document(staging)["state"], staging)
+
+
+def config_of(state: dict[str, Any], staging: Path) -> TrainConfig:
+    recorded = state.get("meta", {}).get("config")
     if not isinstance(recorded, dict):
         raise CnnkitError(f"{staging}: the checkpoint does not record the run's options")
     return resolve_config(**recorded)
@@ -248,7 +249,7 @@ def _train_process(config: TrainConfig, device: torch.device, world: World, thre
     with stage as (staging, final):
         callbacks = [*callbacks, *(run_callbacks(config, staging) if main else [])]  # a missing extra fails first
         data = load_in_turn(config, progress and main, world)
-        fingerprint = dataset_fingerprint(data)
+        fingerprint = dataset_fingerprint(data) if config.checkpoint or saved is not None else None
         if saved is not None and saved["meta"].get("data") != fingerprint:
             raise CnnkitError(f"the data of {config.dataset} differs from the data this run started with "
                               "(files added, removed or changed): a resumed run must see the same images")

@@ -103,13 +103,12 @@ def locked_dir(directory: Path) -> Iterator[None]:
 
 def checkpoint_epoch(staging: Path) -> int | None:
     """The epoch of the staging directory's checkpoint, or None if it has none or it cannot be read."""
-    from cnnkit.engine.checkpoint import CHECKPOINT_JSON
+    from cnnkit.engine.checkpoint import read_checkpoint_document
 
     try:
-        epoch = json.loads((staging / CHECKPOINT_JSON).read_text(encoding="utf-8"))["state"]["epoch"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return read_checkpoint_document(staging)["state"]["epoch"]
+    except CnnkitError:
         return None
-    return epoch if isinstance(epoch, int) else None
 
 
 def resume_hint(staging: Path) -> str:
@@ -375,7 +374,8 @@ def list_runs(runs_dir: str | Path) -> list[RunSummary]:
     """Summaries of the run directories in `runs_dir`, newest first.
 
     Hidden directories and plain files are skipped, except the staging directory of a training that
-    stopped after a checkpoint: it is listed as unfinished, with the command that resumes it. A directory that is not a complete run is listed with what could be read and `problem` set,
+    stopped after a checkpoint: it is listed as unfinished, with the command that resumes it. A
+    directory that is not a complete run is listed with what could be read and `problem` set,
     never an exception. A missing `runs_dir` is a CnnkitError.
     """
     runs_dir = Path(runs_dir)
@@ -435,13 +435,16 @@ def is_unfinished_run(path: Path) -> bool:
 
 def summarize_unfinished(path: Path) -> RunSummary:
     """An unfinished run as read from its checkpoint.json (never raises)."""
-    from cnnkit.engine.checkpoint import CHECKPOINT_JSON
+    from cnnkit.engine.checkpoint import CHECKPOINT_JSON, read_checkpoint_document
 
     problems: list[str] = []
-    document = _read_dict(path / CHECKPOINT_JSON, problems)
-    state = document.get("state") if isinstance(document.get("state"), dict) else {}
-    meta = state.get("meta") if isinstance(state.get("meta"), dict) else {}
-    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    try:
+        state = read_checkpoint_document(path)["state"]
+    except CnnkitError as error:
+        state = {}
+        problems.append(str(error))
+    config = state.get("meta", {}).get("config")
+    config = config if isinstance(config, dict) else {}
     name = path.name[1:].split(".partial-")[0]
     summary = RunSummary(name=f"{name} (unfinished)", path=path, dataset=_first_str(config.get("dataset")),
                          model=_first_str(config.get("model")), preset=_first_str(config.get("preset")),

@@ -2,8 +2,9 @@
 
 Processes are started by torchrun (or `cnnkit train --devices N`, which calls torchrun's launcher), which
 sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous; the same command then works on one machine and on
-a cluster. cnnkit adds only what is its own: reducing validation figures over the whole split, and which rank writes files (rank 0). How an epoch is
-cut into per-rank batches is the data layer's (data.tensors.batch_indices).
+a cluster. cnnkit adds only what is its own: reducing validation figures over the whole split, and which
+rank writes files (rank 0). How an epoch is cut into per-rank batches is the data layer's
+(data.tensors.batch_indices).
 
 Batch size is per process, as in DDP itself: N processes step on N x --batch-size images at a time.
 `--scale-lr` applies the linear scaling rule (Goyal et al., 2017: "when the minibatch size is multiplied

@@ -22,8 +22,6 @@ class Checkpoint(Callback):
     def __init__(self, directory: str | Path, meta: dict[str, Any] | None = None) -> None:
         self.directory = Path(directory)
         self.meta = meta or {}
-        self.last_epoch: int | None = None
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
         write_checkpoint(self.directory, capture_training(self.state, self.meta))
-        self.last_epoch = epoch
