@@ -7,7 +7,8 @@ user's own hooks) is a callback (engine/callbacks/), and every option comes from
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -76,7 +77,8 @@ def fit(
         model.load_state_dict(resume["model"])
     peak_lr = config.lr * (world.world_size if config.scale_lr else 1)
     optimizer = make_optimizer(model, config.optimizer, peak_lr, config.weight_decay,
-                               backbone_lr_scale=config.backbone_lr_scale, bias_lr_scale=config.bias_lr_scale)
+                               backbone_lr_scale=config.backbone_lr_scale, bias_lr_scale=config.bias_lr_scale,
+                               head_lr_scale=config.head_lr_scale)
     schedule = SCHEDULES.get(config.schedule)
     augment = training_augmentation(config.augment, resolve_flip(config.flip, data.mirror_ok))
     mix = make_mix(config.mix, config.mix_alpha)
@@ -116,13 +118,14 @@ def fit(
                 images = augment(train.images[index], draws).contiguous(memory_format=memory_format)
                 labels = train.labels[index]
                 images, partners, lam = mix(images, labels, draws)
-                with autocast(device, precision):
-                    logits = step_model(model_input(images, pixels))
-                    loss = mixed_cross_entropy(logits, labels, partners, lam, config.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                for part, last in micro_batches(len(labels), config.micro_batch):
+                    with autocast(device, precision), gradient_sync(step_model, last):
+                        logits = step_model(model_input(images[part], pixels))
+                        loss = mixed_cross_entropy(logits, labels[part], partners[part], lam, config.label_smoothing)
+                    (loss * (len(logits) / len(labels)) if config.micro_batch else loss).backward()
+                    running.update(loss, logits, labels[part])
                 optimizer.step()
-                running.update(loss, logits, labels)
                 state.step += 1
                 hooks.on_batch_end(batch, running)
             # Scored in fp32, as predict() and exported models will run it, whatever the training precision.
@@ -134,6 +137,20 @@ def fit(
                 break
         hooks.on_train_end(logs)
     return history
+
+
+def micro_batches(size: int, micro_batch: int | None) -> Iterator[tuple[slice, bool]]:
+    """(slice, is_last) of each micro-batch of a batch of `size`; the whole batch when `micro_batch` is None."""
+    step = micro_batch or size
+    for start in range(0, size, step):
+        yield slice(start, start + step), start + step >= size
+
+
+def gradient_sync(step_model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """DDP's all-reduce only after a step's last micro-batch (its `no_sync` for the others)."""
+    if last or not hasattr(step_model, "no_sync"):
+        return contextlib.nullcontext()
+    return step_model.no_sync()
 
 
 def builtin_callbacks(config: TrainConfig, val_source: str, progress: bool) -> list[Callback]:

@@ -21,17 +21,19 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 math runs natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX via oneDNN).
+    """Whether bf16 math runs faster than fp32 here: CUDA with bf16, or a CPU with AMX tiles.
 
-    Without native support bf16 is emulated and slower than fp32, so 'auto' precision falls back.
+    Elsewhere 'auto' precision stays fp32. oneDNN's own check (mkldnn._is_mkldnn_bf16_supported) says yes
+    for plain AVX-512, where bf16 is emulated: measured 4x slower than fp32 (airbench-width net). AVX512-BF16
+    without AMX is slower too: on a Xeon with avx512_bf16 and no AMX (2 cores, torch 2.13), a training step
+    of the airbench94-width net took 253 vs 132 s per 50k images at batch 128, and of the 32/64/128 net
+    57.6 vs 41.9 s; with AMX the same net's bf16 was the faster (~100 s per 50k at batch 256).
     """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        # oneDNN's own check (mkldnn._is_mkldnn_bf16_supported) also says yes for plain AVX-512, where bf16
-        # is emulated: measured 4x slower than fp32 there (airbench-width net, Xeon without AVX512-BF16).
         try:
-            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+            return bool(torch.cpu._is_amx_tile_supported())
         except (AttributeError, RuntimeError):
             return False
     return False

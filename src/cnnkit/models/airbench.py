@@ -74,17 +74,25 @@ def dirac_init(conv: nn.Conv2d) -> None:
         nn.init.dirac_(conv.weight[:count])
 
 
+def batch_norm(channels: int, momentum: float, scale: bool) -> nn.BatchNorm2d:
+    """BatchNorm whose scales train only when `scale` (airbench freezes them at 1: the following
+    convolution can scale its input itself, and a frozen scale lets the biases take 64x larger steps)."""
+    norm = nn.BatchNorm2d(channels, momentum=momentum)
+    norm.weight.requires_grad_(scale)
+    return norm
+
+
 class ConvGroup(nn.Sequential):
     """conv -> max-pool -> BN -> GELU -> conv -> BN -> GELU: one stage, halving the resolution."""
 
-    def __init__(self, in_channels: int, out_channels: int, bn_momentum: float) -> None:
+    def __init__(self, in_channels: int, out_channels: int, bn_momentum: float, bn_scale: bool = True) -> None:
         super().__init__(
             conv3x3(in_channels, out_channels),
             nn.MaxPool2d(2),
-            nn.BatchNorm2d(out_channels, momentum=bn_momentum),
+            batch_norm(out_channels, bn_momentum, bn_scale),
             nn.GELU(),
             conv3x3(out_channels, out_channels),
-            nn.BatchNorm2d(out_channels, momentum=bn_momentum),
+            batch_norm(out_channels, bn_momentum, bn_scale),
             nn.GELU(),
         )
 
@@ -104,14 +112,21 @@ class ScaledLinear(nn.Linear):
 
 
 @register_model("airbench", "Compact 3-stage CNN after the CIFAR-10 speed runs: frozen patch-whitening stem, "
-                            "conv-pool-BN-GELU stages, max-pool head (kwargs: widths, whiten_kernel)",
+                            "conv-pool-BN-GELU stages, max-pool head (kwargs: widths, whiten_kernel, bn_scale, "
+                            "head_scale, head_std)",
                 standardize=True)
 def airbench(input_shape: tuple[int, int, int], num_classes: int, widths: Sequence[int] = (64, 256, 256),
-             whiten_kernel: int = 2, head_scale: float = 1 / 9, bn_momentum: float = 0.4) -> nn.Module:
+             whiten_kernel: int = 2, head_scale: float = 1 / 9, bn_momentum: float = 0.4, bn_scale: bool = True,
+             head_std: float | None = None) -> nn.Module:
+    """`bn_scale=False` freezes BatchNorm scales; `head_std` re-draws the head's weights to that standard
+    deviation (airbench94_muon: std 1 with head_scale 1/width) instead of PyTorch's default."""
     whitening = PatchWhitening(input_shape[0], whiten_kernel)
     stages, width = [], whitening.out_channels
     for out in widths:
-        stages.append(ConvGroup(width, out, bn_momentum))
+        stages.append(ConvGroup(width, out, bn_momentum, bn_scale))
         width = out
-    return nn.Sequential(whitening, nn.GELU(), *stages, nn.AdaptiveMaxPool2d(1), nn.Flatten(),
-                         ScaledLinear(width, num_classes, head_scale))
+    head = ScaledLinear(width, num_classes, head_scale)
+    if head_std is not None:
+        with torch.no_grad():
+            head.weight.mul_(head_std / head.weight.std())
+    return nn.Sequential(whitening, nn.GELU(), *stages, nn.AdaptiveMaxPool2d(1), nn.Flatten(), head)
