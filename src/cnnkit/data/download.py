@@ -4,15 +4,17 @@ A file that is already in place is trusted without any network access or re-hash
 its structure anyway), so a run with the data present works offline and starts instantly. A missing
 file is downloaded into a temporary file beside its final name, checked against the registry, and only
 then renamed into place: an interrupted or wrong download never leaves a file a later run would trust.
+Every transfer is capped near the registry's size of the file (`size_cap`), so an endless or wrong
+response stops with a clear error instead of filling the disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
 import re
-import shutil
 import zlib
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from cnnkit.errors import CnnkitError
 from cnnkit.fileio import atomic_path, removing_new_dirs_on_failure
 
 __all__ = ["data_root", "dataset_dir", "dataset_present", "fetch_dataset", "how_to_provide", "missing_files",
-           "split_roles", "verify_file"]
+           "size_cap", "split_roles", "verify_file"]
 
 DATA_ENV = "CNNKIT_DATA"
 MIRROR_ENV = "CNNKIT_MIRROR"
@@ -171,13 +173,33 @@ def _local_path(source: str) -> Path:
 # Transfer + verification
 
 
+#: A download may exceed the canonical file's size by this factor plus SIZE_SLACK bytes before it is cut off:
+#: a mirror that re-compressed the file still fits (gzip -1 of MNIST's train images measured 1.11x the
+#: canonical -9 file, of Fashion-MNIST's 1.03x), an endless or wrong response does not fill the disk.
+SIZE_MARGIN = 1.5
+SIZE_SLACK = 1 << 20
+#: The cap of a file whose size the registry does not record (none of the built-in ones).
+UNKNOWN_SIZE_CAP = 1 << 30
+
+
+def size_cap(file: FileSpec) -> int:
+    """The most bytes a download of `file` may bring: its canonical size with margin, else 1 GiB."""
+    if file.size is None:
+        return UNKNOWN_SIZE_CAP
+    return int(file.size * SIZE_MARGIN) + SIZE_SLACK
+
+
 def _fetch_file(file: FileSpec, target: Path, sources: list[str], *, progress: bool) -> None:
-    """Try each source in turn; the first verified copy is renamed onto `target`. Raise the last failure."""
+    """Try each source in turn; the first verified copy is renamed onto `target`. Raise the last failure.
+
+    A failed or refused transfer leaves no file behind: it is written to a temporary file beside `target`
+    that only a verified copy replaces `target` with.
+    """
     last_error: CnnkitError | None = None
     for source in sources:
         try:
             with atomic_path(target) as tmp:
-                _transfer(source, tmp, label=file.filename, progress=progress)
+                _transfer(source, tmp, file, progress=progress)
                 problem = verify_file(tmp, file)
                 if problem is not None:
                     raise CnnkitError(f"checksum mismatch for {source}: {problem}")
@@ -190,71 +212,96 @@ def _fetch_file(file: FileSpec, target: Path, sources: list[str], *, progress: b
     raise last_error
 
 
-def _transfer(source: str, destination: Path, *, label: str, progress: bool) -> None:
-    """Copy `source` to `destination`, over HTTP with pooch or from the local disk; raise CnnkitError on failure."""
+def _transfer(source: str, destination: Path, file: FileSpec, *, progress: bool) -> None:
+    """Copy `source` to `destination`, over HTTP or from the local disk, at most size_cap(file) bytes.
+
+    Raises CnnkitError for a failure of the source (unreachable, HTTP error, cut, too large); an error
+    writing `destination` (a full disk) stays an OSError naming the file, so it is not blamed on the network.
+    """
+    cap = size_cap(file)
     if not _is_remote(source):
-        path = _local_path(source)
+        _copy_local(_local_path(source), destination, file, cap)
+        return
+    import requests  # imported here: offline runs with the data present never need it
+
+    try:
+        # Ask for the bytes as stored: a server that gzip-encodes a .gz again would otherwise be decoded by
+        # requests and the checksum would fail for the wrong reason.
+        with requests.get(source, stream=True, timeout=TIMEOUT_S, headers={"Accept-Encoding": "identity"}) as response:
+            response.raise_for_status()
+            declared = _declared_length(response)
+            if declared is not None and declared > cap:
+                raise CnnkitError(f"download of {source} refused: the server announces {_size(declared)}, but "
+                                  f"{file.filename} is {_expected(file)} (at most {_size(cap)} accepted)")
+            with _progress(file.filename, declared, progress) as advance:
+                _write_capped(response.iter_content(_CHUNK), destination, source, file, cap, advance)
+    except requests.RequestException as error:
+        raise CnnkitError(f"download of {source} failed: {_describe(error)}") from None
+
+
+def _copy_local(path: Path, destination: Path, file: FileSpec, cap: int) -> None:
+    """Copy a local mirror's file (capped too: it may be a link to a device that never ends)."""
+
+    def chunks():
         try:
-            shutil.copyfile(path, destination)
+            with open(path, "rb") as handle:
+                while chunk := handle.read(_CHUNK):
+                    yield chunk
         except OSError as error:
             raise CnnkitError(f"copy of {path} failed: {error.strerror or error}") from None
-        return
-    import pooch  # imported here: it pulls in requests, which offline runs with the data present never need
-    import requests
 
-    bar = _LazyProgress(label) if progress else None
-    downloader = pooch.HTTPDownloader(
-        progressbar=bar or False,
-        chunk_size=_CHUNK,
-        timeout=TIMEOUT_S,
-        # Ask for the bytes as stored: a server that gzip-encodes a .gz again would otherwise be decoded
-        # by requests and the checksum would fail for the wrong reason.
-        headers={"Accept-Encoding": "identity"},
-    )
+    _write_capped(chunks(), destination, str(path), file, cap, lambda amount: None)
+
+
+def _write_capped(chunks, destination: Path, source: str, file: FileSpec, cap: int, advance) -> None:
+    """Write `chunks` to `destination`, stopping with a CnnkitError before the file would pass `cap` bytes."""
+    written = 0
+    with open(destination, "wb") as out:
+        for chunk in chunks:
+            if written + len(chunk) > cap:
+                raise CnnkitError(f"download of {source} stopped at {_size(cap)}: {file.filename} is "
+                                  f"{_expected(file)}, and the source kept sending (an endless or wrong "
+                                  f"response); nothing was kept")
+            out.write(chunk)
+            written += len(chunk)
+            advance(len(chunk))
+
+
+def _declared_length(response) -> int | None:
+    """The response's Content-Length as a number, or None when absent or not a number."""
     try:
-        downloader(source, str(destination), None)
-    except (requests.RequestException, OSError) as error:
-        raise CnnkitError(f"download of {source} failed: {_describe(error)}") from None
+        return int(response.headers.get("content-length", ""))
+    except ValueError:
+        return None
+
+
+@contextlib.contextmanager
+def _progress(label: str, total: int | None, enabled: bool):
+    """A byte progress bar (drawn only once the server has answered), yielding its advance function."""
+    if not enabled:
+        yield lambda amount: None
+        return
+    from cnnkit.progress import PoochProgress
+
+    bar = PoochProgress(label)
+    bar.total = total
+    try:
+        yield bar.update
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
 
-class _LazyProgress:
-    """pooch's progress-bar protocol, drawing nothing until the server has answered.
+def _size(count: int) -> str:
+    """A byte count as a person reads it: 4,542 bytes, 9.9 MB, 1000.0 GB."""
+    if count < 100_000:
+        return f"{count:,} bytes"
+    return f"{count / 1e6:.1f} MB" if count < 1e9 else f"{count / 1e9:.1f} GB"
 
-    pooch sets `total` only after the response headers arrived and the status was checked, so a download
-    that never starts (connection refused, HTTP 404) leaves no empty bar on the screen.
-    """
 
-    def __init__(self, label: str) -> None:
-        self._label = label
-        self._bar = None
-
-    def _started(self):
-        if self._bar is None:
-            from cnnkit.progress import PoochProgress
-
-            self._bar = PoochProgress(self._label)
-        return self._bar
-
-    @property
-    def total(self) -> int | None:
-        return self._bar.total if self._bar is not None else None
-
-    @total.setter
-    def total(self, value: int | None) -> None:
-        self._started().total = value
-
-    def update(self, amount: int) -> None:
-        self._started().update(amount)
-
-    def reset(self) -> None:
-        self._started().reset()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+def _expected(file: FileSpec) -> str:
+    if file.size is None:
+        return "of unknown size"
+    return _size(file.size) if file.size < 100_000 else f"{_size(file.size)} ({file.size:,} bytes)"
 
 
 def _describe(error: BaseException) -> str:

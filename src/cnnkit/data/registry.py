@@ -26,6 +26,7 @@ class FileSpec:
     urls: tuple[str, ...]  # canonical mirrors, tried in order
     md5: str | None  # md5 of the file exactly as the canonical mirrors serve it
     content_sha256: str | None = None  # sha256 of the gunzipped payload; accepts re-gzipped copies
+    size: int | None = None  # bytes of the canonical file: a download is capped near it (see download.size_cap)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ _IDX_FILES = {
 
 
 def _idx_files(
-    base_urls: tuple[str, ...], md5s: dict[str, str], sha256s: dict[str, str] | None = None
+    base_urls: tuple[str, ...], md5s: dict[str, str], sha256s: dict[str, str] | None = None,
+    sizes: dict[str, int] | None = None,
 ) -> dict[str, FileSpec]:
     """Build the four FileSpecs of an MNIST-style dataset served from `base_urls`."""
     return {
@@ -74,6 +76,7 @@ def _idx_files(
             urls=tuple(base + filename for base in base_urls),
             md5=md5s[role],
             content_sha256=(sha256s or {}).get(role),
+            size=(sizes or {}).get(role),
         )
         for role, filename in _IDX_FILES.items()
     }
@@ -96,6 +99,7 @@ _MNIST = DatasetSpec(
             "test_images": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
             "test_labels": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
         },
+        sizes={"train_images": 9912422, "train_labels": 28881, "test_images": 1648877, "test_labels": 4542},
     ),
     classes=tuple(str(digit) for digit in range(10)),
     shape=(1, 28, 28),
@@ -120,6 +124,7 @@ _FASHION_MNIST = DatasetSpec(
             "test_images": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
             "test_labels": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
         },
+        sizes={"train_images": 26421880, "train_labels": 29515, "test_images": 4422102, "test_labels": 5148},
     ),
     classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
     shape=(1, 28, 28),
@@ -138,6 +143,7 @@ _KMNIST = DatasetSpec(
             "test_images": "5c965bf0a639b31b8f53240b1b52f4d7",
             "test_labels": "7320c461ea6c1c855c0b718fb2a4b134",
         },
+        sizes={"train_images": 18165135, "train_labels": 29497, "test_images": 3041136, "test_labels": 5120},
     ),
     classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
     shape=(1, 28, 28),
@@ -156,6 +162,7 @@ _CIFAR10 = DatasetSpec(
             filename="cifar-10-binary.tar.gz",
             urls=("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",),
             md5="c32a1d4ab5d03f1284b67883e8d87530",
+            size=170052171,
         )
     },
     classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
@@ -187,6 +194,7 @@ _CIFAR100 = DatasetSpec(
             filename="cifar-100-binary.tar.gz",
             urls=("https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",),
             md5="03b5dce01913d631647c71ecec9e9cb8",
+            size=168513733,
         )
     },
     classes=_CIFAR100_FINE_LABELS,
