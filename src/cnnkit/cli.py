@@ -13,9 +13,10 @@ import sys
 import time
 from collections.abc import Sequence
 
-from cnnkit.errors import CnnkitError
+from cnnkit.errors import CnnkitError, describe_os_error
 
 PROG = "cnnkit"
+DEBUG_ENV = "CNNKIT_DEBUG"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,7 +52,13 @@ def _command(sub, name: str, help_text: str, example: str) -> argparse.ArgumentP
     parser = sub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
                             formatter_class=_formatter)
     parser.set_defaults(parser=parser)
+    _add_debug(parser, default=argparse.SUPPRESS)  # SUPPRESS: `cnnkit --debug train` is not undone here
     return parser
+
+
+def _add_debug(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help=f"show the Python traceback of an error, for a bug report (also: {DEBUG_ENV}=1)")
 
 
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
@@ -609,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cnnkit import __version__
 
     parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
+    _add_debug(parser, default=False)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for add in (_add_train, _add_evaluate, _add_predict, _add_runs, _add_compare, _add_report, _add_export,
                 _add_serve, _add_datasets, _add_summary, _add_presets):
@@ -637,11 +645,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:  # reported by the command's own parser, which knows its flags and can suggest one
         args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     stop_on_sigterm()
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return args.handler(args, started)
     except CnnkitError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return getattr(error, "exit_code", 1)
+        return user_error(str(error), getattr(error, "exit_code", 1), debug)
+    except OSError as error:
+        problem = describe_os_error(error)
+        if problem is None:  # not one a user can fix: a bug, with its traceback
+            raise
+        return user_error(problem, 1, debug)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was saved", file=sys.stderr)
         return 130
+
+
+def user_error(message: str, code: int, debug: bool) -> int:
+    """Print a user's error as one line (after its traceback with --debug) and return the exit code.
+
+    The message names the file or option and the fix; a traceback would only bury it, so it is shown
+    only on request, for a bug report.
+    """
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code

@@ -3,6 +3,10 @@
 Layout of RUNS_DIR/NAME/: config.json, history.csv, steps.csv, metrics.json, model.safetensors, model.json,
 history.png, confusion_matrix.png, per_class.png, errors.png, report.html. A run is assembled in a hidden staging directory and
 renamed into place only when complete, so an interrupted training leaves no half-written run.
+A named run claims its name when it starts (`.NAME.lock`, flocked), so a second training with the same
+--name fails at once instead of after its training. Staging directories and claims are flocked by their
+process; the next start removes those whose process is gone (`sweep_runs_dir`), except a staging
+directory holding a checkpoint: that is resumable work, kept and listed by `cnnkit runs`.
 Weights are safetensors and metadata JSON: loading a run never executes code from its files, except a
 user's own model file (`--model FILE.py:FUNCTION`, copied to model_source.py), and that only on request
 (`trust_code`) and only when its SHA-256 is the recorded one.
@@ -23,8 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cnnkit.errors import CnnkitError
-from cnnkit.fileio import atomic_path, current_umask, write_text
+from cnnkit.errors import CnnkitError, describe_os_error, os_error_fix
+from cnnkit.fileio import atomic_path, current_umask, lock_fd, sweep_stale_temp_files, try_lock, write_text
 
 MODEL_FORMAT = "cnnkit.model"
 MODEL_FORMAT_VERSION = 1
@@ -41,10 +45,14 @@ def next_run_name(runs_dir: Path, base: str = DEFAULT_RUN_NAME) -> str:
 
 
 def check_run_name(runs_dir: Path, name: str) -> None:
-    if name.startswith(".") or "/" in name or name in ("", ".."):
-        raise CnnkitError(f"--name {name!r} is not a valid run name")
+    check_name_syntax(name)
     if (runs_dir / name).exists():
         raise CnnkitError(f"run directory {runs_dir / name} already exists; choose another --name")
+
+
+def check_name_syntax(name: str) -> None:
+    if name.startswith(".") or "/" in name or name in ("", ".."):
+        raise CnnkitError(f"--name {name!r} is not a valid run name")
 
 
 @contextlib.contextmanager
@@ -53,52 +61,263 @@ def staged_run(runs_dir: str | Path, name: str | None, *,
     """Yield (staging_dir, [final_dir]); the staging dir becomes the final run dir on success.
 
     The final name is picked at commit time when `name` is None, so two trainings started together
-    never write into the same directory. `staging` continues an unfinished run's directory (a resume).
+    never write into the same directory; a given `name` is claimed first, so a second training with it
+    is refused before it trains. `staging` continues an unfinished run's directory (a resume).
     The directory is locked while in use, so a second process cannot resume it at the same time.
     If the block fails after a checkpoint was written, the directory is kept and the error says how to
     resume it; without a checkpoint there is nothing worth keeping and it is removed.
     """
     from cnnkit.engine.checkpoint import has_checkpoint, remove_checkpoint
 
-    if staging is None:
-        runs_dir = Path(runs_dir)
-        runs_dir.mkdir(parents=True, exist_ok=True)
-        if name is not None:
-            check_run_name(runs_dir, name)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name or DEFAULT_RUN_NAME}.partial-", dir=runs_dir))
-        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700
-    else:
-        runs_dir = staging.parent
+    runs_dir = prepare_runs_dir(Path(runs_dir)) if staging is None else staging.parent
     final: list[Path] = []
-    with locked_dir(staging):
-        try:
-            yield staging, final
-            final.append(_commit(staging, runs_dir, name))
-        except BaseException as error:
-            if has_checkpoint(staging):
-                raise_resumable(error, staging)
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    with claimed_name(runs_dir, name):
+        if name is not None and (runs_dir / name).exists():
+            fix = ("a resumed run keeps its name: move that directory away, then resume" if staging is not None
+                   else "choose another --name")
+            raise CnnkitError(f"run directory {runs_dir / name} already exists; {fix}")
+        with (locked_dir(staging) if staging is not None else new_staging_dir(runs_dir, name)) as staging:
+            try:
+                yield staging, final
+            except BaseException as error:
+                if has_checkpoint(staging):
+                    raise_resumable(error, staging)
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            final.append(commit_or_keep(staging, runs_dir, name))
     remove_checkpoint(final[0])
 
 
+def commit_or_keep(staging: Path, runs_dir: Path, name: str | None) -> Path:
+    """Rename the finished staging directory into place; if the disk refuses even that (a full file system
+    has no room for the new directory entry), keep it, finished, and say how to move it by hand."""
+    from cnnkit.errors import RunNotWritten
+
+    try:
+        return _commit(staging, runs_dir, name)
+    except (OSError, CnnkitError) as error:  # a full disk, or the name taken by hand meanwhile
+        problem = describe_os_error(error) if isinstance(error, OSError) else str(error)
+        if problem is None:
+            raise
+        raise RunNotWritten(f"the finished run is complete in {staging} but could not be renamed into place "
+                            f"({problem}); rename it yourself: mv {staging} {runs_dir}/NEW_NAME") from None
+
+
+def prepare_runs_dir(runs_dir: Path) -> Path:
+    """`runs_dir`, created if missing; a CnnkitError naming --runs-dir and the fix if it cannot hold runs."""
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise CnnkitError(f"--runs-dir {runs_dir} is a file, not a folder: choose another --runs-dir")
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise runs_dir_error(runs_dir, error) from None
+    return runs_dir
+
+
+def runs_dir_error(runs_dir: Path, error: OSError) -> BaseException:
+    """An OSError met while starting a run in `runs_dir` as the user's error (one line), else unchanged."""
+    fix = os_error_fix(error)
+    if fix is None:
+        return error
+    return CnnkitError(f"--runs-dir {runs_dir}: cannot write a run there: {fix}")
+
+
 @contextlib.contextmanager
-def locked_dir(directory: Path) -> Iterator[None]:
+def new_staging_dir(runs_dir: Path, name: str | None) -> Iterator[Path]:
+    """A new hidden `.NAME.partial-*` directory in `runs_dir`, flocked by this process while the block runs.
+
+    A sweep in another process may lock and remove it in the instant before this process locks it; then
+    another is made.
+    """
+    for _ in range(100):
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=f".{name or DEFAULT_RUN_NAME}.partial-", dir=runs_dir))
+        except OSError as error:
+            raise runs_dir_error(runs_dir, error) from None
+        fd = try_lock(staging)
+        if fd is not None:
+            break
+    else:
+        raise CnnkitError(f"--runs-dir {runs_dir}: could not lock a new run directory there")
+    try:
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700
+        yield staging
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def claimed_name(runs_dir: Path, name: str | None) -> Iterator[None]:
+    """Hold `runs_dir/.NAME.lock` (flocked) while the block runs: the name is this training's until it ends.
+
+    A second training with the same name fails here, before it loads data or trains. The lock dies with
+    its process, so a claim left by a kill -9 is taken over (and swept); the file goes when the block ends.
+    """
+    if name is None:
+        yield
+        return
+    check_name_syntax(name)
+    path = runs_dir / f".{name}{CLAIM_SUFFIX}"
+    fd = claim(path, name)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked: a waiter then finds its file gone and makes a new one
+        os.close(fd)
+
+
+CLAIM_SUFFIX = ".lock"
+
+
+def claim(path: Path, name: str) -> int:
+    """An fd holding the flock on the claim file `path`, with this process's id in it; a clear error if a
+    live training holds it."""
+    for _ in range(100):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666 & ~current_umask())
+        except OSError as error:
+            raise runs_dir_error(path.parent, error) from None
+        if lock_fd(fd, path):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+        if path.exists():  # locked by a live process (a file that vanished meanwhile: try again)
+            owner = _claim_owner(path)
+            raise CnnkitError(f"run name {name!r} is taken: another cnnkit training{owner} is running with --name "
+                              f"{name} in {path.parent}; choose another --name, or wait for it to finish")
+    raise CnnkitError(f"{path}: could not claim the run name {name!r}")
+
+
+def _claim_owner(path: Path) -> str:
+    """' (pid N)' as the claim file records it, or '' if it cannot be read yet."""
+    try:
+        pid = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+@contextlib.contextmanager
+def locked_dir(directory: Path) -> Iterator[Path]:
     """Hold an exclusive flock on `directory` (not a file in it: nothing to clean up) while the block runs.
 
     The kernel drops the lock when the process dies, however it dies, so a held lock means a live owner.
     """
-    import fcntl
-
-    fd = os.open(directory, os.O_RDONLY)
+    fd = try_lock(directory)
+    if fd is None:
+        if not directory.is_dir():
+            raise CnnkitError(f"{directory}: no such run directory (it was removed)")
+        raise CnnkitError(f"{directory} is in use by another cnnkit process (it is still training)")
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CnnkitError(f"{directory} is in use by another cnnkit process (it is still training)") from None
-        yield
+        yield directory
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The debris of processes that died: removed at the next start
+
+
+@dataclass
+class Sweep:
+    """What a sweep of a runs folder found: debris removed, resumable unfinished runs kept."""
+
+    removed: list[Path]
+    kept: list[Path]
+
+    def message(self) -> str | None:
+        """One line for the user when something was removed, else None."""
+        if not self.removed:
+            return None
+        shown = ", ".join(str(path) for path in self.removed[:3])
+        more = f" and {len(self.removed) - 3} more" if len(self.removed) > 3 else ""
+        line = (f"removed {len(self.removed)} leftover{'s' if len(self.removed) > 1 else ''} of interrupted "
+                f"cnnkit processes: {shown}{more}")
+        if self.kept:
+            line += (f"; kept {len(self.kept)} unfinished run{'s' if len(self.kept) > 1 else ''} with a checkpoint "
+                     f"(`cnnkit runs {self.kept[0].parent}` lists how to resume)")
+        return line
+
+
+def sweep_runs_dir(runs_dir: str | Path) -> Sweep:
+    """Remove what dead processes left in `runs_dir`: staging directories without a checkpoint, name
+    claims, half-written temporary files (also inside the kept staging directories).
+
+    Only entries whose flock no live process holds: another training's work in progress is never touched.
+    A staging directory with a checkpoint is kept: `cnnkit train --resume` continues it.
+    """
+    from cnnkit.engine.checkpoint import has_checkpoint
+
+    runs_dir = Path(runs_dir)
+    removed: list[Path] = [*sweep_stale_temp_files(runs_dir)]
+    kept: list[Path] = []
+    try:
+        entries = sorted(runs_dir.iterdir())
+    except OSError:
+        return Sweep(removed, kept)
+    for path in entries:
+        staging = path.name.startswith(".") and ".partial-" in path.name and _is_dir(path) and not path.is_symlink()
+        claim_file = path.name.startswith(".") and path.name.endswith(CLAIM_SUFFIX) and path.is_file()
+        if not (staging or claim_file):
+            continue
+        fd = try_lock(path)
+        if fd is None:  # a live process's, or gone already
+            continue
+        try:
+            if staging and (has_checkpoint(path) or (path / "metrics.json").is_file()):  # resumable, or finished
+                kept.append(path)
+                removed += sweep_stale_temp_files(path)
+            elif _remove(path):
+                removed.append(path)
+        finally:
+            os.close(fd)
+    return Sweep(removed, kept)
+
+
+def _remove(path: Path) -> bool:
+    """Remove a file or a directory tree; False if it could not be (a read-only folder)."""
+    try:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except OSError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Room for a run
+
+
+def check_free_space(directory: Path, need: int, detail: str, without_checkpoints: int | None = None) -> None:
+    """Refuse to start a training whose files will not fit in `directory`'s file system.
+
+    `need` is the estimate in bytes, `detail` what it is made of; `without_checkpoints` the estimate with
+    --no-checkpoint, offered as a way out when it would fit.
+    """
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return  # a file system that cannot say: the writes will tell
+    free = stats.f_bavail * stats.f_frsize
+    if free >= need:
+        return
+    way_out = ""
+    if without_checkpoints is not None and without_checkpoints <= free:
+        way_out = f", or train with --no-checkpoint (needs about {format_size(without_checkpoints)})"
+    raise CnnkitError(f"--runs-dir {directory.parent}: {format_size(free)} free, but this run needs about "
+                      f"{format_size(need)} ({detail}); free some space or choose another --runs-dir{way_out}")
+
+
+def format_size(size: float) -> str:
+    """1.3 MB, 420 kB, 12 B: a size as a person reads it (powers of 1000)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit in ("B", "kB") else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
 
 
 def checkpoint_epoch(staging: Path) -> int | None:
@@ -123,7 +342,9 @@ def raise_resumable(error: BaseException, staging: Path) -> None:
     if isinstance(error, KeyboardInterrupt):
         raise RunInterrupted(f"training interrupted; {resume_hint(staging)}") from None
     if isinstance(error, CnnkitError):
-        raise CnnkitError(f"{error}; {resume_hint(staging)}") from error
+        raise type(error)(f"{error}; {resume_hint(staging)}") from error
+    if problem := describe_os_error(error):  # a full or read-only disk: one line, with the way back
+        raise CnnkitError(f"{problem}; {resume_hint(staging)}") from error
     if hasattr(error, "add_note"):  # a bug: keep its traceback, with the way back to the work
         error.add_note(resume_hint(staging))
     raise error

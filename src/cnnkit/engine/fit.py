@@ -21,6 +21,7 @@ from cnnkit.data.tensors import Dataset, Split, batch_indices, batches_per_epoch
 from cnnkit.engine.callbacks import EMA, BatchLogs, Callback, CallbackList, EarlyStopping, History, ProgressBar
 from cnnkit.engine.callbacks import FreezeBackbone
 from cnnkit.engine.callbacks import TrainState
+from cnnkit.engine.callbacks import TerminateOnNaN
 from cnnkit.engine.callbacks import WeightSelection
 from cnnkit.engine.checkpoint import restore_training
 from cnnkit.engine.distributed import World, all_reduce_sum, broadcast_buffers, current_world, epoch_seed
@@ -158,7 +159,7 @@ def builtin_callbacks(config: TrainConfig, val_source: str, progress: bool) -> l
     if problem := selection_conflict(val_source == "test", config.keep, config.ema):
         raise CnnkitError(problem)
     keep = config.keep if config.keep != "auto" else ("last" if val_source == "test" else "best")
-    chosen: list[Callback] = [WeightSelection(config.monitor, keep)]
+    chosen: list[Callback] = [WeightSelection(config.monitor, keep), TerminateOnNaN()]  # a NaN run is never a result
     if config.ema is not None:
         chosen.append(EMA(config.ema))
     if config.freeze_epochs:

@@ -1,5 +1,5 @@
 """Callbacks for fit(): the Keras hooks, History, the progress bar, early stopping, weight selection, EMA,
-TensorBoard logging.
+TensorBoard logging, stopping on a NaN loss.
 
 A user's own callback subclasses `Callback` and is passed as `fit(..., callbacks=[...])`.
 """
@@ -12,6 +12,7 @@ from cnnkit.engine.callbacks.history import History
 from cnnkit.engine.callbacks.progress import ProgressBar
 from cnnkit.engine.callbacks.selection import WeightSelection
 from cnnkit.engine.callbacks.tensorboard import TensorBoardLogger
+from cnnkit.engine.callbacks.terminate_on_nan import TerminateOnNaN
 
 __all__ = ["EMA", "BatchLogs", "Callback", "CallbackList", "EarlyStopping", "FreezeBackbone", "History", "ProgressBar",
-           "TensorBoardLogger", "TrainState", "WeightSelection"]
+           "TensorBoardLogger", "TerminateOnNaN", "TrainState", "WeightSelection"]
