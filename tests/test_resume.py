@@ -34,6 +34,9 @@ from slices import SHARED_DATA, mnist_dataset
 OPTIONS = dict(epochs=4, batch_size=64, lr=3e-3, optimizer="adamw", weight_decay=1e-2, schedule="onecycle",
                warmup=0.2, augment="shift=2", ema=0.9, keep="best", patience=10, label_smoothing=0.1,
                precision="fp32", seed=3)
+# Muon (momentum buffers of kernels, SGD groups at their own rates) on micro-batches.
+MUON_OPTIONS = {**OPTIONS, "optimizer": "muon", "lr": 0.05, "head_lr_scale": 20.0, "bias_lr_scale": 20.0,
+                "weight_decay": 1e-4, "micro_batch": 16}
 
 
 class StopAfter(Callback):
@@ -98,19 +101,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_fit_resumed_after_an_interruption_ends_bit_for_bit_as_an_uninterrupted_fit(tmp_path, one_thread):
+@pytest.mark.parametrize("options", [OPTIONS, MUON_OPTIONS], ids=["adamw", "muon-micro-batches"])
+def test_fit_resumed_after_an_interruption_ends_bit_for_bit_as_an_uninterrupted_fit(tmp_path, one_thread, options):
     data = small_data()
     whole = fresh_model()
-    history = fit(whole, data, progress=False, **OPTIONS)
+    history = fit(whole, data, progress=False, **options)
 
     stopped = fresh_model()
     with pytest.raises(KeyboardInterrupt):
-        fit(stopped, data, progress=False, callbacks=[Checkpoint(tmp_path), StopAfter(2)], **OPTIONS)
+        fit(stopped, data, progress=False, callbacks=[Checkpoint(tmp_path), StopAfter(2)], **options)
     saved = read_checkpoint(tmp_path)
-    assert saved["epoch"] == 2 and saved["step"] == 2 * math.ceil(len(data.train) / OPTIONS["batch_size"])
+    assert saved["epoch"] == 2 and saved["step"] == 2 * math.ceil(len(data.train) / options["batch_size"])
 
     resumed_model = fresh_model()  # a new process would start from a freshly built model
-    resumed = fit(resumed_model, data, progress=False, resume=saved, **OPTIONS)
+    resumed = fit(resumed_model, data, progress=False, resume=saved, **options)
 
     assert resumed.epoch == history.epoch == [1, 2, 3, 4]
     assert without_seconds(resumed.history) == without_seconds(history.history)
