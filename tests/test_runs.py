@@ -91,5 +91,5 @@ def test_weights_for_another_architecture_are_refused(tmp_path):
     meta = json.loads((run_dir / "model.json").read_text())
     meta["architecture"] = "fast"
     write_json(run_dir / "model.json", meta)
-    with pytest.raises(CnnkitError, match="cannot load weights"):
+    with pytest.raises(CnnkitError, match="model.json says architecture fast, the weights were saved with seed"):
         load_run(run_dir)

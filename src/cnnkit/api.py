@@ -570,6 +570,7 @@ def evaluate_run(run: str | Path | Run, data_dir: str | None = None, *, limit: i
     test set as training's `limit_eval`. `tta` overrides the run's recorded test-time augmentation.
     `trust_code` lets a run whose model is a user's file run that file (see load_run).
     """
+    from cnnkit.data.folder import check_class_folders
     from cnnkit.data.sources import DataLocation, default_location
     from cnnkit.data.tensors import load_test_split
     from cnnkit.runs import recorded_data_dirs
@@ -582,6 +583,7 @@ def evaluate_run(run: str | Path | Run, data_dir: str | None = None, *, limit: i
     else:
         locations = [DataLocation(path, origin) for path, origin in recorded_data_dirs(run.path, run.config)]
         locations.append(default_location())
+    check_class_folders(run.meta["dataset"], run.classes)  # before a wrong folder is decoded and cached
     data = load_test_split(run.meta["dataset"], locations=locations, limit=limit, mirror=mirror,
                            image_size=(height, width), channels=channels, progress=progress)
     if data.classes != run.classes:

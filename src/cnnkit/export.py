@@ -210,6 +210,7 @@ def _output_path(run_dir: Path, format: str, out: str | Path | None) -> Path:  #
 
 def parity_data(run, count: int, data_dir: str | Path | None = None) -> tuple[torch.Tensor, str]:
     """`count` uint8 test images of the run's dataset and what they are; seeded random ones if unavailable."""
+    from cnnkit.data.folder import check_class_folders
     from cnnkit.data.sources import DataLocation, default_location
     from cnnkit.data.tensors import load_test_split
     from cnnkit.runs import recorded_data_dirs
@@ -224,6 +225,7 @@ def parity_data(run, count: int, data_dir: str | Path | None = None) -> tuple[to
     try:
         if not isinstance(dataset, str):
             raise CnnkitError(f"{run.path / 'model.json'} names no dataset")
+        check_class_folders(dataset, run.classes)  # a wrong folder is refused before it is decoded
         test = load_test_split(dataset, locations=locations, limit=count, download=False,
                                image_size=(height, width), channels=channels, progress=False).test
         if len(test) and tuple(test.images.shape[1:]) == (channels, height, width):

@@ -6,6 +6,8 @@ shared with training, which writes the record it follows.
 
 from __future__ import annotations
 
+import errno
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,14 +16,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cnnkit.data.images import IMAGE_EXTENSIONS
+from cnnkit.data.images import not_a_file, walk_images
 from cnnkit.errors import CnnkitError
 from cnnkit.fileio import atomic_path, write_text
 from cnnkit.preprocess import load_image
 from cnnkit.progress import progress_bar
 
-__all__ = ["FilePredictions", "Prediction", "expand_image_paths", "load_image", "predict", "predict_files",
-           "predict_images", "prepare", "write_csv"]
+__all__ = ["FilePredictions", "Prediction", "expand_image_paths", "find_image_files", "load_image", "predict",
+           "predict_files", "predict_images", "prepare", "write_csv"]
 
 
 @dataclass
@@ -36,25 +38,60 @@ class Prediction:
                 "top": [[label, p] for label, p in self.top]}
 
 
-def expand_image_paths(inputs: Iterable[str | Path]) -> list[Path]:
-    """Files as given, and the image files inside directories (recursively, hidden ones skipped)."""
+def find_image_files(inputs: Iterable[str | Path]) -> tuple[list[Path], list[str]]:
+    """(the image files to predict, one 'PATH: why' for each input or entry that cannot be).
+
+    Files are taken as given; directories give the image files inside them (recursively, hidden ones
+    skipped, by the walk folder datasets use). Nothing here raises for one bad input: a missing path, an
+    empty folder, a symlink loop named x.png or a FIFO is named in the second list and the rest go on.
+    """
     paths: list[Path] = []
+    problems: list[str] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
+        if _is_dir(path):
+            found = walk_images(str(path))
+            problems += [f"{path / entry.relpath}: {entry.problem}" for entry in found if entry.problem]
+            readable = [path / entry.relpath for entry in found if not entry.problem]
             if not found:
-                raise CnnkitError(f"{path}: no image files in this directory")
-            paths.extend(found)
-        elif path.is_file():
-            paths.append(path)
+                problems.append(f"{path}: no image files in this directory")
+            paths.extend(readable)
         else:
-            raise CnnkitError(f"{path}: no such file or directory")
+            problem = _file_problem(path)
+            if problem is None:
+                paths.append(path)
+            else:
+                problems.append(f"{path}: {problem}")
+    return paths, problems
+
+
+def expand_image_paths(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files as given, and the image files inside directories; the first unusable input is a CnnkitError."""
+    paths, problems = find_image_files(inputs)
+    if problems:
+        raise CnnkitError(problems[0])
     return paths
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why `path` cannot be opened as an image file (None when it can be tried): never opens it, since
+    opening a FIFO would wait for a writer forever."""
+    try:
+        info = path.stat()
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "is a symlink loop"
+        if error.errno == errno.ENOENT:
+            return "is a dangling symlink" if path.is_symlink() else "no such file or directory"
+        return f"cannot be read ({error.strerror or error})"
+    return not_a_file(info.st_mode)
 
 
 def predict(model: torch.nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
@@ -107,8 +144,8 @@ def predict_files(run, inputs: Sequence[str | Path], top: int = 1, *, progress: 
     rest their answers. `show_input` writes each image as the model saw it (after preprocessing) to that
     folder, to see why an answer is wrong.
     """
-    paths = expand_image_paths(inputs)
-    result = FilePredictions([], [])
+    paths, problems = find_image_files(inputs)
+    result = FilePredictions([], problems)
     with progress_bar("Predicting", len(paths), enabled=progress and len(paths) > CHUNK) as advance:
         for start in range(0, len(paths), CHUNK):
             chunk, arrays = [], []

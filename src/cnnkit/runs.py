@@ -30,8 +30,7 @@ from typing import Any
 from cnnkit.errors import CnnkitError, describe_os_error, os_error_fix
 from cnnkit.fileio import atomic_path, current_umask, lock_fd, sweep_stale_temp_files, try_lock, write_text
 
-MODEL_FORMAT = "cnnkit.model"
-MODEL_FORMAT_VERSION = 1
+from cnnkit.model_meta import MODEL_FORMAT, MODEL_FORMAT_VERSION, weights_record  # noqa: F401 (re-exported)
 DEFAULT_RUN_NAME = "train"
 
 
@@ -382,7 +381,7 @@ def save_model(run_dir: Path, model, meta: dict[str, Any]) -> None:
 
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     with atomic_path(run_dir / "model.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"format": MODEL_FORMAT})
+        save_file(state, str(tmp), metadata={"format": MODEL_FORMAT, **weights_record(meta)})
     write_json(run_dir / "model.json", {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, **meta})
 
 
@@ -452,13 +451,10 @@ def load_run(path: str | Path, *, tta: str | None = None, trust_code: bool = Fal
 
 
 def read_model_meta(run_dir: Path) -> dict[str, Any]:
-    """model.json, checked to be a cnnkit model description this version can read."""
-    meta = read_json(run_dir / "model.json")
-    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-        raise CnnkitError(f"{run_dir / 'model.json'}: not a cnnkit model description")
-    if meta.get("format_version", 0) > MODEL_FORMAT_VERSION:
-        raise CnnkitError(f"{run_dir / 'model.json'}: made by a newer cnnkit (format {meta['format_version']})")
-    return meta
+    """model.json, checked against its schema (types, bounds, the dataset's shape: cnnkit.model_meta)."""
+    from cnnkit.model_meta import check_model_meta
+
+    return check_model_meta(read_json(run_dir / "model.json"), run_dir / "model.json")
 
 
 def read_weights(path: Path) -> dict[str, Any]:
@@ -479,33 +475,73 @@ def _first_line(error: BaseException) -> str:
 
 
 def rebuild_model(run_dir: Path, meta: dict[str, Any], *, trust_code: bool = False, model: Any = None):
-    """A fresh ImageClassifier of the run's architecture and preprocessing, before its weights are loaded."""
+    """A fresh ImageClassifier of the run's architecture and preprocessing, checked to fit its weights.
+
+    `meta` is read_model_meta's checked model.json. It must still say what it said when model.safetensors
+    was saved, and the model it describes must have exactly the weights' tensors (names and shapes, read
+    from the file's header). A registry model is built on the meta device first (shapes only), so a
+    model.json that does not describe these weights costs no memory; only a fitting one is built for real.
+    """
+    from cnnkit.model_meta import check_recorded, read_weights_header, skeleton_state
+    from cnnkit.models.user import CUSTOM_PREFIX
+
+    header = read_weights_header(run_dir / "model.safetensors")
+    check_recorded(meta, header, run_dir / "model.json")
+    registry = model is None and meta.get("code") is None and not meta["architecture"].startswith(CUSTOM_PREFIX)
+    if registry:
+        check_weights_fit(run_dir, skeleton_state(meta, run_dir / "model.json"), header, meta)
+    classifier = _built(run_dir, meta, trust_code, model)
+    if not registry:
+        check_weights_fit(run_dir, classifier.state_dict(), header, meta)
+    return classifier
+
+
+def _built(run_dir: Path, meta: dict[str, Any], trust_code: bool, model: Any):
+    """The ImageClassifier model.json describes (registry name, user file or the given object), untrained."""
     from cnnkit.models import ImageClassifier, build_model
     from cnnkit.models.user import CUSTOM_PREFIX, build_body, code_for_run, custom_builder_missing, load_function
     from cnnkit.models.user import user_body
 
-    try:
-        spec, architecture = meta["input"], str(meta["architecture"])
-        shape = (int(spec["channels"]), int(spec["height"]), int(spec["width"]))
-        mean, std = meta["preprocessing"]["mean"], meta["preprocessing"]["std"]
-        num_classes, kwargs = len(meta["classes"]), dict(meta.get("model_kwargs", {}))
-        if model is not None:
-            body = user_body(model, shape, num_classes, seed=0)
-            if isinstance(body, ImageClassifier):
-                return body
-        elif meta.get("code") is not None:
-            code = code_for_run(run_dir, meta, trust_code)
-            body = build_body(load_function(code, architecture), shape, num_classes, kwargs, 0,
-                              f"{architecture}: {code.function}", code.path)
-        elif architecture.startswith(CUSTOM_PREFIX):
-            raise custom_builder_missing(run_dir, architecture)
-        else:
+    spec, architecture = meta["input"], meta["architecture"]
+    shape = (spec["channels"], spec["height"], spec["width"])
+    mean, std = meta["preprocessing"]["mean"], meta["preprocessing"]["std"]
+    num_classes, kwargs = len(meta["classes"]), dict(meta["model_kwargs"])
+    if model is not None:
+        body = user_body(model, shape, num_classes, seed=0)
+        if isinstance(body, ImageClassifier):
+            return body
+    elif meta.get("code") is not None:
+        code = code_for_run(run_dir, meta, trust_code)
+        body = build_body(load_function(code, architecture), shape, num_classes, kwargs, 0,
+                          f"{architecture}: {code.function}", code.path)
+    elif architecture.startswith(CUSTOM_PREFIX):
+        raise custom_builder_missing(run_dir, architecture)
+    else:
+        try:
             return build_model(architecture, shape, num_classes, mean=mean, std=std, **kwargs)
-    except (KeyError, TypeError, ValueError) as error:
-        raise CnnkitError(f"{run_dir / 'model.json'}: missing or bad field {error}") from None
+        except (TypeError, ValueError, RuntimeError, IndexError, ZeroDivisionError, OverflowError) as error:
+            raise CnnkitError(f"{run_dir / 'model.json'}: architecture {architecture!r} cannot be built with "
+                              f"model_kwargs {json.dumps(kwargs)[:80]} for input {shape} ({_first_line(error)}); "
+                              "the file was edited or damaged") from None
     classifier = ImageClassifier(body, mean, std)
     classifier.architecture, classifier.model_kwargs, classifier.input_shape = architecture, kwargs, shape
     return classifier
+
+
+def check_weights_fit(run_dir: Path, expected: dict[str, Any], header, meta: dict[str, Any]) -> None:
+    """The weights file must hold exactly the tensors `expected` (the model's state dict, real or on the
+    meta device), and the standardisation model.json states."""
+    from cnnkit.model_meta import check_standardisation, input_text
+    from cnnkit.models.transfer import check_keys
+
+    kwargs = f", model_kwargs {json.dumps(meta['model_kwargs'])[:80]}" if meta["model_kwargs"] else ""
+    described = (f"model.json describes {meta['architecture']!r} with {len(meta['classes'])} classes and input "
+                 f"{input_text(meta['input'])}{kwargs}")
+    check_keys(expected, header.meta_tensors(), str(header.path), ignore=set(),
+               hint=f"{described}: it was edited, or the weights belong to another run")
+    if {"rescale.scale", "rescale.offset"} <= set(header.shapes):
+        check_standardisation(meta, header.tensor("rescale.scale"), header.tensor("rescale.offset"),
+                              run_dir / "model.json", header.path)
 
 
 def run_tta(run_dir: Path, meta: dict[str, Any], tta: str | None) -> str:

@@ -29,11 +29,11 @@ import numpy as np
 from PIL import Image
 
 from cnnkit.data.cache import cache_key, read_cache, write_cache
-from cnnkit.data.images import GRAYSCALE_MODES, IMAGE_EXTENSIONS, Probe, probe, to_array
+from cnnkit.data.images import GRAYSCALE_MODES, IMAGE_EXTENSIONS, Probe, hidden_name, probe, to_array, walk_images
 from cnnkit.data.parallel import choose_executor, run_chunks
 from cnnkit.errors import CnnkitError
 
-__all__ = ["FolderData", "load_image_folder"]
+__all__ = ["FolderData", "check_class_folders", "load_image_folder"]
 
 SPLIT_ALIASES = {
     "train": "train", "training": "train",
@@ -42,6 +42,9 @@ SPLIT_ALIASES = {
 }  # fmt: skip
 _SPLIT_ORDER = ("train", "val", "test")
 AUTO_TEST_FRACTION = 0.10
+#: The path of a scanned entry that is no readable file: opening "" fails at once (FileNotFoundError),
+#: so decoding counts it among the skipped files, named by its relpath.
+UNREADABLE = ""
 
 
 @dataclass
@@ -60,7 +63,7 @@ class _Entry(NamedTuple):
     """One image file found by the scan (a NamedTuple: a scan makes tens of thousands of them)."""
 
     relpath: str  # posix path relative to the folder: the stable name used for hashing and reporting
-    path: str
+    path: str  # UNREADABLE for an entry the scan found to be no readable file (decoding then skips it)
     size: int
     mtime_ns: int
     split: str = "train"
@@ -153,6 +156,38 @@ def _scan(root: Path) -> tuple[list[str], list[_Entry]]:
     return train_classes, entries
 
 
+def check_class_folders(dataset: str, classes: Sequence[str]) -> None:
+    """Refuse, before anything is decoded, an `imagefolder:` dataset whose classes are not `classes`.
+
+    For evaluating a saved run on the folder its model.json names: that name comes from a file people
+    share, and a wrong one (`imagefolder:/usr/share`) must not cost a decode and a cache of a whole tree
+    only to be refused afterwards. The top-level listing answers most cases at once; the full scan (file
+    names only, nothing decoded) runs only when every class has a folder. Other dataset names pass.
+    """
+    if not dataset.startswith("imagefolder:"):
+        return
+    root = Path(dataset.removeprefix("imagefolder:")).expanduser().resolve()
+    if not root.is_dir():
+        raise CnnkitError(f"{root}: not a folder (imagefolder:PATH needs a folder of class subfolders)")
+    split_dirs = _split_dirs(root)
+    top = split_dirs.get("train", root)
+    folders = {path.name for path in _visible(top) if path.is_dir()}
+    missing = [name for name in classes if name not in folders]
+    if not missing:
+        found, _ = _scan(root)
+        missing = [name for name in classes if name not in found]
+        extra = [name for name in found if name not in classes]
+    else:
+        extra = []
+    if missing or extra:
+        what = "; ".join(f"{label} {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                         for label, names in (("no folder with images for class(es)", missing),
+                                              ("class folder(s) the model does not know", extra)) if names)
+        raise CnnkitError(f"{top}: its class folders are not the model's {len(classes)} classes ({what}); "
+                          "model.json's \"dataset\" names another folder than the run was trained on (if that folder moved, "
+                          "put its new path there)")
+
+
 def _split_dirs(root: Path) -> dict[str, Path]:
     """Map train/val/test to their folders when `root` uses the split layout, else return {}."""
     subdirs = [path for path in _visible(root) if path.is_dir()]
@@ -187,24 +222,13 @@ def _class_files(split_root: Path, prefix: str) -> dict[str, list[_Entry]]:
 def _images_under(folder: str, relative: str) -> list[_Entry]:
     """All visible image files below `folder`, skipping hidden and macOS resource-fork folders.
 
-    Plain strings and os.scandir rather than pathlib: for 50k files pathlib's parsing alone took 0.8 s,
-    and this scan runs on every load, cached or not.
+    A bad entry (a symlink loop named x.png, a dangling link, a FIFO, an unlistable subfolder) does not
+    stop the scan: it is listed with the path UNREADABLE, so decoding fails on it at once (never opening a
+    FIFO that would block) and it is reported by name in `skipped` with the undecodable files. The walk is
+    images.walk_images, the one `cnnkit predict DIR` uses, and runs on every load, cached or not.
     """
-    found = []
-    pending = [(folder, relative)]
-    while pending:
-        directory, rel = pending.pop()
-        with os.scandir(directory) as listing:
-            for item in listing:
-                if _hidden(item.name):
-                    continue
-                if item.is_dir(follow_symlinks=False):
-                    pending.append((item.path, f"{rel}/{item.name}"))
-                elif os.path.splitext(item.name)[1].lower() in IMAGE_EXTENSIONS and item.is_file():
-                    stat = item.stat()
-                    found.append(_Entry(f"{rel}/{item.name}", item.path, stat.st_size, stat.st_mtime_ns))
-    found.sort()
-    return found
+    return [_Entry(found.relpath, UNREADABLE if found.problem else found.path, found.size, found.mtime_ns)
+            for found in walk_images(folder, relative)]
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -214,7 +238,7 @@ def _visible(folder: Path) -> list[Path]:
 
 def _hidden(name: str) -> bool:
     """True for names a user never meant as data: dot files and the __MACOSX folder zip tools add."""
-    return name.startswith(".") or name == "__MACOSX"
+    return hidden_name(name)
 
 
 def _assign_auto_test(entries: list[_Entry]) -> list[_Entry]:

@@ -9,13 +9,16 @@ two cannot drift apart. The extension list lives here for the same reason: a fol
 
 from __future__ import annotations
 
+import errno
 import os
-from typing import BinaryIO
+import stat
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["GRAYSCALE_MODES", "IMAGE_EXTENSIONS", "Probe", "decode_image", "probe", "to_array"]
+__all__ = ["GRAYSCALE_MODES", "IMAGE_EXTENSIONS", "FoundImage", "Probe", "decode_image", "hidden_name", "probe",
+           "not_a_file", "to_array", "walk_images"]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 #: Pillow modes with one channel of information: a folder of only these decodes to 1 channel by default.
@@ -23,6 +26,82 @@ GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B"
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _EXIF_ORIENTATION = 0x0112
 Probe = tuple[tuple[int, int], str]  # ((width, height) as displayed, Pillow mode)
+
+
+class FoundImage(NamedTuple):
+    """One image-named entry found below a folder: a readable regular file, or `problem` says why not."""
+
+    relpath: str  # posix path relative to the folder walked, prefixed by walk_images' `relative`
+    path: str
+    size: int  # -1 when `problem` is set
+    mtime_ns: int
+    problem: str | None = None
+
+
+def hidden_name(name: str) -> bool:
+    """True for names a user never meant as data: dot files and the __MACOSX folder zip tools add."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def walk_images(folder: str, relative: str = "") -> list[FoundImage]:
+    """Every visible image-named entry below `folder` (recursively, by extension), sorted by relpath.
+
+    One bad entry never stops the walk, so a folder dataset and `cnnkit predict DIR` can skip and name it
+    and go on with the rest: an image-named entry that is no readable regular file (a symlink loop, a
+    dangling link, a FIFO that would block a reader forever, a link to a folder) and a subfolder that
+    cannot be listed come back with `problem` set. Symlinked folders are not entered (no cycles); plain
+    strings and os.scandir rather than pathlib, since for 50k files pathlib's parsing alone took 0.8 s.
+    """
+    found: list[FoundImage] = []
+    pending = [(folder, relative)]
+    while pending:
+        directory, rel = pending.pop()
+        try:
+            with os.scandir(directory) as listing:
+                items = list(listing)
+        except OSError as error:
+            found.append(FoundImage(f"{rel}/" if rel else "./", directory, -1, 0,
+                                    f"cannot list this folder ({error.strerror or error})"))
+            continue
+        for item in items:
+            if hidden_name(item.name):
+                continue
+            name = f"{rel}/{item.name}" if rel else item.name
+            if _real_dir(item):
+                pending.append((item.path, name))
+            elif os.path.splitext(item.name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(_found_file(item, name))
+    found.sort()
+    return found
+
+
+def _real_dir(item: os.DirEntry) -> bool:
+    try:
+        return item.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def _found_file(item: os.DirEntry, relpath: str) -> FoundImage:
+    """The entry as a FoundImage: its size and mtime, or why it cannot be read as an image file."""
+    try:
+        info = item.stat()  # follows a symlink to its target
+    except OSError as error:
+        reason = "is a symlink loop" if error.errno == errno.ELOOP else (
+            "is a dangling symlink" if item.is_symlink() else f"cannot be read ({error.strerror or error})")
+        return FoundImage(relpath, item.path, -1, 0, reason)
+    problem = not_a_file(info.st_mode)
+    if problem is not None:
+        return FoundImage(relpath, item.path, -1, 0, problem)
+    return FoundImage(relpath, item.path, info.st_size, info.st_mtime_ns)
+
+
+def not_a_file(mode: int) -> str | None:
+    """Why an entry of this st_mode is no image file to open (None for a regular file): a reader would
+    fail on a folder and wait forever on a FIFO."""
+    if stat.S_ISREG(mode):
+        return None
+    return "is a folder" if stat.S_ISDIR(mode) else "is not a regular file (a FIFO, socket or device)"
 
 
 def decode_image(
