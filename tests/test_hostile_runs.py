@@ -34,9 +34,14 @@ STEPS_PER_EPOCH = 16
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason=f"no MNIST files in {SHARED_DATA}")
 
 
-def cnnkit(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 300):
-    return subprocess.run([sys.executable, "-m", "cnnkit", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=timeout)
+def cnnkit(*args: str, env: dict | None = None, prefix: tuple[str, ...] = (), timeout: float = 300):
+    return subprocess.run([*prefix, sys.executable, "-m", "cnnkit", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+#: Runs a command as root without the capabilities that let root ignore file permissions, so a folder's
+#: mode bits stop it as they stop any user (chmod alone does not stop root).
+NO_OVERRIDE = ("setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search")
 
 
 def start(*args: str, env: dict | None = None) -> subprocess.Popen:
@@ -206,6 +211,19 @@ def test_a_runs_dir_that_cannot_hold_runs_is_one_line_before_anything_is_trained
     assert blocker.read_text() == "not a folder" and list(read_only.iterdir()) == []
 
 
+def test_a_runs_dir_without_write_permission_is_one_line(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    probe = subprocess.run([*NO_OVERRIDE, "touch", str(locked / "probe")], capture_output=True, text=True)
+    if probe.returncode == 0 or "Permission denied" not in probe.stderr:
+        pytest.skip(f"cannot make a folder unwritable for this user here (setpriv: {probe.stderr.strip()!r})")
+    result = cnnkit(*TRAIN, "--runs-dir", str(locked), "--quiet", prefix=NO_OVERRIDE)
+    assert result.returncode == 1, result.stderr
+    line = one_error_line(result.stderr)
+    assert f"--runs-dir {locked}: cannot write a run there: permission denied" in line, line
+    assert list(locked.iterdir()) == []
+
+
 def test_a_disk_too_small_for_the_run_is_refused_before_training(tmp_path, mount_tmpfs):
     small = mount_tmpfs("small", "512k")
     result = cnnkit(*TRAIN, "--runs-dir", str(small))
@@ -299,20 +317,24 @@ def test_a_name_in_use_is_refused_at_once_and_the_next_start_sweeps_only_dead_pr
         assert f"removed 1 leftover of interrupted cnnkit processes: {runs / '.twice.lock'}; kept 1" in stdout
         dead_writer, dead_tmp = writing(data / "mnist" / "train-images-idx3-ubyte.gz")
         assert killed(dead_writer)[0] == -signal.SIGKILL and dead_tmp.is_file()
+        dead_checkpoint, half_checkpoint = writing(resumable / "checkpoint-0002.safetensors")  # killed mid-write
+        assert killed(dead_checkpoint)[0] == -signal.SIGKILL and half_checkpoint.is_file()
         live_writer, live_tmp = writing(data / "mnist" / "t10k-images-idx3-ubyte.gz")
         doomed_staging = next(runs.glob(".doomed.partial-*"))
-        assert sorted(debris(runs)) == sorted([".doomed.lock", doomed_staging.name, resumable.name])
+        assert sorted(debris(runs)) == sorted([".doomed.lock", doomed_staging.name, resumable.name,
+                                               str(half_checkpoint.relative_to(runs))])
 
         result = cnnkit(*TRAIN, "--runs-dir", str(runs), "--data-dir", str(data), "--name", "next")
         assert result.returncode == 0, result.stderr
         swept = [line for line in result.stdout.splitlines() if line.startswith("removed ")]
         assert len(swept) == 1, result.stdout
-        assert swept[0].startswith(f"removed 3 leftovers of interrupted cnnkit processes: {runs / '.doomed.lock'}, "
-                                   f"{doomed_staging}, {dead_tmp}; "), swept
+        assert swept[0].startswith(f"removed 4 leftovers of interrupted cnnkit processes: {runs / '.doomed.lock'}, "
+                                   f"{doomed_staging}, {half_checkpoint} and 1 more; "), swept
         assert f"; kept 1 unfinished run with a checkpoint (`cnnkit runs {runs}` lists how to resume)" in swept[0]
         assert debris(runs) == [resumable.name], "only the resumable checkpoint stays"
         assert (resumable / "checkpoint.json").is_file() and (runs / "next" / "model.safetensors").is_file()
-        assert not dead_tmp.exists() and live_tmp.is_file(), "a write in progress is not debris"
+        assert not dead_tmp.exists() and not half_checkpoint.exists()
+        assert live_tmp.is_file(), "a write in progress is not debris"
         assert {run.name for run in list_runs(runs)} == {"next", "twice (unfinished)"}
         live_writer.send_signal(signal.SIGINT)  # its own clean exit removes its temp file
         live_writer.wait(timeout=60)
