@@ -296,7 +296,7 @@ def test_a_name_in_use_is_refused_at_once_and_the_next_start_sweeps_only_dead_pr
     live_writer = None
     try:
         # Two trainings with one name: the second is refused while the first trains (and goes on training).
-        first = start(*TRAIN, "--epochs", "30", "--runs-dir", str(runs), "--name", "twice", "--quiet")
+        first = start(*TRAIN, "--epochs", "30", "--threads", "1", "--runs-dir", str(runs), "--name", "twice", "--quiet")
         resumable = wait_for_checkpoint(runs, 1, first)
         before = sorted(runs.iterdir())
         second = cnnkit(*TRAIN, "--runs-dir", str(runs), "--name", "twice", "--quiet")
