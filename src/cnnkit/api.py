@@ -208,7 +208,8 @@ def config_of(state: dict[str, Any], staging: Path) -> TrainConfig:
     recorded = state.get("meta", {}).get("config")
     if not isinstance(recorded, dict):
         raise CnnkitError(f"{staging}: the checkpoint does not record the run's options")
-    return resolve_config(**recorded)
+    where = staging / CHECKPOINT_JSON
+    return resolve_config(spell=lambda name: f"{where}: {name}", **recorded)  # a bad value names the file
 
 
 def resumable_dir(path: str | Path) -> Path:

@@ -147,6 +147,14 @@ def _check_dataset(value: str) -> str | None:
             f"{', '.join(DATASETS)} or imagefolder:PATH")
 
 
+def _check_path(value: str) -> str | None:
+    """A folder option: an empty string (an unset shell variable, `--data-dir "$DATA"`) is refused rather
+    than read as the current directory or the default."""
+    if not value.strip():
+        return "is empty; give a folder, or leave the option out for its default"
+    return "contains a NUL character" if "\0" in value else None
+
+
 def _check_run_name(value: str) -> str | None:
     if value in ("", ".", "..") or value.startswith(".") or "/" in value or "\0" in value:
         return f"{value!r} is not a valid run directory name (no '/', not starting with '.')"
@@ -316,8 +324,8 @@ class TrainConfig:
     limit_train: int | None = option(None, "train on a seeded slice of N images", low=1, metavar="N")
     limit_eval: int | None = option(None, "validate and test on seeded slices of N images", low=1, metavar="N")
     data_dir: str | None = option(None, "where datasets live or are downloaded (default: $CNNKIT_DATA or "
-                                        "~/.cache/cnnkit)", metavar="DIR")
-    runs_dir: str = option("runs", "where run directories go", metavar="DIR")
+                                        "~/.cache/cnnkit)", metavar="DIR", check=_check_path)
+    runs_dir: str = option("runs", "where run directories go", metavar="DIR", check=_check_path)
     name: str | None = option(None, "run directory name (default: train, train2, ...)", check=_check_run_name)
     # Measured: the cifar10-fast net (1.2M parameters) writes a 14 MB checkpoint in 0.05 s, against ~54 s epochs.
     checkpoint: bool = option(True, "write a resumable checkpoint after every epoch into the unfinished run "
@@ -482,6 +490,22 @@ def read_config_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str 
     return values, extends, {key: data[key] for key in ("description", "measured") if key in data}
 
 
+def check_run_config(data: Any, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A run's config.json as loading the run reads it back: a JSON object whose known options have the
+    schema's types, so nothing that reads it later meets a list where it expects a folder name.
+
+    Ranges and machine checks (--threads against this machine's cores) are not applied: the run was
+    trained elsewhere, and only `--config` (which repeats the run here) needs them. Unknown keys (a newer
+    or older cnnkit's options) are kept and ignored.
+    """
+    path = Path(path)
+    if not isinstance(data, dict):
+        raise CnnkitError(f"{path}: expected a JSON object of option values, got {type(data).__name__}; the file "
+                          "was edited or damaged")
+    spell = _file_spell(path)
+    return {key: coerce(key, value, spell) if key in FIELD_NAMES else value for key, value in data.items()}
+
+
 def _file_spell(path: Path) -> Spell:
     return lambda name: f"{path}: {name}"
 
@@ -556,7 +580,33 @@ def resolve_config(preset: str | None = None, *, config_file: str | os.PathLike[
         raise CnnkitError(problem)
     if config.init is not None and config.weights is not None:
         raise CnnkitError(f"{spell('init')} and {spell('weights')} both give the starting weights; use one")
+    if problem := data_shape_conflict(config, spell):
+        raise CnnkitError(problem)
     return config
+
+
+def data_shape_conflict(config: TrainConfig, spell: Spell = python_name) -> str | None:
+    """What is wrong when --image-size or --channels asks a built-in dataset for another shape than its own.
+
+    They apply to image folders only: a built-in dataset comes in its published shape, and ignoring the
+    request without a word would train on other images than the user asked for. Its own shape is accepted.
+    """
+    if config.dataset.startswith("imagefolder:") or (config.image_size is None and config.channels is None):
+        return None
+    from cnnkit.data.registry import DATASETS
+
+    spec = DATASETS.get(config.dataset)
+    if spec is None:
+        return None
+    channels, height, width = spec.shape
+    if config.image_size is not None and list(config.image_size) != [height, width]:
+        asked = f"{spell('image_size')} {'x'.join(map(str, config.image_size))}"
+    elif config.channels is not None and config.channels != channels:
+        asked = f"{spell('channels')} {config.channels}"
+    else:
+        return None
+    return (f"{asked} applies to image folders ({spell('dataset')} imagefolder:PATH); {config.dataset} comes in "
+            f"its own {height}x{width} with {channels} channel{'s' if channels > 1 else ''}: leave it out")
 
 
 def selection_conflict(val_is_test: bool, keep: str, ema: float | None, spell: Spell = python_name) -> str | None:

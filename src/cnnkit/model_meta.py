@@ -325,38 +325,17 @@ def skeleton_state(meta: dict[str, Any], meta_path: Path) -> dict[str, Any]:
     describes: what its weights file must hold. Refuses model_kwargs the architecture cannot be built with."""
     import torch
 
-    from cnnkit.models import model_entry
+    from cnnkit.models.builder import skeleton
 
     spec = meta["input"]
     shape = (spec["channels"], spec["height"], spec["width"])
-    entry = model_entry(meta["architecture"])
     try:
-        with torch.device("meta"), _shapes_only():
-            body = entry.builder(input_shape=shape, num_classes=len(meta["classes"]), **meta["model_kwargs"])
-    except (TypeError, ValueError, RuntimeError, IndexError, ZeroDivisionError, OverflowError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CnnkitError(f"{meta_path}: architecture {meta['architecture']!r} cannot be built with model_kwargs "
-                          f"{_cut(json.dumps(meta['model_kwargs']))} for input {input_text(spec)} ({_cut(first)}); "
-                          "the file was edited or damaged") from None
+        body = skeleton(meta["architecture"], shape, len(meta["classes"]), **meta["model_kwargs"])
+    except CnnkitError as error:
+        raise CnnkitError(f"{meta_path}: {error}; the file was edited or damaged") from None
     standardisation = torch.empty((1, shape[0], 1, 1), device="meta")
     return {"rescale.scale": standardisation, "rescale.offset": standardisation,
             **{f"body.{key}": value for key, value in body.state_dict().items()}}
-
-
-def _shapes_only():
-    """A TorchFunctionMode skipping in-place value changes (initialisation) of meta tensors: they have no
-    values, and PyTorch's Python versions of random init on the meta device import torch._dynamo (measured
-    2-6 s, more than the rest of loading a run)."""
-    from torch.overrides import TorchFunctionMode
-
-    class ShapesOnly(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            name = getattr(func, "__name__", "")
-            if name.endswith("_") and not name.startswith("__") and args and getattr(args[0], "is_meta", False):
-                return args[0]
-            return func(*args, **(kwargs or {}))
-
-    return ShapesOnly()
 
 
 def check_standardisation(meta: dict[str, Any], scale: Any, offset: Any, meta_path: Path, weights: Path) -> None:

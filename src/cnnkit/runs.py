@@ -444,10 +444,18 @@ def load_run(path: str | Path, *, tta: str | None = None, trust_code: bool = Fal
     except RuntimeError as error:
         raise CnnkitError(f"{weights}: cannot load weights ({_first_line(error)})") from None
     model.eval()
-    config = read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
+    config = read_run_config(run_dir)
     metrics = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
     tta = run_tta(run_dir, meta, tta)
     return Run(run_dir, with_tta(model, tta), meta, config, metrics, tta)
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """config.json, checked to hold options of the schema's types ({} for a run saved without one)."""
+    from cnnkit.config import check_run_config
+
+    path = run_dir / "config.json"
+    return check_run_config(read_json(path), path) if path.is_file() else {}
 
 
 def read_model_meta(run_dir: Path) -> dict[str, Any]:

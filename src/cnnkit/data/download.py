@@ -277,18 +277,26 @@ def _declared_length(response) -> int | None:
 
 @contextlib.contextmanager
 def _progress(label: str, total: int | None, enabled: bool):
-    """A byte progress bar (drawn only once the server has answered), yielding its advance function."""
+    """A byte progress bar (drawn only once the server has answered), yielding its advance function.
+
+    A finished bar stays on the screen as a record of the download; a failed one is removed, so the
+    error stays the one line about it.
+    """
     if not enabled:
         yield lambda amount: None
         return
-    from cnnkit.progress import PoochProgress
+    from cnnkit.progress import make_progress
 
-    bar = PoochProgress(label)
-    bar.total = total
+    bar = make_progress("bytes", transient=False)
+    task = bar.add_task(label, total=total or None)
+    bar.start()
     try:
-        yield bar.update
+        yield lambda amount: bar.advance(task, amount)
+    except BaseException:
+        bar.update(task, visible=False)
+        raise
     finally:
-        bar.close()
+        bar.stop()
 
 
 def _size(count: int) -> str:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 
 import torch
 
+from cnnkit.errors import CnnkitError
 from cnnkit.models.classifier import ImageClassifier
 from cnnkit.models.registry import ModelEntry, get_entry
 
@@ -34,6 +37,7 @@ def build_model(
     """
     entry = get_entry(name)
     shape = tuple(int(v) for v in input_shape)
+    check_model_size(name, shape, num_classes, skeleton(name, shape, num_classes, **kwargs))
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
@@ -43,3 +47,64 @@ def build_model(
     model = ImageClassifier(body, mean, std)
     model.architecture, model.model_kwargs, model.input_shape = name, dict(kwargs), shape
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sizing a model before it exists
+
+#: Training holds every parameter about four times (weights, gradients, Adam's two moments): a model whose
+#: parameters alone take more than this share of the machine's memory cannot train, and is refused before
+#: its allocation (which the kernel would answer by killing the process) instead.
+MEMORY_SHARE = 0.25
+
+
+def skeleton(name: str, input_shape: Sequence[int], num_classes: int, **kwargs) -> torch.nn.Module:
+    """The body `name` builds, on the meta device: every parameter's shape, no memory, no initialisation.
+
+    Arguments the builder rejects (model_kwargs it does not take, or of the wrong kind) are a CnnkitError
+    naming them, since they come from the user's --model-kwargs or a run's model.json.
+    """
+    entry = get_entry(name)
+    try:
+        with torch.device("meta"), shapes_only():
+            return entry.builder(input_shape=tuple(input_shape), num_classes=num_classes, **kwargs)
+    except (TypeError, ValueError, RuntimeError, IndexError, ZeroDivisionError, OverflowError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        shown = json.dumps(kwargs, default=str)
+        raise CnnkitError(f"model {name!r} cannot be built with model_kwargs {shown[:80]} for input "
+                          f"{'x'.join(map(str, input_shape))} and {num_classes} classes ({first[:120]})") from None
+
+
+def check_model_size(name: str, input_shape: Sequence[int], num_classes: int, body: torch.nn.Module) -> None:
+    """Refuse a model whose parameters would not leave room to train it in this machine's memory."""
+    count = sum(tensor.numel() for tensor in body.state_dict().values())
+    need, memory = count * 4, physical_memory()
+    if memory and need > memory * MEMORY_SHARE:
+        raise CnnkitError(f"model {name!r} for input {'x'.join(map(str, input_shape))} and {num_classes} classes "
+                          f"has {count / 1e9:.2f} billion parameters ({need / 1e9:.1f} GB as float32; training "
+                          f"needs about 4x that), too many for this machine's {memory / 1e9:.0f} GB of memory; "
+                          "choose a smaller --image-size or --model-kwargs")
+
+
+def physical_memory() -> int | None:
+    """Bytes of memory on this machine, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def shapes_only():
+    """A TorchFunctionMode that skips in-place value changes (initialisation) of meta tensors: they have no
+    values, and PyTorch's Python versions of random init on the meta device import torch._dynamo (measured
+    2-6 s, more than the rest of loading a run); skipped, a body builds on the meta device in milliseconds."""
+    from torch.overrides import TorchFunctionMode
+
+    class ShapesOnly(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name.endswith("_") and not name.startswith("__") and args and getattr(args[0], "is_meta", False):
+                return args[0]
+            return func(*args, **(kwargs or {}))
+
+    return ShapesOnly()
