@@ -59,7 +59,8 @@ def test_flags_override_the_preset_and_none_means_unset():
 
 
 def test_a_runs_config_json_round_trips_to_the_same_config(tmp_path):
-    original = resolve_config("fast", epochs=3, ema=0.995, patience=2, image_size=[24, 24], seed=5)
+    original = resolve_config("fast", epochs=3, ema=0.995, patience=2, dataset="imagefolder:photos",
+                              image_size=[24, 24], seed=5)  # --image-size applies to image folders only
     saved = tmp_path / "config.json"
     saved.write_text(json.dumps(original.to_dict(), indent=2))  # as runs.write_json writes it
     assert resolve_config(config_file=saved) == original

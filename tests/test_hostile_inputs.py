@@ -258,7 +258,8 @@ def test_the_datasets_own_shape_is_accepted(tmp_path):
 
 
 TAMPERED = {
-    "height-200000": (lambda m: m["input"].update(height=200000), "input.height must be a whole number from 1 to 8,192"),
+    "height-200000": (lambda m: m["input"].update(height=200000),
+                      "input.height must be a whole number from 1 to 8,192"),
     "format-version-string": (lambda m: m.update(format_version="1"), 'format_version must be a whole number'),
     "height-string": (lambda m: m["input"].update(height="28"), 'input.height must be a whole number'),
     "classes-string": (lambda m: m.update(classes="0123456789"), "classes must be a list of 1 to 100,000"),
@@ -272,7 +273,8 @@ TAMPERED = {
     "architecture": (lambda m: m.update(architecture="seed"),
                      "model.json says architecture seed, the weights were saved with fast"),
     "kwargs-huge": (lambda m: m.update(model_kwargs={"widths": [100000, 100000, 100000]}),
-                    'model.json says model_kwargs {"widths": [100000, 100000, 100000]}, the weights were saved with {}'),
+                    'model.json says model_kwargs {"widths": [100000, 100000, 100000]}, the weights were saved '
+                    "with {}"),
     "tta": (lambda m: m.update(tta="spin"), "tta must be one of none, flip, shift, flip-shift"),
     "folder-input-32": (lambda m: (m.update(dataset="imagefolder:/somewhere"), m["input"].update(height=32, width=32),
                                    m["preprocessing"].update(layout=None)),

@@ -415,7 +415,7 @@ def cmd_predict(args: argparse.Namespace, started: float) -> int:
         shown = "; ".join(result.skipped[:SHOWN_SKIPPED])
         more = f"; and {len(result.skipped) - SHOWN_SKIPPED} more" if len(result.skipped) > SHOWN_SKIPPED else ""
         print(f"{PROG}: error: skipped {len(result.skipped)} unreadable file(s), predicted the other "
-              f"{len(result.predictions)}: {shown}{more}", file=sys.stderr)
+              f"{len(result.predictions)}: {one_line(shown)}{more}", file=sys.stderr)
         return 1
     return 0
 
@@ -676,5 +676,10 @@ def user_error(message: str, code: int, debug: bool) -> int:
         import traceback
 
         traceback.print_exc()
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    print(f"{PROG}: error: {one_line(message)}", file=sys.stderr)
     return code
+
+
+def one_line(message: str) -> str:
+    """`message` with its line breaks escaped: a file or folder name may hold one, and the error is one line."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")

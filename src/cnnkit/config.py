@@ -440,7 +440,8 @@ def check_names(values: dict[str, Any], allowed: frozenset[str], spell: Spell, w
     unknown = sorted(set(values) - allowed)
     if unknown:
         name = unknown[0]
-        raise CnnkitError(f"{spell(name)} is not {what}{did_you_mean(name, sorted(allowed))}")
+        shown = name if name.isidentifier() else repr(name)  # a key from a file may hold a newline
+        raise CnnkitError(f"{spell(shown)} is not {what}{did_you_mean(name, sorted(allowed))}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -295,8 +295,9 @@ def check_recorded(meta: dict[str, Any], header: WeightsHeader, meta_path: Path)
     ours = weights_record(meta)
     for key, theirs in recorded.items():
         if _normalised(key, ours[key]) != _normalised(key, theirs):
-            raise CnnkitError(f"{meta_path} does not match {header.path.name}: {_what_differs(key, ours[key], theirs)}; "
-                              f"model.json was edited, or the weights belong to another run")
+            raise CnnkitError(f"{meta_path} does not match {header.path.name}: "
+                              f"{_what_differs(key, ours[key], theirs)}; model.json was edited, or the weights belong "
+                              "to another run")
 
 
 def _normalised(key: str, text: str) -> Any:

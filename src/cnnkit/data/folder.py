@@ -180,12 +180,17 @@ def check_class_folders(dataset: str, classes: Sequence[str]) -> None:
     else:
         extra = []
     if missing or extra:
-        what = "; ".join(f"{label} {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+        what = "; ".join(f"{label} {', '.join(map(_shown_name, names[:5]))}{' ...' if len(names) > 5 else ''}"
                          for label, names in (("no folder with images for class(es)", missing),
                                               ("class folder(s) the model does not know", extra)) if names)
         raise CnnkitError(f"{top}: its class folders are not the model's {len(classes)} classes ({what}); "
-                          "model.json's \"dataset\" names another folder than the run was trained on (if that folder moved, "
-                          "put its new path there)")
+                          "model.json's \"dataset\" names another folder than the run was trained on (if that "
+                          "folder moved, put its new path there)")
+
+
+def _shown_name(name: str) -> str:
+    """A class name for a one-line message: as it is, or quoted when it holds spaces or line breaks."""
+    return name if name.isprintable() and " " not in name else repr(name)
 
 
 def _split_dirs(root: Path) -> dict[str, Path]:

@@ -89,21 +89,58 @@ def _type_code(dtype: np.dtype) -> int:
 def _gunzip(path: Path, compressed: bytes) -> bytes:
     """Decompress every gzip member, turning a cut or corrupt stream into a one-line CnnkitError.
 
-    A truncated stream still yields the bytes before the cut, so the caller can say how many of the
-    expected bytes arrived; that is why this decompresses by hand instead of calling gzip.decompress.
+    Never inflates more than the IDX header announces (plus one byte, to tell trailing data): a small
+    file that inflates to gigabytes (a gzip bomb, or a header whose dimensions promise terabytes) is
+    refused before that memory is taken. A truncated stream still yields the bytes before the cut, so
+    the caller can say how many of the expected bytes arrived; that is why this decompresses by hand
+    instead of calling gzip.decompress.
     """
-    pieces = []
+    pieces = bytearray()
+    limit = _LONGEST_HEADER  # until the header has arrived; then the size it announces
+    known = False
     rest = compressed
     try:
         while rest:
             decompressor = zlib.decompressobj(wbits=31)
-            pieces.append(decompressor.decompress(rest))
+            pending = rest
+            while not decompressor.eof:
+                chunk = decompressor.decompress(pending, limit + 1 - len(pieces))
+                pieces += chunk
+                pending = decompressor.unconsumed_tail
+                if not known and _header_arrived(pieces):
+                    limit, known = _announced_size(path, bytes(pieces[:_LONGEST_HEADER])), True
+                if len(pieces) > limit:
+                    raise CnnkitError(f"{path}: IDX file has trailing data: expected {limit - _offset(pieces)} "
+                                      "bytes of data, found more; delete the file and download it again")
+                if not chunk and not pending:
+                    break
             if not decompressor.eof:
-                return _truncated_gzip(path, b"".join(pieces))
+                return _truncated_gzip(path, bytes(pieces))
             rest = decompressor.unused_data.lstrip(b"\0")
     except zlib.error as error:
         raise CnnkitError(f"{path}: corrupt gzip data ({error}); delete the file and download it again") from None
-    return b"".join(pieces)
+    return bytes(pieces)
+
+
+#: The longest IDX header: the magic and 255 dimensions.
+_LONGEST_HEADER = 4 + 4 * 255
+#: The largest IDX payload read: far above any dataset of the format (EMNIST's largest split is 0.6 GB),
+#: so a header promising more is refused before anything that size is inflated or allocated.
+MAX_PAYLOAD = 1 << 32
+
+
+def _header_arrived(data: bytearray) -> bool:
+    return len(data) >= 4 and len(data) >= _offset(data)
+
+
+def _offset(data: bytearray | bytes) -> int:
+    return 4 + 4 * data[3] if len(data) >= 4 else 4
+
+
+def _announced_size(path: Path, header: bytes) -> int:
+    """Header plus payload bytes the header announces (at most MAX_PAYLOAD: _parse_header refuses more)."""
+    dtype, dims, offset = _parse_header(path, header)
+    return offset + math.prod(dims) * dtype.itemsize
 
 
 def _truncated_gzip(path: Path, partial: bytes) -> bytes:
@@ -135,4 +172,10 @@ def _parse_header(path: Path, data: bytes, *, truncated: bool = False) -> tuple[
             f"{path}: truncated IDX file: the header needs {offset} bytes for {ndim} dimensions, found {len(data)}"
         )
     dims = [int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4)]
+    # Bounded with every zero dimension counted as one: (0, 2**21, 2**21, 2**21) holds no data, but numpy
+    # cannot even describe an array of that shape.
+    largest = math.prod(max(1, d) for d in dims) * _DTYPES[code].itemsize
+    if largest > MAX_PAYLOAD:
+        raise CnnkitError(f"{path}: the IDX header announces dimensions {tuple(dims)}, more than the "
+                          f"{MAX_PAYLOAD:,} bytes cnnkit reads; the file is damaged or not a dataset file")
     return _DTYPES[code], dims, offset
