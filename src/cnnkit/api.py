@@ -18,6 +18,7 @@ import torch
 
 from cnnkit.config import TrainConfig, resolve_config
 from cnnkit.data.augment import resolve_flip
+from cnnkit.data.disk import window_bytes
 from cnnkit.data.tensors import Dataset, load_dataset
 from cnnkit.engine.cpu import configure_cpu, peak_rss_mb
 from cnnkit.errors import CnnkitError, RunNotWritten, TrainingDiverged, describe_os_error
@@ -53,11 +54,21 @@ class TrainResult:
     model: torch.nn.Module
 
 
-def dataset_for(config: TrainConfig, progress: bool = True) -> Dataset:
+def dataset_for(config: TrainConfig, progress: bool = True, processes: int = 1) -> Dataset:
+    """The configured dataset; `processes` data-parallel processes will each hold it (for --stream auto)."""
     image_size = tuple(config.image_size) if config.image_size else None
     return load_dataset(config.dataset, config.data_dir, val=config.val, limit_train=config.limit_train,
                         limit_eval=config.limit_eval, image_size=image_size, channels=config.channels,
-                        progress=progress)
+                        progress=progress, stream=config.stream, processes=processes)
+
+
+def streaming_note(data: Dataset, batch_size: int) -> str:
+    """The log line of a dataset whose images stream from disk: how much is on disk, how much in memory."""
+    images = data.train.images
+    on_disk = sum(split.images.nbytes for split in (data.train, data.val, data.test) if split.on_disk)
+    size = f"{on_disk / 1e9:.1f} GB" if on_disk >= 1e8 else f"{on_disk / 1e6:.0f} MB"
+    return (f"images stream from {images.paths[0].parent} ({size} decoded): read in shuffled chunks, at most "
+            f"{window_bytes(images.item_bytes, batch_size) / 2**20:.0f} MiB of them in memory at a time (--stream)")
 
 
 def model_for(config: TrainConfig, data: Dataset, user_model: Any = None) -> ImageClassifier:
@@ -257,6 +268,8 @@ def _train_process(config: TrainConfig, device: torch.device, world: World, thre
     with stage as (staging, final):
         callbacks = [*callbacks, *(run_callbacks(config, staging) if main else [])]  # a missing extra fails first
         data = load_in_turn(config, progress and main, world)
+        if config.stream == "auto" and data.name.startswith("imagefolder:"):  # record what ran: a resume does the same
+            config = dataclasses.replace(config, stream="yes" if data.streamed else "no")
         fingerprint = dataset_fingerprint(data) if config.checkpoint or saved is not None else None
         if saved is not None and saved["meta"].get("data") != fingerprint:
             raise CnnkitError(f"the data of {config.dataset} differs from the data this run started with "
@@ -273,6 +286,8 @@ def _train_process(config: TrainConfig, device: torch.device, world: World, thre
         log(f"{data.name}: {len(data.train):,} train / {len(data.val):,} validation ({data.val_source}) / "
             f"{len(data.test):,} test images, {data.num_classes} classes, input {data.input_shape}; "
             f"device {device}, {threads} threads{processes}")
+        if data.streamed:
+            log(streaming_note(data, config.batch_size))
         check_tta_for(config, data)  # before training, not after it
         model = model_for(config, data, user_model)
         if main:
@@ -423,13 +438,24 @@ def write_final_report(run_dir: Path) -> None:
 
 def load_in_turn(config: TrainConfig, progress: bool, world: World) -> Dataset:
     """The dataset; with several processes rank 0 loads first (downloads, decodes, fills the cache) and
-    the others then read what it left, instead of all fetching and writing the same files at once."""
-    if world.distributed and not world.is_main:
-        torch.distributed.barrier()
-    data = dataset_for(config, progress)
-    if world.distributed and world.is_main:
-        torch.distributed.barrier()
+    the others then read what it left, instead of all fetching and writing the same files at once.
+    The others stream from disk or load into memory as rank 0 chose: every rank must draw the same order."""
+    if not world.distributed:
+        return dataset_for(config, progress)
+    data = dataset_for(config, progress, processes=world.world_size) if world.is_main else None
+    torch.distributed.barrier()
+    streamed = rank0_flag(data is not None and data.streamed)
+    if data is None:
+        data = dataset_for(dataclasses.replace(config, stream="yes" if streamed else "no"), progress)
     return data
+
+
+def rank0_flag(flag: bool) -> bool:
+    """Rank 0's `flag`, on every rank of the process group (a tensor broadcast: no pickling)."""
+    on_gpu = torch.distributed.get_backend() == "nccl"
+    value = torch.tensor([int(flag)], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    torch.distributed.broadcast(value, src=0)
+    return bool(value.item())
 
 
 def dataset_fingerprint(data: Dataset) -> str:

@@ -321,6 +321,10 @@ class TrainConfig:
                                           check=_check_image_size, metavar="HxW", parse=_image_size)
     channels: int | None = option(None, "image folders: 1 (grayscale) or 3 (RGB) (default: 1 if all are grayscale)",
                                   choices=(1, 3))
+    # Peak RSS streamed vs loaded, at two folder sizes, and epoch times: benchmarks/stream_memory.py.
+    stream: str = option("auto", "image folders: train from the decoded images on disk, read in shuffled chunks, "
+                                 "instead of loading them: auto (when they would not fit in memory), yes, or no",
+                         choices=("auto", "yes", "no"))
     limit_train: int | None = option(None, "train on a seeded slice of N images", low=1, metavar="N")
     limit_eval: int | None = option(None, "validate and test on seeded slices of N images", low=1, metavar="N")
     data_dir: str | None = option(None, "where datasets live or are downloaded (default: $CNNKIT_DATA or "

@@ -7,9 +7,11 @@ Accepted layouts, with class names taken from the subfolder names:
 
 This module scans the folder and orchestrates the load. Every image is decoded once with Pillow
 (cnnkit.data.images) in worker processes (cnnkit.data.parallel; 50k CIFAR-10 JPEGs on 2 cores: 2.4 s),
-converted to one size and channel count, and stored under `<cache>/imagefolder/<key>/` keyed by the folder
-listing (cnnkit.data.cache), so loading an unchanged folder again decodes nothing (a cached reload: 0.6 s).
-Unreadable files are skipped and reported, not fatal: one bad JPEG in 50k should not stop a run.
+converted to one size and channel count, and written chunk by chunk into `<cache>/imagefolder/<key>/`,
+keyed by the folder listing (cnnkit.data.cache), so loading an unchanged folder again decodes nothing (a
+cached reload: 0.6 s) and decoding a folder larger than memory never holds it decoded in memory; `on_disk`
+then leaves the images in those files (cnnkit.data.disk). Unreadable files are skipped and reported, not
+fatal: one bad JPEG in 50k should not stop a run.
 """
 
 from __future__ import annotations
@@ -23,15 +25,18 @@ from concurrent.futures import Executor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from PIL import Image
 
-from cnnkit.data.cache import cache_key, read_cache, write_cache
+from cnnkit.data.cache import CacheWriter, cache_key, entry_meta, read_cache, remove_stale_entries
 from cnnkit.data.images import GRAYSCALE_MODES, IMAGE_EXTENSIONS, Probe, hidden_name, probe, to_array, walk_images
 from cnnkit.data.parallel import choose_executor, run_chunks
 from cnnkit.errors import CnnkitError
+
+if TYPE_CHECKING:  # not imported: decoding workers import this module, and disk.py imports torch
+    from cnnkit.data.disk import DiskImages
 
 __all__ = ["FolderData", "check_class_folders", "load_image_folder"]
 
@@ -45,14 +50,19 @@ AUTO_TEST_FRACTION = 0.10
 #: The path of a scanned entry that is no readable file: opening "" fails at once (FileNotFoundError),
 #: so decoding counts it among the skipped files, named by its relpath.
 UNREADABLE = ""
+#: Decoded bytes per chunk of work sent to a decoding worker. Chunks come back whole and wait to be stored,
+#: so this bounds decoding's memory (a few chunks in flight) whatever the folder's size; 8 MiB is still
+#: hundreds of small images (2048, the chunk cap, for CIFAR-sized ones), so pickling costs stay negligible.
+DECODE_CHUNK_BYTES = 8 << 20
 
 
 @dataclass
 class FolderData:
-    """A decoded image folder: uint8 (N, C, H, W) images and int64 labels per split."""
+    """A decoded image folder: uint8 (N, C, H, W) images (arrays, or DiskImages when left on disk) and int64
+    labels per split."""
 
     classes: list[str]
-    splits: dict[str, tuple[np.ndarray, np.ndarray]]  # "train" always; "val" / "test" when present
+    splits: dict[str, tuple[np.ndarray | DiskImages, np.ndarray]]  # "train" always; "val" / "test" when present
     skipped: list[str] = field(default_factory=list)  # unreadable files, relative to the folder
     image_size: tuple[int, int] = (0, 0)  # (height, width)
     channels: int = 0
@@ -78,11 +88,14 @@ def load_image_folder(
     channels: int | None = None,
     progress: bool = False,
     workers: int | None = None,
+    on_disk: bool = False,
 ) -> FolderData:
     """Load an image folder, decoding only when `cache_dir` holds no decoded copy of this exact listing.
 
     `image_size` is (height, width); by default the most common size in the folder. `channels` is 1 or 3;
     by default 1 when every image is grayscale, else 3 (transparent pixels composited on white).
+    `on_disk` leaves the images in the cache's files (DiskImages) rather than loading them; where the cache
+    cannot be written (or without `cache_dir`) they are decoded into memory.
     """
     root = Path(folder).expanduser().resolve()
     if channels not in (None, 1, 3):
@@ -92,21 +105,25 @@ def load_image_folder(
         if min(image_size) < 1:
             raise CnnkitError(f"{root}: image size must be positive, got {image_size}")
     classes, entries = _scan(root)
-    key = cache_key(entries, image_size, channels, auto_test=AUTO_TEST_FRACTION)
-    entry_dir = Path(cache_dir) / "imagefolder" / key if cache_dir is not None else None
-    if entry_dir is not None:
-        cached = read_cache(entry_dir)
-        if cached is not None:
-            return cached
+    request = (image_size, channels)
+    if cache_dir is None:
+        return _decode_to_memory(root, classes, entries, request, progress=progress, workers=workers)
+    entry_dir = Path(cache_dir) / "imagefolder" / cache_key(entries, image_size, channels,
+                                                           auto_test=AUTO_TEST_FRACTION)
+    cached = read_cache(entry_dir, on_disk=on_disk)
+    if cached is not None:
+        return cached
     try:
-        data = _decode_all(root, classes, entries, image_size, channels, progress=progress, workers=workers)
-    except BrokenProcessPool:
-        # Spawned workers die at once when the calling script lacks `if __name__ == "__main__":`;
-        # slower in-process decoding beats failing.
-        warnings.warn("image decoding workers could not start; decoding in this process", stacklevel=2)
-        data = _decode_all(root, classes, entries, image_size, channels, progress=progress, workers=1)
-    if entry_dir is not None:
-        write_cache(entry_dir, data, source=root, request=(image_size, channels))
+        _decode_to_cache(root, classes, entries, request, entry_dir, progress=progress, workers=workers)
+    except OSError as error:
+        # A read-only or full cache directory costs this run its memory and the next one a re-decode.
+        warnings.warn(f"could not write the image cache in {entry_dir}: {error}; decoding into memory", stacklevel=2)
+        return _decode_to_memory(root, classes, entries, request, progress=progress, workers=workers)
+    remove_stale_entries(entry_dir, root, request)
+    data = read_cache(entry_dir, on_disk=on_disk)
+    if data is None:
+        raise CnnkitError(f"{entry_dir}: the decoded images just written cannot be read back; delete the folder")
+    data.from_cache = False
     return data
 
 
@@ -274,17 +291,73 @@ def _auto_test_count(class_size: int) -> int:
 # Decoding
 
 
-def _decode_all(
-    root: Path,
-    classes: list[str],
-    entries: list[_Entry],
-    image_size: tuple[int, int] | None,
-    channels: int | None,
-    *,
-    progress: bool,
-    workers: int | None,
+def _decode_to_memory(
+    root: Path, classes: list[str], entries: list[_Entry], request: tuple, *, progress: bool, workers: int | None
 ) -> FolderData:
-    """Decode every image in one parallel pass; a second pass only when an inferred target was wrong.
+    """Decode every image into one array in memory and cut it into splits: the path without a cache."""
+    sink = _ArraySink(len(entries))
+    target, decoded = _decode_retrying(root, entries, request, sink, progress=progress, workers=workers)
+    kept = [entry for entry, ok in zip(entries, decoded, strict=True) if ok]
+    _check_train_classes(root, kept)
+    images = sink.images if decoded.all() else sink.images[decoded]
+    (height, width), channel_count = target
+    return FolderData(classes=classes, splits=_split_arrays(images, kept), skipped=_skipped(entries, decoded),
+                      image_size=(height, width), channels=channel_count)
+
+
+def _decode_to_cache(
+    root: Path, classes: list[str], entries: list[_Entry], request: tuple, entry_dir: Path, *, progress: bool,
+    workers: int | None,
+) -> None:
+    """Decode every image straight into a new cache entry's files, chunk by chunk (never all in memory)."""
+    with CacheWriter(entry_dir, _split_ranges(entries)) as writer:
+        target, decoded = _decode_retrying(root, entries, request, writer, progress=progress, workers=workers)
+        kept = [entry for entry, ok in zip(entries, decoded, strict=True) if ok]
+        _check_train_classes(root, kept)
+        labels = {split: np.array([entry.label for entry in kept if entry.split == split], dtype=np.int64)
+                  for split in writer.ranges}
+        meta = entry_meta(classes=classes, skipped=_skipped(entries, decoded), image_size=target[0],
+                          channels=target[1], source=root, request=request)
+        writer.commit(decoded, labels, meta)
+
+
+class _ArraySink:
+    """Where decoded chunks go without a cache: one (N, C, H, W) array, filled in place as chunks arrive."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.images = np.empty((0, 0, 0, 0), np.uint8)
+
+    def begin(self, target: tuple[tuple[int, int], int]) -> None:
+        (height, width), channels = target
+        self.images = np.empty((0, 0, 0, 0), np.uint8)  # a second pass: free the first one's array first
+        self.images = np.empty((self.count, channels, height, width), np.uint8)
+
+    def put(self, start: int, images: np.ndarray, ok: np.ndarray) -> None:
+        self.images[start : start + len(ok)][ok] = images
+
+
+_Sink = _ArraySink | CacheWriter
+
+
+def _decode_retrying(
+    root: Path, entries: list[_Entry], request: tuple, sink: _Sink, *, progress: bool, workers: int | None
+) -> tuple[tuple[tuple[int, int], int], np.ndarray]:
+    """_decode_all, again in this process when the worker processes could not start."""
+    try:
+        return _decode_all(root, entries, request, sink, progress=progress, workers=workers)
+    except BrokenProcessPool:
+        # Spawned workers die at once when the calling script lacks `if __name__ == "__main__":`;
+        # slower in-process decoding beats failing.
+        warnings.warn("image decoding workers could not start; decoding in this process", stacklevel=4)
+        return _decode_all(root, entries, request, sink, progress=progress, workers=1)
+
+
+def _decode_all(
+    root: Path, entries: list[_Entry], request: tuple, sink: _Sink, *, progress: bool, workers: int | None
+) -> tuple[tuple[tuple[int, int], int], np.ndarray]:
+    """Decode every image into `sink` in one parallel pass; a second pass only when an inferred target was
+    wrong. Returns the target ((height, width), channels) and the mask of images that decoded.
 
     An inferred size or channel count depends on all images but is needed before decoding. A guess from a
     sample spread over the listing is almost always right, and every decoded image reports its own size
@@ -292,33 +365,30 @@ def _decode_all(
     header-reading pass over every file (0.7 s of 3 s for 50k CIFAR JPEGs on 2 cores).
     """
     paths = [entry.path for entry in entries]
+    image_size, channels = request
     inferring = image_size is None or channels is None
     with choose_executor(len(paths), workers) as executor:
         sample = _probe_chunk(paths[:: max(1, len(paths) // 256)]) if inferring else []
         target = _infer_target([found for found in sample if found is not None], image_size, channels)
-        images, decoded, probes = _decode_paths(executor, paths, target, progress)
+        decoded, probes = _decode_paths(executor, paths, target, progress, sink)
         if inferring and decoded.any():
             seen = [found for found, ok in zip(probes, decoded, strict=True) if ok and found is not None]
             actual = _infer_target(seen, image_size, channels)
             if actual != target:
-                del images
                 target = actual
-                images, decoded, _ = _decode_paths(executor, paths, target, progress)
+                decoded, _ = _decode_paths(executor, paths, target, progress, sink)
     if not decoded.any():
         raise CnnkitError(f"{root}: none of the {len(paths)} image files could be decoded")
-    if not decoded.all():
-        images = images[decoded]
-    splits = _split_arrays(images, [entry for entry, ok in zip(entries, decoded, strict=True) if ok])
-    if len(np.unique(splits["train"][1])) < 2:
+    return target, decoded
+
+
+def _check_train_classes(root: Path, kept: Sequence[_Entry]) -> None:
+    if len({entry.label for entry in kept if entry.split == "train"}) < 2:
         raise CnnkitError(f"{root}: fewer than two classes have readable training images")
-    (height, width), channel_count = target
-    return FolderData(
-        classes=classes,
-        splits=splits,
-        skipped=sorted(entry.relpath for entry, ok in zip(entries, decoded, strict=True) if not ok),
-        image_size=(height, width),
-        channels=channel_count,
-    )
+
+
+def _skipped(entries: Sequence[_Entry], decoded: np.ndarray) -> list[str]:
+    return sorted(entry.relpath for entry, ok in zip(entries, decoded, strict=True) if not ok)
 
 
 def _infer_target(
@@ -332,36 +402,41 @@ def _infer_target(
 
 
 def _decode_paths(
-    executor: Executor, paths: list[str], target: tuple[tuple[int, int], int], progress: bool
-) -> tuple[np.ndarray, np.ndarray, list[Probe | None]]:
-    """Decode all paths to `target`: (N, C, H, W) images, a mask of which decoded, and each one's probe."""
+    executor: Executor, paths: list[str], target: tuple[tuple[int, int], int], progress: bool, sink: _Sink
+) -> tuple[np.ndarray, list[Probe | None]]:
+    """Decode all paths to `target` into `sink`: a mask of which decoded, and each one's probe."""
     (height, width), channels = target
-    # Filled in place as chunks arrive, so peak memory is the dataset once, not twice.
-    images = np.empty((len(paths), channels, height, width), np.uint8)
+    sink.begin(target)
     decoded = np.zeros(len(paths), bool)
     probes: list[Probe | None] = [None] * len(paths)
 
     def keep(start: int, part: tuple[np.ndarray, np.ndarray, list[Probe | None]]) -> None:
         arrays, ok, chunk_probes = part
-        images[start : start + len(ok)][ok] = arrays
+        sink.put(start, arrays, ok)
         decoded[start : start + len(ok)] = ok
         probes[start : start + len(ok)] = chunk_probes
 
-    run_chunks(executor, _decode_chunk, paths, ((height, width), channels), keep, "Decoding images", progress)
-    return images, decoded, probes
+    largest = max(1, DECODE_CHUNK_BYTES // (channels * height * width))
+    run_chunks(executor, _decode_chunk, paths, ((height, width), channels), keep, "Decoding images", progress,
+               max_chunk=largest)
+    return decoded, probes
 
 
-def _split_arrays(images: np.ndarray, entries: Sequence[_Entry]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Cut the decoded images into splits: entries are grouped by split, so each is a contiguous slice."""
+def _split_ranges(entries: Sequence[_Entry]) -> dict[str, tuple[int, int]]:
+    """(start, stop) of each split in the listing: entries are grouped by split, so each is contiguous."""
     split_names = [entry.split for entry in entries]
-    labels = np.array([entry.label for entry in entries], dtype=np.int64)
-    splits = {}
+    ranges = {}
     for split in _SPLIT_ORDER:
         if split in split_names:
             start = split_names.index(split)
-            stop = start + split_names.count(split)
-            splits[split] = (images[start:stop], labels[start:stop])
-    return splits
+            ranges[split] = (start, start + split_names.count(split))
+    return ranges
+
+
+def _split_arrays(images: np.ndarray, entries: Sequence[_Entry]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Cut the decoded images into splits: each is a contiguous slice (see _split_ranges)."""
+    labels = np.array([entry.label for entry in entries], dtype=np.int64)
+    return {split: (images[start:stop], labels[start:stop]) for split, (start, stop) in _split_ranges(entries).items()}
 
 
 def _most_common_size(probes: Sequence[Probe]) -> tuple[int, int]:

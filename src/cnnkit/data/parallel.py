@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from typing import Any
 
 from cnnkit.lifetime import die_with_parent
@@ -61,11 +61,18 @@ def run_chunks(
     on_result: Callable[[int, Any], None],
     label: str,
     progress: bool,
+    *,
+    max_chunk: int | None = None,
 ) -> None:
     """Run `function(chunk, *extra)` over `items` in chunks, handing each result to `on_result(start, result)`.
 
     Results arrive in completion order, not submission order; `start` says where each chunk began.
-    With `progress`, a bar labelled `label` counts items done.
+    With `progress`, a bar labelled `label` counts items done. `max_chunk` caps the items per chunk (a
+    decoding job caps each chunk's bytes so).
+
+    Only a few chunks are out at a time (`_in_flight`), the next submitted as one is handed over: results
+    that wait for `on_result` are then bounded by the chunk size, not by the number of items, and each
+    result is freed once handed over.
     """
     if not items:
         return
@@ -73,20 +80,41 @@ def run_chunks(
     from cnnkit.progress import progress_bar
 
     chunk = max(64, min(2048, len(items) // 32 or 1))
-    # Submit everything before the progress display starts its thread (a fork then copies only this one).
-    futures = {
-        executor.submit(function, items[start : start + chunk], *extra): start for start in range(0, len(items), chunk)
-    }
+    chunk = min(chunk, max_chunk) if max_chunk else chunk
+    starts = iter(range(0, len(items), chunk))
+    pending: dict[Future, int] = {}
+
+    def submit_next() -> None:
+        start = next(starts, None)
+        if start is not None:
+            pending[executor.submit(function, items[start : start + chunk], *extra)] = start
+
+    # The first chunks go out before the progress display starts its thread: a forking pool starts all its
+    # workers at the first submit, which then copies only this thread.
+    for _ in range(_in_flight(executor)):
+        submit_next()
     try:
         with progress_bar(label, len(items), enabled=progress) as advance:
-            for future in as_completed(futures):
-                start = futures[future]
-                on_result(start, future.result())
-                advance(min(chunk, len(items) - start))
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    start = pending.pop(future)
+                    on_result(start, future.result())
+                    del future  # its result is stored by now: drop this reference to it
+                    advance(min(chunk, len(items) - start))
+                    submit_next()
     except BaseException:
-        for future in futures:  # Ctrl-C or a failure: do not make the caller wait for the queued chunks
+        for future in pending:  # Ctrl-C or a failure: do not make the caller wait for the queued chunks
             future.cancel()
         raise
+
+
+def _in_flight(executor: Executor) -> int:
+    """Chunks to keep submitted: two per worker process (one running, one queued: none idles), one inline
+    (an inline submit runs the chunk at once, so more would only hold more results)."""
+    if isinstance(executor, _InlineExecutor):
+        return 1
+    return 2 * int(getattr(executor, "_max_workers", 8))
 
 
 class _InlineExecutor(Executor):

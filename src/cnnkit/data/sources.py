@@ -29,7 +29,8 @@ Split = tuple[np.ndarray, np.ndarray]
 
 @dataclass
 class RawData:
-    """A dataset as plain arrays: images uint8 (N, C, H, W) C-contiguous, labels int64 (N,)."""
+    """A dataset as plain arrays: images uint8 (N, C, H, W) C-contiguous (an image folder's may be DiskImages
+    views of its decoded cache, see load_raw's `on_disk`), labels int64 (N,)."""
 
     name: str  # "mnist", or "imagefolder:/abs/path"
     classes: list[str]
@@ -49,20 +50,22 @@ def load_raw(
     channels: int | None = None,
     progress: bool = True,
     splits: tuple[str, ...] = SPLITS,
+    on_disk: bool = False,
 ) -> RawData:
     """Load a registry dataset (downloading it if allowed and missing) or `imagefolder:PATH`.
 
     `image_size` (height, width) and `channels` apply to image folders only; registry datasets come in
     their published shape. `splits` ("train", "test") says which splits a registry dataset must provide:
     only their files are needed and fetched (an IDX dataset's t10k files alone give its test split), and
-    a split left out is None. Image folders always load whole.
+    a split left out is None. Image folders always load whole; with `on_disk` their images stay in the
+    decoded cache's files (cnnkit.data.disk.DiskImages) where it could be written.
     """
     unknown = [split for split in splits if split not in SPLITS]
     if unknown or not splits:
         raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {splits}")
     root = data_root(data_dir)
     if name.startswith(IMAGEFOLDER_PREFIX):
-        return _load_folder(name.removeprefix(IMAGEFOLDER_PREFIX), root, image_size, channels, progress)
+        return _load_folder(name.removeprefix(IMAGEFOLDER_PREFIX), root, image_size, channels, progress, on_disk)
     spec = get_spec(name)
     roles = split_roles(spec, splits)
     missing = missing_files(spec, root, roles)
@@ -106,6 +109,7 @@ def load_test_raw(
     image_size: tuple[int, int] | None = None,
     channels: int | None = None,
     progress: bool = True,
+    on_disk: bool = False,
 ) -> RawData:
     """Load only the test split of `name`, from the first of `locations` that holds its test files.
 
@@ -117,7 +121,8 @@ def load_test_raw(
     if not locations:
         raise ValueError("load_test_raw needs at least one location")
     locations = _unique(locations)
-    options = dict(download=download, mirror=mirror, image_size=image_size, channels=channels, progress=progress)
+    options = dict(download=download, mirror=mirror, image_size=image_size, channels=channels, progress=progress,
+                   on_disk=on_disk)
     if name.startswith(IMAGEFOLDER_PREFIX):
         chosen = next((loc for loc in locations if loc.path.is_dir()), locations[-1])
         return load_raw(name, chosen.path, **options)
@@ -197,7 +202,8 @@ def _check_labels(labels: np.ndarray, num_classes: int, path: Path) -> None:
 
 
 def _load_folder(
-    path: str, root: Path, image_size: tuple[int, int] | None, channels: int | None, progress: bool
+    path: str, root: Path, image_size: tuple[int, int] | None, channels: int | None, progress: bool,
+    on_disk: bool = False,
 ) -> RawData:
     """Load `imagefolder:PATH`, caching decoded arrays under the data root."""
     from cnnkit.data.folder import load_image_folder  # Pillow + multiprocessing only when a folder is used
@@ -205,7 +211,8 @@ def _load_folder(
     if not path:
         raise CnnkitError("imagefolder: needs a path, e.g. imagefolder:./photos")
     folder = Path(path).expanduser().resolve()
-    data = load_image_folder(folder, root, image_size=image_size, channels=channels, progress=progress)
+    data = load_image_folder(folder, root, image_size=image_size, channels=channels, progress=progress,
+                             on_disk=on_disk)
     return RawData(
         name=f"{IMAGEFOLDER_PREFIX}{folder}",
         classes=data.classes,

@@ -2,6 +2,8 @@
 
 Images stay uint8 (4x smaller than float) and live on the training device; batches are sliced out
 with one index tensor, so the training loop never touches a sample in Python and needs no DataLoader.
+An image folder too large for memory is the exception: its splits' images stay in the decoded cache's
+files (`DiskImages`, cnnkit.data.disk), and an epoch reads them in shuffled chunks (`train_batches`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cnnkit.data.disk import ChunkWindow, DiskImages, chunked_order, fits_in_memory
 from cnnkit.errors import CnnkitError
 
 #: Validation images held out of a 60k-size training set by default (else 10%).
@@ -19,13 +22,21 @@ DEFAULT_VAL_IMAGES = 5000
 #: The split between train and validation depends on this alone, so every run of a dataset
 #: validates on the same images whatever its training seed.
 SPLIT_SEED = 0
+#: Where a dataset's images are kept (TrainConfig.stream): auto (on disk only when memory is short), yes, no.
+STREAM_CHOICES = ("auto", "yes", "no")
+#: Images in the sample that standardisation statistics are measured on (a strided slice of train).
+STATS_IMAGES = 10000
 
 
 @dataclass(repr=False)
 class Split:
-    """One split: images uint8 (N, C, H, W) and labels int64 (N,), on one device."""
+    """One split: images uint8 (N, C, H, W) and labels int64 (N,), on one device.
 
-    images: torch.Tensor
+    `images` is a tensor, or for a streamed image folder a DiskImages (read on demand, batches sent to the
+    labels' device); both index the same way.
+    """
+
+    images: torch.Tensor | DiskImages
     labels: torch.Tensor
 
     def __post_init__(self) -> None:
@@ -38,18 +49,35 @@ class Split:
         return len(self.labels)
 
     def __repr__(self) -> str:
-        return f"Split({len(self):,} images {tuple(self.images.shape[1:])} uint8 on {self.images.device})"
+        where = f"on disk, read to {self.images.device}" if self.on_disk else f"on {self.images.device}"
+        return f"Split({len(self):,} images {tuple(self.images.shape[1:])} uint8 {where})"
+
+    @property
+    def on_disk(self) -> bool:
+        return isinstance(self.images, DiskImages)
 
     def to(self, device: torch.device | str, memory_format: torch.memory_format = torch.contiguous_format) -> Split:
+        if isinstance(self.images, DiskImages):  # the images stay on disk; what is read goes to `device`
+            return Split(self.images.to(device, memory_format=memory_format), self.labels.to(device))
         images = self.images.to(device).contiguous(memory_format=memory_format)
         return Split(images, self.labels.to(device))
 
     def take(self, index: torch.Tensor | slice) -> Split:
+        if isinstance(self.images, DiskImages):
+            return Split(self.images.take(index), self.labels[index])
         return Split(self.images[index], self.labels[index])
 
+    def loaded(self) -> Split:
+        """This split with its images in memory (a copy read from disk when they were on disk)."""
+        if isinstance(self.images, DiskImages):
+            return Split(torch.from_numpy(self.images.load()), self.labels)
+        return self
+
     @classmethod
-    def from_numpy(cls, images: np.ndarray, labels: np.ndarray) -> Split:
-        return cls(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64)))
+    def from_numpy(cls, images: np.ndarray | DiskImages, labels: np.ndarray) -> Split:
+        if not isinstance(images, DiskImages):
+            images = torch.from_numpy(np.ascontiguousarray(images))
+        return cls(images, torch.from_numpy(labels.astype(np.int64)))
 
 
 @dataclass(repr=False)
@@ -78,6 +106,11 @@ class Dataset:
         return len(self.classes)
 
     @property
+    def streamed(self) -> bool:
+        """Whether training reads its images from disk (an image folder too large for memory)."""
+        return self.train.on_disk
+
+    @property
     def mirror_ok(self) -> bool:
         """Whether a mirrored image keeps its class: photos and clothing yes, digits and characters no.
 
@@ -96,10 +129,27 @@ class Dataset:
         """Per-channel mean and std of the training images, in pixel units (0-255)."""
         images = self.train.images
         # A strided sample of at most ~10k images: exact enough, and no 170 MB float64 copy of MNIST.
-        sample = images[:: max(1, len(images) // 10000)].float()
+        if isinstance(images, DiskImages):
+            return _channel_stats_on_disk(images.take(slice(None, None, max(1, len(images) // STATS_IMAGES))))
+        sample = images[:: max(1, len(images) // STATS_IMAGES)].float()
         mean = sample.mean(dim=(0, 2, 3))
         std = sample.std(dim=(0, 2, 3)).clamp_min(1.0)
         return mean.tolist(), std.tolist()
+
+
+def _channel_stats_on_disk(sample: DiskImages) -> tuple[list[float], list[float]]:
+    """channel_stats of images on disk, read one chunk at a time (float64 sums: the same figures as the
+    in-memory float32 reduction to ~1e-6)."""
+    channels = sample.item_shape[0]
+    total, squares, count = np.zeros(channels), np.zeros(channels), 0
+    for block in sample.blocks():
+        pixels = block.astype(np.float32)
+        total += pixels.sum(axis=(0, 2, 3), dtype=np.float64)
+        squares += np.square(pixels).sum(axis=(0, 2, 3), dtype=np.float64)
+        count += pixels.size // channels
+    mean = total / max(1, count)
+    variance = np.maximum(squares - count * mean**2, 0) / max(1, count - 1)  # unbiased, as torch.std
+    return mean.tolist(), np.maximum(np.sqrt(variance), 1.0).tolist()
 
 
 def parse_val(val: str | int | float | None) -> str | int | float | None:
@@ -133,7 +183,56 @@ def split_validation(
         raise CnnkitError(f"cannot hold out {count} validation images from {total} training images")
     order = np.random.default_rng(SPLIT_SEED).permutation(total)
     val_idx, train_idx = np.sort(order[:count]), np.sort(order[count:])
-    return (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx])
+    return (_rows(images, train_idx), labels[train_idx]), (_rows(images, val_idx), labels[val_idx])
+
+
+def _rows(images: np.ndarray | DiskImages, index: np.ndarray) -> np.ndarray | DiskImages:
+    """The images at `index`: a copy of an array's rows, a view (nothing read) of images on disk."""
+    return images.take(index) if isinstance(images, DiskImages) else images[index]
+
+
+def _concat(first: np.ndarray | DiskImages, second: np.ndarray | DiskImages) -> np.ndarray | DiskImages:
+    if isinstance(first, DiskImages) and isinstance(second, DiskImages):
+        return first.concat(second)
+    return np.concatenate([_in_memory(first), _in_memory(second)])
+
+
+def _in_memory(images: np.ndarray | DiskImages) -> np.ndarray:
+    return images.load() if isinstance(images, DiskImages) else images
+
+
+def _placed(splits: dict[str, Split], stream: str, name: str, processes: int) -> dict[str, Split]:
+    """The splits where they will be used: on disk when `stream` says so (auto: when twice their images
+    would not fit comfortably in the available memory, see cnnkit.data.disk), else loaded into memory."""
+    on_disk = [split for split in splits.values() if split.on_disk]
+    if stream == "yes" and not on_disk:
+        if name.startswith("imagefolder:"):
+            raise CnnkitError(f"--stream yes: the decoded images of {name} could not be written to the cache (see "
+                              "the warning above), so they are in memory; pass --data-dir DIR with room for them")
+        raise CnnkitError(f"--stream yes: dataset {name} is read into memory from its files; only imagefolder: "
+                          "datasets stream from disk (use --stream auto)")
+    if not on_disk or stream == "yes":
+        return splits
+    if stream == "auto" and not fits_in_memory(in_memory_peak(splits), processes):
+        return splits
+    return {key: split.loaded() for key, split in splits.items()}
+
+
+def in_memory_peak(splits: dict[str, Split]) -> int:
+    """Bytes the in-memory path takes at its peak for these splits on a CPU: train and validation twice (the
+    arrays, and fit()'s channels_last copy), test once, and channel_stats' float32 sample of up to STATS_IMAGES
+    training images (4x the images it covers: a 0.5 GB folder of 128x128 images peaked at 2.7 GB so)."""
+    copies = {"train": 2, "val": 2, "test": 1}
+    peak = sum(copies.get(key, 1) * split.images.nbytes for key, split in splits.items())
+    if "train" in splits and len(splits["train"]):
+        train = splits["train"]
+        peak += 4 * min(len(train), STATS_IMAGES) * (train.images.nbytes // len(train))
+    return peak
+
+
+def _check_stream(stream: str) -> None:
+    if stream not in STREAM_CHOICES:
+        raise CnnkitError(f"--stream must be one of {', '.join(STREAM_CHOICES)}, got {stream!r}")
 
 
 def _limit(split: Split, limit: int | None) -> Split:
@@ -156,6 +255,8 @@ def load_dataset(
     limit_train: int | None = None,
     limit_eval: int | None = None,
     progress: bool = True,
+    stream: str = "auto",
+    processes: int = 1,
 ) -> Dataset:
     """Load a dataset by name (`mnist`, `cifar10`, `imagefolder:PATH`, ...) as uint8 CPU tensors.
 
@@ -163,11 +264,19 @@ def load_dataset(
     that many; 'test' uses the test set for validation (the tutorial's protocol; the final test
     report is then not independent, and the run records that). `limit_train`/`limit_eval` take
     seeded slices for quick trials and tests.
+    `stream`: an image folder's splits stay in its decoded cache (DiskImages) with 'yes', and with 'auto'
+    when `processes` processes (data-parallel, on this machine) could not each hold them comfortably
+    (`in_memory_peak`); 'no' always loads them. The images are the same either way; only the training order differs.
     """
     from cnnkit.data.sources import load_raw
 
-    raw = load_raw(name, data_dir, download=download, mirror=mirror, image_size=image_size,
-                   channels=channels, progress=progress)
+    _check_stream(stream)
+    try:
+        raw = load_raw(name, data_dir, download=download, mirror=mirror, image_size=image_size,
+                       channels=channels, progress=progress, on_disk=stream != "no")
+    except MemoryError:
+        raise CnnkitError(f"{name}: its decoded images do not fit in memory; --stream auto or yes reads them "
+                          "from disk instead") from None
     val = parse_val(val)
     if raw.test is None:
         raise CnnkitError(f"dataset {name} has no test split")
@@ -177,15 +286,18 @@ def load_dataset(
         val_arrays, val_source = raw.test, "test"
     elif val_arrays is None or val is not None:
         if raw.val is not None:  # an explicit size re-splits train + provided val together
-            train_arrays = (np.concatenate([raw.train[0], raw.val[0]]), np.concatenate([raw.train[1], raw.val[1]]))
+            train_arrays = (_concat(raw.train[0], raw.val[0]), np.concatenate([raw.train[1], raw.val[1]]))
         train_arrays, val_arrays = split_validation(*train_arrays, val)
         val_source = "held-out"
+    splits = {
+        "train": _limit(Split.from_numpy(*train_arrays), limit_train),
+        "val": _limit(Split.from_numpy(*val_arrays), limit_eval),
+        "test": _limit(Split.from_numpy(*raw.test), limit_eval),
+    }
     return Dataset(
         name=raw.name,
         classes=list(raw.classes),
-        train=_limit(Split.from_numpy(*train_arrays), limit_train),
-        val=_limit(Split.from_numpy(*val_arrays), limit_eval),
-        test=_limit(Split.from_numpy(*raw.test), limit_eval),
+        **_placed(splits, stream, raw.name, processes),
         val_source=val_source,
         skipped=list(raw.skipped),
     )
@@ -211,6 +323,7 @@ def load_test_split(
     image_size: tuple[int, int] | None = None,
     channels: int | None = None,
     progress: bool = True,
+    stream: str = "auto",
 ) -> TestSet:
     """Load only the test split of a dataset, as `load_dataset(...).test` would give it.
 
@@ -218,6 +331,7 @@ def load_test_split(
     (a sequence of cnnkit.data.sources.DataLocation) are searched in order for them, downloads going to
     the last; without it `data_dir` (else $CNNKIT_DATA, else the cache) is the one location. `limit` takes
     the same seeded slice as `load_dataset`'s `limit_eval`, so a run's reported test accuracy reproduces.
+    `stream` is load_dataset's: an image folder's test split too large for memory is scored from disk.
     """
     from pathlib import Path
 
@@ -226,11 +340,53 @@ def load_test_split(
 
     if locations is None:
         locations = [DataLocation(Path(data_root(data_dir)), "data_dir") if data_dir else default_location()]
+    _check_stream(stream)
     raw = load_test_raw(name, locations, download=download, mirror=mirror, image_size=image_size,
-                        channels=channels, progress=progress)
+                        channels=channels, progress=progress, on_disk=stream != "no")
     if raw.test is None:
         raise CnnkitError(f"dataset {name} has no test split")
-    return TestSet(name=raw.name, classes=list(raw.classes), test=_limit(Split.from_numpy(*raw.test), limit))
+    test = _placed({"test": _limit(Split.from_numpy(*raw.test), limit)}, stream, raw.name, 1)["test"]
+    return TestSet(name=raw.name, classes=list(raw.classes), test=test)
+
+
+def train_batches(
+    split: Split,
+    batch_size: int,
+    *,
+    generator: torch.Generator | None,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of (images, labels) batches on `device`, this rank's share of each global batch.
+
+    In memory: the images at `batch_indices` (a full permutation drawn from `generator`). On disk: the
+    chunked order of cnnkit.data.disk drawn from the same generator, each chunk read once per epoch and each
+    batch gathered from the window of chunks in memory; the sharding, and so the steps per epoch, are the
+    same (`batches_per_epoch`). Memory bound: see cnnkit.data.disk.
+    """
+    if isinstance(split.images, DiskImages):
+        yield from _streamed_batches(split, batch_size, generator, rank, world_size, torch.device(device))
+        return
+    for index in batch_indices(len(split), batch_size, generator=generator, rank=rank, world_size=world_size,
+                               device=device):
+        yield split.images[index], split.labels[index]
+
+
+def _streamed_batches(split: Split, batch_size: int, generator: torch.Generator | None, rank: int, world_size: int,
+                      device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """train_batches for images on disk: batches are ranges of the chunked order (positions in it cut as
+    batch_indices cuts a permutation), gathered from a ChunkWindow."""
+    images = split.images
+    if generator is None:
+        order, bounds = torch.arange(len(split)), list(range(0, len(split), images.chunk_rows)) + [len(split)]
+    else:
+        order, bounds = chunked_order(len(split), images.chunk_rows, generator)
+    # A rank's batch holds at most batch_size + 1 images (shard_batches' last global batch).
+    window = ChunkWindow(images, order, bounds, largest_batch=batch_size + 1)
+    for positions in batch_indices(len(split), batch_size, rank=rank, world_size=world_size):
+        start, stop = int(positions[0]), int(positions[-1]) + 1  # each batch is a run of positions
+        yield window.batch(start, stop).to(device), split.labels[order[start:stop].to(split.labels.device)]
 
 
 def batch_indices(

@@ -17,7 +17,7 @@ from torch import nn
 from cnnkit.config import TrainConfig, fit_config, selection_conflict
 from cnnkit.data.augment import resolve_flip, training_augmentation
 from cnnkit.data.mix import make_mix, mixed_cross_entropy
-from cnnkit.data.tensors import Dataset, Split, batch_indices, batches_per_epoch
+from cnnkit.data.tensors import Dataset, Split, batches_per_epoch, train_batches
 from cnnkit.engine.callbacks import EMA, BatchLogs, Callback, CallbackList, EarlyStopping, History, ProgressBar
 from cnnkit.engine.callbacks import FreezeBackbone
 from cnnkit.engine.callbacks import TrainState
@@ -73,7 +73,7 @@ def fit(
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
     model.to(device=device, memory_format=memory_format)
     train, val = data.train.to(device, memory_format), data.val.to(device, memory_format)
-    init_from_data(model, train.images[:DATA_INIT_IMAGES])
+    init_from_data(model, data_init_sample(model, train))
     if resume is not None:
         model.load_state_dict(resume["model"])
     peak_lr = config.lr * (world.world_size if config.scale_lr else 1)
@@ -112,12 +112,12 @@ def fit(
             hooks.on_epoch_begin(epoch)
             model.train()
             running = BatchLogs(device)
-            for batch, index in enumerate(batch_indices(len(train), config.batch_size, generator=generator,
-                                                        rank=world.rank, world_size=world.world_size,
-                                                        device=device)):
+            # In memory: images indexed on the device; streamed from disk: read in shuffled chunks (data/disk.py).
+            for batch, (images, labels) in enumerate(train_batches(train, config.batch_size, generator=generator,
+                                                                   rank=world.rank, world_size=world.world_size,
+                                                                   device=device)):
                 set_lr(optimizer, schedule(state.step, total_steps, peak_lr, config.warmup))
-                images = augment(train.images[index], draws).contiguous(memory_format=memory_format)
-                labels = train.labels[index]
+                images = augment(images, draws).contiguous(memory_format=memory_format)
                 images, partners, lam = mix(images, labels, draws)
                 optimizer.zero_grad(set_to_none=True)
                 for part, last in micro_batches(len(labels), config.micro_batch):
@@ -138,6 +138,14 @@ def fit(
                 break
         hooks.on_train_end(logs)
     return history
+
+
+def data_init_sample(model: nn.Module, train: Split) -> torch.Tensor:
+    """The first DATA_INIT_IMAGES training images, for layers set from data (init_from_data); for a split on
+    disk an empty batch unless such a layer waits for them, as reading them would cost 2,000 images of memory."""
+    waiting = any(hasattr(module, "init_from_data") and not bool(getattr(module, "initialized", 0))
+                  for module in model.modules() if module is not model)
+    return train.images[: DATA_INIT_IMAGES if waiting or not train.on_disk else 0]
 
 
 def micro_batches(size: int, micro_batch: int | None) -> Iterator[tuple[slice, bool]]:
