@@ -433,11 +433,18 @@ def check_value(name: str, value: Any, spell: Spell) -> None:
         raise CnnkitError(f"{spell(name)} must be one of {', '.join(known)}, got {value!r}"
                           f"{did_you_mean(str(value), known)}")
     if rule.low is not None and (value < rule.low or (rule.low_open and value == rule.low)):
-        raise CnnkitError(f"{spell(name)} must be {'above' if rule.low_open else 'at least'} {rule.low:g}, got {value}")
+        raise CnnkitError(f"{spell(name)} must be {'above' if rule.low_open else 'at least'} {_bound(rule.low)}, "
+                          f"got {value}")
     if rule.high is not None and (value > rule.high or (rule.high_open and value == rule.high)):
-        raise CnnkitError(f"{spell(name)} must be {'below' if rule.high_open else 'at most'} {rule.high:g}, got {value}")
+        raise CnnkitError(f"{spell(name)} must be {'below' if rule.high_open else 'at most'} {_bound(rule.high)}, "
+                          f"got {value}")
     if rule.check is not None and (problem := rule.check(value)):
         raise CnnkitError(f"{spell(name)} {problem}")
+
+
+def _bound(limit: float) -> str:
+    """A range limit as written: 9223372036854775807 for --seed, not 9.22337e+18; 0.001 as 0.001."""
+    return str(limit) if isinstance(limit, int) else f"{limit:g}"
 
 
 def check_names(values: dict[str, Any], allowed: frozenset[str], spell: Spell, what: str) -> None:
