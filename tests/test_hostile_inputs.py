@@ -133,6 +133,7 @@ def hostile_entries(folder: Path) -> list[str]:
     return ["x.png", "dangling.png", "fifo.png", "folder.png", "garbage.png"]
 
 
+@pytest.mark.slow
 def test_a_symlink_loop_fifo_and_dangling_link_do_not_abort_training(tmp_path):
     """The issue's report: a symlink loop named x.png aborted training with ELOOP while scanning."""
     for name, seed in (("three", 0), ("seven", 1)):
@@ -228,6 +229,7 @@ BAD_OPTIONS = [
 ]
 
 
+@pytest.mark.slow
 def test_bad_option_values_are_refused_with_one_line_naming_the_option(tmp_path):
     if (os.cpu_count() or 1) >= 2000:
         pytest.skip("this machine has 2000 cores: --threads 2000 is legal here")
@@ -246,6 +248,7 @@ def test_bad_option_values_are_refused_with_one_line_naming_the_option(tmp_path)
         assert everything_under(runs_dir) == [], args  # refused before anything was written
 
 
+@pytest.mark.slow
 def test_the_datasets_own_shape_is_accepted(tmp_path):
     result = cnnkit("train", *TRAIN_SMALL, "--runs-dir", str(tmp_path / "runs"), "--image-size", "28",
                     "--channels", "1", "--no-checkpoint", timeout=600)
@@ -283,6 +286,7 @@ TAMPERED = {
 }
 
 
+@pytest.mark.slow
 def test_a_tampered_model_json_is_refused_before_anything_is_built(runs, digit, tmp_path):
     def attempt(name: str) -> tuple[str, str, subprocess.CompletedProcess]:
         edit, expected = TAMPERED[name]

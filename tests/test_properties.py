@@ -176,6 +176,7 @@ def _load(data: bytes, meta: dict) -> np.ndarray | None:
         return None
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning:PIL")  # Pillow warns about the damage it then reports
 @settings(SETTINGS, max_examples=150)
 @given(encoded=encoded_images(), meta=st.sampled_from(METAS))
 def test_any_image_file_decodes_to_the_models_input_or_is_a_cnnkit_error(encoded, meta):
@@ -529,6 +530,7 @@ def uploads(draw) -> tuple[bytes, dict[str, str], int]:
     return body, headers, draw(st.integers(1, 4))
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning:PIL")
 @settings(SETTINGS, max_examples=120)
 @given(upload=uploads())
 def test_any_upload_is_answered_or_refused_with_a_4xx(client, upload):
