@@ -386,7 +386,11 @@ def _streamed_batches(split: Split, batch_size: int, generator: torch.Generator 
     window = ChunkWindow(images, order, bounds, largest_batch=batch_size + 1)
     for positions in batch_indices(len(split), batch_size, rank=rank, world_size=world_size):
         start, stop = int(positions[0]), int(positions[-1]) + 1  # each batch is a run of positions
-        yield window.batch(start, stop).to(device), split.labels[order[start:stop].to(split.labels.device)]
+        # In the split's memory format, as an in-memory split's batches are (augmentation is 2x slower on NCHW
+        # batches of channels_last-trained models: 3.3 s against 1.6 s an epoch of 8,240 128x128 images here).
+        batch = window.batch(start, stop).to(device).contiguous(memory_format=images.memory_format)
+        yield batch, split.labels[order[start:stop].to(split.labels.device)]
+        del batch  # before the next batch is gathered: the heap can reuse its block
 
 
 def batch_indices(
