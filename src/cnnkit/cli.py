@@ -26,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
-        super().error(message + _suggestion(message, self))
+        super().error(one_line(message + _suggestion(message, self)))
 
 
 def _suggestion(message: str, parser: argparse.ArgumentParser) -> str:
@@ -681,5 +681,6 @@ def user_error(message: str, code: int, debug: bool) -> int:
 
 
 def one_line(message: str) -> str:
-    """`message` with its line breaks escaped: a file or folder name may hold one, and the error is one line."""
-    return message.replace("\r", "\\r").replace("\n", "\\n")
+    """`message` with its control characters escaped (\\n, \\x1e, ...): a file name or an argument may hold a
+    line break of any kind (str.splitlines knows eight, terminals more), and the error is one line."""
+    return "".join(char if char.isprintable() or char == "\t" else repr(char)[1:-1] for char in message)
