@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cnnkit.api import evaluate_run
 from cnnkit.data.tensors import batch_indices, batches_per_epoch
 from cnnkit.engine.fit import fit
 from cnnkit.errors import CnnkitError
@@ -83,6 +84,11 @@ def test_torchrun_with_two_gloo_processes_trains_like_one_and_writes_one_run(tmp
     # Two processes of 64 images step on 128 at a time (half the steps): the same accuracy band.
     assert single["test_accuracy"] > 0.93 and metrics["test_accuracy"] > 0.93, (single, metrics)
     assert abs(single["test_accuracy"] - metrics["test_accuracy"]) < 0.03
+    # The test set was scored in two halves (images 0, 2, 4, ... and 1, 3, 5, ...) and gathered: the report is
+    # the one a single process gives for the saved model, confusion matrix and loss included.
+    alone = evaluate_run(runs / "two", str(SHARED_DATA), limit=1000, progress=False)
+    assert alone.confusion.tolist() == metrics["test_report"]["confusion_matrix"]
+    assert alone.loss == pytest.approx(metrics["test_loss"], abs=1e-5)
 
 
 @pytest.mark.slow
@@ -108,3 +114,53 @@ def test_a_two_process_run_killed_after_an_epoch_resumes_to_the_uninterrupted_we
     assert metrics["processes"] == 2 and history == expected_history
     assert all(torch.equal(weights[key], expected_weights[key]) for key in expected_weights)
     assert metrics["test_accuracy"] == expected["test_accuracy"]
+
+
+SHARDED_SCORING = '''
+import sys
+import torch
+import torch.distributed as dist
+from torch import nn
+from cnnkit.data.tensors import Split
+from cnnkit.engine.distributed import current_world
+from cnnkit.engine.evaluate import sharded_logits
+from cnnkit.engine.inference import predict_logits
+
+class Counting(nn.Module):
+    """A real model (BatchNorm and a linear layer) that counts the images it is shown."""
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm, self.linear, self.seen = nn.BatchNorm2d(1), nn.Linear(16, 3), 0
+    def forward(self, images):
+        self.seen += len(images)
+        return self.linear(self.norm(images.float()).flatten(1))
+
+dist.init_process_group("gloo")
+world = current_world()
+model = Counting()
+model.norm.running_mean.fill_(float(world.rank))  # drifted statistics: rank 0's must win
+size = int(sys.argv[1])
+generator = torch.Generator().manual_seed(1)
+split = Split(torch.randint(0, 256, (size, 1, 4, 4), dtype=torch.uint8, generator=generator),
+              torch.randint(0, 3, (size,), generator=generator))
+logits = sharded_logits(model, split, world, batch_size=4)
+seen = model.seen
+assert torch.equal(model.norm.running_mean, torch.zeros(1)), model.norm.running_mean
+expected = predict_logits(model, split.images, batch_size=7)
+assert logits.shape == expected.shape and torch.allclose(logits, expected, atol=1e-6), (logits, expected)
+print(f"rank {world.rank} scored {seen} of {size}", flush=True)
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.parametrize("size", [11, 12])
+def test_test_scoring_is_split_between_the_processes_and_gathered_in_order(tmp_path, size):
+    script = tmp_path / "score.py"
+    script.write_text(SHARDED_SCORING)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(script), str(size)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    shares = sorted(int(line.split()[3]) for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert shares == [size // 2, size - size // 2]  # each image scored once, by one process

@@ -294,11 +294,11 @@ def _train_process(config: TrainConfig, device: torch.device, world: World, thre
             check_room(staging, model, config, resuming=saved is not None)  # before training, not after it
         history = fit(model, data, callbacks=callbacks, progress=progress and main, resume=saved,
                       **config.fit_options())
-        if not main:
-            return TrainResult(None, history, {}, model)
         test_split = data.test.to(device)
         report = evaluate(with_tta(model, config.tta), test_split, data.classes,
-                          batch_size=config.eval_batch_size)
+                          batch_size=config.eval_batch_size, world=world)  # each process scores its share
+        if not main:
+            return TrainResult(None, history, {}, model)
         check_finite_result(report)
         metrics = train_metrics(config, data, history, report, device, threads, started)
         metrics["processes"] = world.world_size

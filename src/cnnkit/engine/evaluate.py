@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnkit.data.tensors import Split
+from cnnkit.engine.distributed import World, broadcast_buffers
 from cnnkit.engine.inference import predict_logits
 
 
@@ -106,9 +107,17 @@ def evaluate(
     *,
     batch_size: int = 1000,
     precision: str = "fp32",
+    world: World | None = None,
 ) -> EvalReport:
-    """Full report on one labelled split (the test set, once, at the end of training)."""
-    logits = predict_logits(model, split.images, batch_size=batch_size, precision=precision)
+    """Full report on one labelled split (the test set, once, at the end of training).
+
+    With a data-parallel `world`, every process scores its share of the split and the logits are gathered,
+    so each rank holds the report of the whole split at 1/world_size of the work.
+    """
+    if world is not None and world.distributed:
+        logits = sharded_logits(model, split, world, batch_size=batch_size, precision=precision)
+    else:
+        logits = predict_logits(model, split.images, batch_size=batch_size, precision=precision)
     labels = split.labels.to(logits.device)
     num_classes = logits.shape[1]
     classes = list(classes) if classes is not None else [str(i) for i in range(num_classes)]
@@ -131,3 +140,27 @@ def evaluate(
         predictions=predictions.cpu(),
         confidences=confidences.cpu(),
     )
+
+
+def sharded_logits(model: nn.Module, split: Split, world: World, *, batch_size: int = 1000,
+                   precision: str = "fp32") -> torch.Tensor:
+    """The logits of the whole split on every rank, each rank having scored images rank, rank + W, ...
+
+    BatchNorm buffers come from rank 0 first (each rank's running statistics drift apart in DDP training),
+    so the report is that of one model. Shares differ by at most one image; each is padded to the longest
+    for the all-gather and the padding dropped when the images are put back in order.
+    """
+    import torch.distributed as dist
+
+    broadcast_buffers(model)
+    size, ranks = len(split), world.world_size
+    if size < ranks:  # a share would be empty: too small to be worth splitting
+        return predict_logits(model, split.images, batch_size=batch_size, precision=precision)
+    share = split.take(slice(world.rank, None, ranks))
+    local = predict_logits(model, share.images, batch_size=batch_size, precision=precision)
+    rows = -(-size // ranks)
+    padded = local.new_zeros(rows, local.shape[1])
+    padded[: len(local)] = local
+    gathered = [torch.empty_like(padded) for _ in range(ranks)]
+    dist.all_gather(gathered, padded)
+    return torch.stack(gathered, dim=1).reshape(rows * ranks, -1)[:size]  # image i: rank i % W, row i // W
