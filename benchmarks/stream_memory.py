@@ -133,7 +133,7 @@ def main() -> int:
             shutil.rmtree(folder)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    lines = [f"## Image folders larger than memory: peak RSS of one epoch, in memory vs streamed", "",
+    lines = ["## Image folders larger than memory: peak RSS of one epoch, in memory vs streamed", "",
              f"Command: `python benchmarks/stream_memory.py --sizes {args.sizes} --side {args.side}` "
              f"({time.strftime('%Y-%m-%d %H:%M')})", f"Machine: {machine()}", "",
              f"{args.side}x{args.side} RGB JPEGs ({item:,} bytes decoded each), a tiny model "

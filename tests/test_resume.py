@@ -20,13 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cnnkit.engine.callbacks import Callback
 from cnnkit.engine.callbacks.checkpoint import Checkpoint
 from cnnkit.engine.checkpoint import CHECKPOINT_JSON, join_tensors, read_checkpoint, split_tensors, write_checkpoint
 from cnnkit.engine.fit import fit
 from cnnkit.errors import CnnkitError
 from cnnkit.models import build_model
-from checkpoints import wait_for_checkpoint
+from checkpoints import StopAfter, wait_for_checkpoint
 from slices import SHARED_DATA, mnist_dataset
 
 # Every callback with state is on: EMA (its average), weight selection (the best snapshot), early
@@ -37,19 +36,6 @@ OPTIONS = dict(epochs=4, batch_size=64, lr=3e-3, optimizer="adamw", weight_decay
 # Muon (momentum buffers of kernels, SGD groups at their own rates) on micro-batches.
 MUON_OPTIONS = {**OPTIONS, "optimizer": "muon", "lr": 0.05, "head_lr_scale": 20.0, "bias_lr_scale": 20.0,
                 "weight_decay": 1e-4, "micro_batch": 16}
-
-
-class StopAfter(Callback):
-    """Raise after the checkpoint of epoch `epoch` has been written, as a crash would."""
-
-    order = 99
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch: int, logs: dict) -> None:
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 def small_data():

@@ -27,13 +27,14 @@ from PIL import Image
 from cnnkit.data.disk import WINDOW_CHUNKS, ChunkWindow, DiskImages, chunked_order
 from cnnkit.data.folder import load_image_folder
 from cnnkit.data.tensors import Split, batches_per_epoch, load_dataset, train_batches
-from cnnkit.engine.callbacks import Callback
 from cnnkit.engine.callbacks.checkpoint import Checkpoint
 from cnnkit.engine.checkpoint import data_fingerprint, read_checkpoint
 from cnnkit.engine.evaluate import loss_and_accuracy
 from cnnkit.engine.fit import fit
 from cnnkit.errors import CnnkitError
 from cnnkit.models import build_model
+
+from checkpoints import StopAfter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,17 +185,6 @@ def test_auto_loads_what_fits_and_stream_yes_needs_a_cache(folder, tmp_path, sha
 
 # ----------------------------------------------------------------------------------------------------
 # Training from disk
-
-
-class StopAfter(Callback):
-    order = 99
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch: int, logs: dict) -> None:
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 def test_a_streamed_fit_repeats_and_resumes_bit_for_bit(both, tmp_path):

@@ -297,8 +297,9 @@ class TrainConfig:
                                             "a fraction, or test (the tutorial's use of the test set)",
                                     check=_check_val, parse=str)
     device: str = option("auto", "auto, cpu, cuda or cuda:N", scope="fit", check=_check_device)
-    # auto: bf16 autocast where the device runs bf16 natively (CUDA, AVX512-BF16/AMX CPUs), else fp32.
-    # Measured here on the seed recipe: 4.3 s/epoch vs 5.25 s in fp32, test accuracy within the seed spread.
+    # auto: bf16 autocast where the device runs bf16 natively (CUDA, CPUs with AMX: engine.inference.native_bf16),
+    # else fp32. On a 2-core CPU with AMX, the seed recipe: 4.3 s/epoch vs 5.25 s in fp32, accuracy within the
+    # seed spread; without AMX bf16 convolutions ran 1.4-1.9x slower than fp32.
     precision: str = option("auto", "auto (bf16 autocast where the device runs it natively), fp32 or bf16",
                             scope="fit", choices=("auto", "fp32", "bf16"))
     # channels_last measured 5.9 vs 8.0 s per 60k images (seed model, 2 cores).

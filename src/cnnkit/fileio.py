@@ -21,7 +21,10 @@ import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 #: The name atomic_path gives its temporary file: ".FINAL.<mkstemp's 8 characters>.tmp".
 TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
@@ -170,6 +173,21 @@ def try_lock(path: str | os.PathLike[str]) -> int | None:
         return fd
     os.close(fd)
     return None
+
+
+def pread_into(fd: int, out: np.ndarray, offset: int) -> int:
+    """Fill the C-contiguous array `out` from the file at `offset`; a read may return less than asked, so loop.
+
+    Returns the bytes read: fewer than `out.nbytes` only where the file ends first (the caller names the file).
+    """
+    view = memoryview(out).cast("B")
+    done = 0
+    while done < len(view):
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if count == 0:
+            break
+        done += count
+    return done
 
 
 def sweep_stale_temp_files(folder: str | os.PathLike[str]) -> list[Path]:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from cnnkit.fileio import atomic_path, atomic_write, sweep_stale_temp_files, write_text
+from cnnkit.fileio import atomic_path, atomic_write, pread_into, sweep_stale_temp_files, write_text
 
 if TYPE_CHECKING:
     from cnnkit.data.disk import DiskImages
@@ -218,7 +218,9 @@ class CacheWriter:
             part = kept[first : first + block_rows]
             block = np.empty((len(part), *self._item_shape), np.uint8)
             for index, row in enumerate(part.tolist()):  # each destination is at or before its source
-                _pread_all(fd, block[index], self._offset + row * item_bytes)
+                at = self._offset + row * item_bytes
+                if pread_into(fd, block[index], at) < item_bytes:
+                    raise OSError(f"unexpected end of a cache file being written at byte {at}")
             _pwrite_all(fd, memoryview(block).cast("B"), self._offset + first * item_bytes)
         header = _npy_header((len(kept), *self._item_shape), length=self._offset)
         _pwrite_all(fd, header, 0)
@@ -276,16 +278,6 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     while len(view):
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
-
-
-def _pread_all(fd: int, out: np.ndarray, offset: int) -> None:
-    view = memoryview(out).cast("B")
-    done = 0
-    while done < len(view):
-        count = os.preadv(fd, [view[done:]], offset + done)
-        if count == 0:
-            raise OSError(f"unexpected end of a cache file being written at byte {offset + done}")
-        done += count
 
 
 def entry_meta(*, classes: list[str], skipped: list[str], image_size: tuple[int, int], channels: int,

@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cnnkit.fileio import pread_into
+
 __all__ = ["CHUNK_BYTES", "WINDOW_CHUNKS", "ChunkWindow", "DiskImages", "available_memory", "chunked_order",
            "fits_in_memory", "release_free_memory", "window_bytes"]
 
@@ -255,7 +257,9 @@ class DiskImages:
             local = int(rows[start] - opened.starts[which])
             if local < 0 or local + (stop - start) > file.count:
                 raise IndexError(f"rows {rows[start]}..{rows[stop - 1]} are outside {file.path}")
-            _pread_exactly(opened.fds[which], out[start:stop], file.offset + local * file.item_bytes, file.path)
+            part = out[start:stop]
+            if pread_into(opened.fds[which], part, file.offset + local * file.item_bytes) < part.nbytes:
+                raise OSError(f"{file.path}: ends before the images its header promises (delete it to decode again)")
         return out
 
 
@@ -324,17 +328,6 @@ def _index(key: slice | torch.Tensor | np.ndarray | Sequence[int]) -> slice | np
     if key.dtype != bool and not np.issubdtype(key.dtype, np.integer):
         raise IndexError(f"images can be indexed by ints, slices or integer/bool arrays, not {key.dtype}")
     return key
-
-
-def _pread_exactly(fd: int, out: np.ndarray, offset: int, path: Path) -> None:
-    """Fill the C-contiguous array `out` with the bytes of the file at `offset` (a read may return less)."""
-    view = memoryview(out).cast("B")
-    done = 0
-    while done < len(view):
-        count = os.preadv(fd, [view[done:]], offset + done)
-        if count == 0:
-            raise OSError(f"{path}: ends before the images its header promises (delete it to decode again)")
-        done += count
 
 
 # ---------------------------------------------------------------------------------------------------------
