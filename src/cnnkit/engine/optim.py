@@ -54,7 +54,7 @@ def muon(groups: list[dict[str, Any]], lr: float, weight_decay: float) -> torch.
     """Muon (engine/muon.py) on every convolution kernel at `lr`; Nesterov SGD (momentum 0.85) on the rest
     (biases, BatchNorm, the head, any dense layer) at `lr` times their group's scale, with L2 decay. Muon
     fixes each kernel's norm, so kernels get no decay. The CIFAR-10 record's rates: kernels 0.24, biases and
-    head far higher (see presets/cifar10-fast.toml for the conversion)."""
+    head far higher (see presets/cifar10-best.toml for the conversion)."""
     from cnnkit.engine.muon import Muon
 
     split: list[dict[str, Any]] = []
