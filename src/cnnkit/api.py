@@ -27,7 +27,7 @@ from cnnkit.engine.callbacks import Callback, History
 from cnnkit.engine.callbacks.checkpoint import Checkpoint
 from cnnkit.engine.callbacks.selection import logs_key
 from cnnkit.engine.checkpoint import CHECKPOINT_JSON, data_fingerprint, has_checkpoint, read_checkpoint
-from cnnkit.engine.checkpoint import read_checkpoint_document
+from cnnkit.engine.checkpoint import planned_epochs, read_checkpoint_document
 from cnnkit.engine.distributed import World, init_distributed, shutdown_distributed
 from cnnkit.engine.fit import fit
 from cnnkit.engine.inference import resolve_device, resolve_precision
@@ -204,7 +204,7 @@ def resume(path: str | Path, *, progress: bool = True, started: float | None = N
     if config.model.startswith("custom:") and model is None:
         raise CnnkitError(f"{staging} trained your own network ({config.model}); resume it from Python with "
                           "cnnkit.resume(path, model=...) passing the same network")
-    log(f"resuming {staging} after epoch {saved['epoch']} of {config.epochs}")
+    log(f"resuming {staging} after epoch {saved['epoch']} of {planned_epochs(saved, config.epochs)}")
     return _train_run(config, resolve_device(config.device), progress=progress, started=started, log=log,
                       callbacks=callbacks, user_model=model, staging=staging, saved=saved)
 

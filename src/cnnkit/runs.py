@@ -700,7 +700,7 @@ def is_unfinished_run(path: Path) -> bool:
 
 def summarize_unfinished(path: Path) -> RunSummary:
     """An unfinished run as read from its checkpoint.json (never raises)."""
-    from cnnkit.engine.checkpoint import CHECKPOINT_JSON, read_checkpoint_document
+    from cnnkit.engine.checkpoint import CHECKPOINT_JSON, planned_epochs, read_checkpoint_document
 
     problems: list[str] = []
     try:
@@ -717,7 +717,7 @@ def summarize_unfinished(path: Path) -> RunSummary:
     with contextlib.suppress(OSError):
         stamp = (path / CHECKPOINT_JSON).stat().st_mtime
         summary.date = datetime.datetime.fromtimestamp(stamp, tz=datetime.timezone.utc).astimezone()
-    planned = _number(config.get("epochs"), int)
+    planned = _number(planned_epochs(state, config.get("epochs")), int)
     summary.problem = "; ".join(problems) or (f"unfinished: stopped after epoch {summary.epochs} of {planned}; "
                                               f"continue with: cnnkit train --resume {path}")
     return summary

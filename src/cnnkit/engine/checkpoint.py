@@ -209,6 +209,14 @@ def capture_training(state: Any, meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def planned_epochs(saved: dict[str, Any], configured: Any) -> Any:
+    """The epochs a checkpointed run will end at: its time budget's plan (TimeBudget) when one was made, else
+    the configured count (returned as given, even when missing or odd: callers report what is there)."""
+    plan = saved.get("callbacks", {}).get("TimeBudget", {}) if isinstance(saved.get("callbacks"), dict) else {}
+    planned = plan.get("planned") if isinstance(plan, dict) else None
+    return planned if isinstance(planned, int) and not isinstance(planned, bool) else configured
+
+
 def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
     """Give each loaded moment tensor its parameter's memory layout (channels_last kernels stay so).
 

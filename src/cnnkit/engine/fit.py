@@ -8,6 +8,7 @@ user's own hooks) is a callback (engine/callbacks/), and every option comes from
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from cnnkit.engine.callbacks import EMA, BatchLogs, Callback, CallbackList, Earl
 from cnnkit.engine.callbacks import FreezeBackbone
 from cnnkit.engine.callbacks import TrainState
 from cnnkit.engine.callbacks import TerminateOnNaN
+from cnnkit.engine.callbacks import TimeBudget
 from cnnkit.engine.callbacks import WeightSelection
 from cnnkit.engine.checkpoint import restore_training
 from cnnkit.engine.distributed import World, all_reduce_sum, broadcast_buffers, current_world, epoch_seed
@@ -90,7 +92,6 @@ def fit(
     # One process draws augmentation from the same generator; ranks draw their own, re-seeded each epoch.
     draws = torch.Generator() if world.distributed else generator
     steps_per_epoch = batches_per_epoch(len(train), config.batch_size, world.world_size)
-    total_steps = steps_per_epoch * config.epochs
     state = TrainState(model, optimizer, val, device, config.epochs, steps_per_epoch, config.eval_batch_size,
                        generator=generator, initial_epoch=resume["epoch"] if resume else 0,
                        score=validation_scorer(val, world, config.eval_batch_size))
@@ -102,8 +103,9 @@ def fit(
         if resume is not None:
             restore_training(state, resume)
         logs: dict[str, Any] = {}
-        for epoch in range(state.initial_epoch + 1, config.epochs + 1):
-            if state.stop_training:  # a resumed run whose early stopping had already fired
+        # state.epochs, not config.epochs: a time budget (TimeBudget) may shorten the run after its first epoch.
+        for epoch in itertools.count(state.initial_epoch + 1):
+            if epoch > state.epochs or state.stop_training:  # the end, or a resumed run that had stopped early
                 break
             state.begin_epoch(epoch)
             if world.distributed:
@@ -116,7 +118,7 @@ def fit(
             for batch, (images, labels) in enumerate(train_batches(train, config.batch_size, generator=generator,
                                                                    rank=world.rank, world_size=world.world_size,
                                                                    device=device)):
-                set_lr(optimizer, schedule(state.step, total_steps, peak_lr, config.warmup))
+                set_lr(optimizer, schedule(state.step, steps_per_epoch * state.epochs, peak_lr, config.warmup))
                 images = augment(images, draws).contiguous(memory_format=memory_format)
                 images, partners, lam = mix(images, labels, draws)
                 optimizer.zero_grad(set_to_none=True)
@@ -170,6 +172,8 @@ def builtin_callbacks(config: TrainConfig, val_source: str, progress: bool) -> l
     chosen: list[Callback] = [WeightSelection(config.monitor, keep), TerminateOnNaN()]  # a NaN run is never a result
     if config.ema is not None:
         chosen.append(EMA(config.ema))
+    if config.budget is not None:
+        chosen.append(TimeBudget(config.budget))
     if config.freeze_epochs:
         chosen.append(FreezeBackbone(config.freeze_epochs))
     if config.patience is not None:

@@ -1,0 +1,65 @@
+"""A time budget: after the first epoch, cut the run's epoch count to what fits in the seconds it was given.
+
+A recipe tuned on one machine runs 1.5-2.3x slower on another (the same 2-core Xeon kind with and without
+AMX; hosts of one kind differ by 10-20% from day to day), so a preset that promises "15 minutes" cannot be a
+fixed epoch count. Timing the first epoch (training and validation, the slowest epoch, as kernels are chosen
+then) and planning the rest once keeps the schedule a pure function of the step: the learning-rate curve is
+re-drawn over the new length at that point, never again, so the run is as reproducible as a plain
+`--epochs N` run of the chosen N (which the run records). Planning again later would bend the decay
+mid-way; a machine that slows down after the first epoch overruns instead, by what it slowed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from cnnkit.engine.callbacks.base import Callback
+
+
+def epochs_that_fit(budget: float, spent: float, epoch: int, epoch_seconds: float, most: int) -> int:
+    """Epochs in all (at least the `epoch` already done, at most `most`) when each takes `epoch_seconds`
+    and `spent` of the `budget` seconds are gone after epoch `epoch`."""
+    more = math.floor(max(0.0, budget - spent) / epoch_seconds) if epoch_seconds > 0 else most
+    return max(epoch, min(most, epoch + more))
+
+
+class TimeBudget(Callback):
+    """Sets `state.epochs` (the schedule's length and the loop's end) after the first epoch of the run."""
+
+    order = 80  # after the callbacks that evaluate (EMA) so their cost is timed; before the checkpoint saves it
+
+    def __init__(self, seconds: float) -> None:
+        if not seconds > 0:
+            raise ValueError(f"TimeBudget needs seconds > 0, got {seconds}")
+        self.seconds = float(seconds)
+        self.spent = 0.0
+        self.planned: int | None = None
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.spent, self.planned = 0.0, None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"spent": self.spent, "planned": self.planned}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.spent, self.planned = float(state["spent"]), state["planned"]
+        if self.planned is not None:
+            self.state.epochs = int(self.planned)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
+        seconds = self.agreed_seconds(self.state.seconds_in_epoch())
+        self.spent += seconds
+        if self.planned is None:
+            self.planned = epochs_that_fit(self.seconds, self.spent, epoch, seconds, self.state.epochs)
+            self.state.epochs = self.planned  # the progress line's "Epoch 1/N" shows the new N
+
+    def agreed_seconds(self, seconds: float) -> float:
+        """The ranks' mean epoch time, so that data-parallel processes plan the same epoch count."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return seconds
+        value = torch.tensor([seconds], dtype=torch.float64, device=self.state.device)  # NCCL wants CUDA
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.SUM)
+        return float(value.item()) / torch.distributed.get_world_size()
