@@ -2,8 +2,8 @@
 
 A recipe tuned on one machine runs 1.5-2.3x slower on another (the same 2-core Xeon kind with and without
 AMX; hosts of one kind differ by 10-20% from day to day), so a preset that promises "15 minutes" cannot be a
-fixed epoch count. Timing the first epoch (training and validation, the slowest epoch, as kernels are chosen
-then) and planning the rest once keeps the schedule a pure function of the step: the learning-rate curve is
+fixed epoch count. Timing the first epoch (training and validation) and planning the rest once keeps the
+schedule a pure function of the step: the learning-rate curve is
 re-drawn over the new length at that point, never again, so the run is as reproducible as a plain
 `--epochs N` run of the chosen N (which the run records). Planning again later would bend the decay
 mid-way; a machine that slows down after the first epoch overruns instead, by what it slowed.
@@ -35,26 +35,26 @@ class TimeBudget(Callback):
         if not seconds > 0:
             raise ValueError(f"TimeBudget needs seconds > 0, got {seconds}")
         self.seconds = float(seconds)
-        self.spent = 0.0
         self.planned: int | None = None
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-        self.spent, self.planned = 0.0, None
+        self.planned = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"spent": self.spent, "planned": self.planned}
+        return {"planned": self.planned}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.spent, self.planned = float(state["spent"]), state["planned"]
+        self.planned = state["planned"]
         if self.planned is not None:
             self.state.epochs = int(self.planned)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
+        if self.planned is not None:
+            return
         seconds = self.agreed_seconds(self.state.seconds_in_epoch())
-        self.spent += seconds
-        if self.planned is None:
-            self.planned = epochs_that_fit(self.seconds, self.spent, epoch, seconds, self.state.epochs)
-            self.state.epochs = self.planned  # the progress line's "Epoch 1/N" shows the new N
+        # Epoch 1 of a run (a callback added to a resumed run plans at its first epoch, at that epoch's pace).
+        self.planned = epochs_that_fit(self.seconds, seconds * epoch, epoch, seconds, self.state.epochs)
+        self.state.epochs = self.planned  # the progress line's "Epoch 1/N" shows the new N
 
     def agreed_seconds(self, seconds: float) -> float:
         """The ranks' mean epoch time, so that data-parallel processes plan the same epoch count."""
