@@ -6,6 +6,10 @@ a 3 s first epoch and a 10.5 s budget leave room for exactly two more epochs wha
 training on these 512 images costs (three epochs fit for any first epoch from 3.0 to 3.5 s).
 """
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -21,7 +25,7 @@ from cnnkit.engine.fit import fit
 from cnnkit.engine.optim import lr_at
 from cnnkit.errors import CnnkitError
 from cnnkit.models import build_model
-from slices import mnist_dataset
+from slices import SHARED_DATA, mnist_dataset
 
 OPTIONS = dict(epochs=10, batch_size=64, lr=3e-3, optimizer="adamw", schedule="onecycle", warmup=0.2,
                precision="fp32", seed=1)
@@ -109,3 +113,62 @@ def test_a_resumed_run_keeps_its_plan_and_ends_as_the_uninterrupted_one(tmp_path
 def test_a_budget_must_be_positive(value):
     with pytest.raises(CnnkitError, match="^budget must be at least 1"):
         fit_config(budget=value)
+
+
+# Data-parallel ranks plan together: a real torchrun launch of two gloo processes whose first epochs differ
+
+RANKS_PLAN = '''
+import json, sys, time
+import torch
+import torch.distributed as dist
+from cnnkit.data.tensors import load_dataset
+from cnnkit.engine.callbacks import Callback, TimeBudget
+from cnnkit.engine.fit import fit
+from cnnkit.models import build_model
+
+class SlowFirstEpoch(Callback):
+    """Rank 0's first epoch 1 s longer, rank 1's 5 s: alone they would plan ~8 and 2 epochs, together 3."""
+    order = 50
+    def on_epoch_end(self, epoch, logs):
+        if epoch == 1:
+            time.sleep({0: 1.0, 1: 5.0}[dist.get_rank()])
+
+class FirstEpochSeconds(Callback):
+    """The rank's own epoch-1 time, read just before TimeBudget (order 80) reads it."""
+    order = 79
+    def on_epoch_end(self, epoch, logs):
+        if epoch == 1:
+            self.seconds = self.state.seconds_in_epoch()
+
+dist.init_process_group("gloo")
+torch.set_num_threads(1)
+data = load_dataset("mnist", sys.argv[1], limit_train=512, limit_eval=128, progress=False)
+seconds, budget = FirstEpochSeconds(), TimeBudget(float(sys.argv[3]))
+history = fit(build_model("fast", (1, 28, 28), 10, seed=1), data, progress=False,
+              callbacks=[SlowFirstEpoch(), seconds, budget], epochs=10, batch_size=32, lr=3e-3, optimizer="adamw",
+              schedule="onecycle", warmup=0.2, precision="fp32", seed=1)
+report = {"seconds": seconds.seconds, "planned": budget.planned, "epochs": history.epoch,
+          "steps": int(history.steps["step"][-1])}
+with open(f"{sys.argv[2]}/rank{dist.get_rank()}.json", "w") as file:  # a file each: no shared stdout
+    json.dump(report, file)
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_data_parallel_ranks_plan_the_same_epochs_from_their_mean_epoch_time(tmp_path):
+    script = tmp_path / "plan.py"
+    script.write_text(RANKS_PLAN)
+    # A rank planning alone would leave the other waiting in its next all-reduce: the timeout would catch it.
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(script), str(SHARED_DATA), str(tmp_path), str(BUDGET)], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    mean = (ranks[0]["seconds"] + ranks[1]["seconds"]) / 2
+    planned = epochs_that_fit(BUDGET, mean, 1, mean, 10)
+    alone = [epochs_that_fit(BUDGET, rank["seconds"], 1, rank["seconds"], 10) for rank in ranks]
+    assert planned not in alone and alone[0] != alone[1], (ranks, planned)  # the mean is what decided
+    for rank in ranks:
+        assert rank["planned"] == planned and rank["epochs"] == list(range(1, planned + 1))
+    assert ranks[0]["steps"] == ranks[1]["steps"] == planned * 8  # 512 images at 2 x 32 a step
