@@ -281,7 +281,7 @@ def summary_cells(result: Result, peer: PeerTime | None, peer_note: str) -> list
     ratio = f"{statistics.fmean(seconds) / peer.fit_seconds:.2f}x" if peer else peer_note
     return [f"**{len(result.runs)} seeds**", f"**{spread}**", f"{min(accs):.2f} / {max(accs):.2f}",
             f"{statistics.fmean(run.val_accuracy for run in result.runs) * 100:.2f}",
-            f"{statistics.fmean(run.epochs for run in result.runs):g}",
+            f"{statistics.fmean(run.epochs for run in result.runs):.3g}",
             f"{statistics.fmean(seconds):.1f} (max {max(seconds):.1f})", mark,
             f"{statistics.fmean(run.wall_seconds for run in result.runs):.1f}", ratio]
 

@@ -244,8 +244,9 @@ class TrainConfig:
                                            "(fine-tuning: e.g. 0.1)", scope="fit", low=0, low_open=True, high=1,
                                       metavar="F")
     epochs: int = option(10, "passes over the training set", scope="fit", low=1, high=100_000)
-    budget: float | None = option(None, "seconds of training at most: after the first epoch, the epoch count "
-                                        "drops to what fits (never above --epochs; the schedule spans the new count)",
+    budget: float | None = option(None, "seconds of training: after the first epoch, the epoch count drops to "
+                                        "what fits at its pace (never above --epochs; the schedule spans the new "
+                                        "count)",
                                   scope="fit", low=1, high=10_000_000, metavar="SECONDS")
     batch_size: int = option(32, "images per training step", scope="fit", low=1, high=1 << 20)
     # CPU caches favour small batches: the airbench94-width net measured 132 s per 50k images at 128 images
