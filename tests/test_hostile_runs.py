@@ -80,7 +80,7 @@ def killed(process: subprocess.Popen, sig: int = signal.SIGKILL) -> tuple[int, s
 
 
 def killed_between_writes(process: subprocess.Popen, folder: Path, timeout: float = 60) -> tuple[int, str]:
-    """SIGKILL `process` while it has no temporary file open under `folder`: (its return code, its stdout).
+    """SIGKILL `process` at a moment when no temporary file is under `folder`: (its return code, its stdout).
 
     A training checkpoints every epoch, so a kill at a random moment may land mid-write and leave a
     `.checkpoint-*.tmp` (a CI run killed one in epoch 13's write). That is debris too, swept at the next start,
