@@ -90,7 +90,7 @@ def killed_between_writes(process: subprocess.Popen, folder: Path, timeout: floa
     deadline = time.monotonic() + timeout
     while True:
         process.send_signal(signal.SIGSTOP)
-        if not any(folder.rglob(".*.tmp")) or time.monotonic() > deadline:
+        if not any(name.endswith(".tmp") for name in debris(folder)) or time.monotonic() > deadline:
             return killed(process)
         process.send_signal(signal.SIGCONT)
         time.sleep(0.05)
