@@ -123,6 +123,7 @@ import torch
 import torch.distributed as dist
 from cnnkit.data.tensors import load_dataset
 from cnnkit.engine.callbacks import Callback, TimeBudget
+from cnnkit.engine.distributed import shutdown_distributed
 from cnnkit.engine.fit import fit
 from cnnkit.models import build_model
 
@@ -151,7 +152,7 @@ report = {"seconds": seconds.seconds, "planned": budget.planned, "epochs": histo
           "steps": int(history.steps["step"][-1])}
 with open(f"{sys.argv[2]}/rank{dist.get_rank()}.json", "w") as file:  # a file each: no shared stdout
     json.dump(report, file)
-dist.destroy_process_group()
+shutdown_distributed()  # cnnkit's exit: a barrier, then leave (gloo aborts a rank without it)
 '''
 
 

@@ -122,7 +122,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from cnnkit.data.tensors import Split
-from cnnkit.engine.distributed import current_world
+from cnnkit.engine.distributed import current_world, shutdown_distributed
 from cnnkit.engine.evaluate import sharded_logits
 from cnnkit.engine.inference import predict_logits
 
@@ -151,7 +151,7 @@ expected = predict_logits(model, split.images, batch_size=7)
 assert logits.shape == expected.shape and torch.allclose(logits, expected, atol=1e-6), (logits, expected)
 with open(f"{sys.argv[2]}/rank{world.rank}.txt", "w") as report:  # a file each: no shared stdout to interleave
     report.write(str(seen))
-dist.destroy_process_group()
+shutdown_distributed()  # cnnkit's exit: a barrier, then leave (gloo aborts a rank without it)
 '''
 
 

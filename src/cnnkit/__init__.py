@@ -21,6 +21,7 @@ _EXPORTS = {
     "build_model": "cnnkit.models",
     "list_models": "cnnkit.models",
     "fit": "cnnkit.engine.fit",
+    "shutdown_distributed": "cnnkit.engine.distributed",
     "History": "cnnkit.engine.callbacks",
     "Callback": "cnnkit.engine.callbacks",
     "EarlyStopping": "cnnkit.engine.callbacks",
