@@ -40,7 +40,7 @@ from cnnkit.preprocess import preprocessing_meta
 from cnnkit.report import write_report
 from cnnkit.runs import DEFAULT_RUN_NAME, Run, check_free_space, format_size, load_run, save_model, staged_run
 from cnnkit.runs import sweep_runs_dir, write_json
-from cnnkit.fileio import atomic_path, sweep_stale_temp_files, write_text
+from cnnkit.fileio import atomic_path, expand_user_path, sweep_stale_temp_files, write_text
 
 ERROR_GRID_SIZE = 36
 TARGET_ACCURACY = 0.99
@@ -262,7 +262,8 @@ def _train_process(config: TrainConfig, device: torch.device, world: World, thre
                    saved: dict[str, Any] | None) -> TrainResult:
     main = world.is_main
     log = log if main else (lambda *args, **kwargs: None)
-    if main and (swept := sweep_debris(staging.parent if staging else Path(config.runs_dir), config)):
+    runs_dir = staging.parent if staging else expand_user_path(config.runs_dir, "--runs-dir")
+    if main and (swept := sweep_debris(runs_dir, config)):
         log(swept)
     stage = staged_run(config.runs_dir, config.name, staging=staging) if main else nullcontext((None, []))
     with stage as (staging, final):

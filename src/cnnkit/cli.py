@@ -14,6 +14,8 @@ import time
 from collections.abc import Sequence
 
 from cnnkit.errors import CnnkitError, describe_os_error
+from cnnkit.fileio import output_path
+from cnnkit.text import markup, printable
 
 PROG = "cnnkit"
 DEBUG_ENV = "CNNKIT_DEBUG"
@@ -266,11 +268,11 @@ def cmd_evaluate(args: argparse.Namespace, started: float) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{args.run}: test accuracy {report.accuracy:.4f}, loss {report.loss:.4f}")
+    table = Table(title=f"{markup(args.run)}: test accuracy {report.accuracy:.4f}, loss {report.loss:.4f}")
     for column in ("class", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for name, p, r, f, s in zip(report.classes, report.precision, report.recall, report.f1, report.support):
-        table.add_row(name, f"{p:.4f}", f"{r:.4f}", f"{f:.4f}", str(s))
+        table.add_row(markup(name), f"{p:.4f}", f"{r:.4f}", f"{f:.4f}", str(s))
     Console().print(table)
     print(f"accuracy {report.accuracy:.4f}  loss {report.loss:.4f}")
     return 0
@@ -286,9 +288,7 @@ def _add_runs(sub) -> None:
 
 def _shown(value, fmt: str = "{}", missing: str = "?") -> str:
     """A table cell: the value formatted (rich markup escaped), or `missing` when it could not be read."""
-    from rich.markup import escape
-
-    return missing if value is None else escape(fmt.format(value))
+    return missing if value is None else markup(fmt.format(value))
 
 
 def _duration(seconds: float | None) -> str:
@@ -313,15 +313,14 @@ def cmd_runs(args: argparse.Namespace, started: float) -> int:
         print(f"no runs in {args.runs_dir}")
         return 0
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"runs in {escape(str(args.runs_dir))}, newest first")
+    table = Table(title=f"runs in {markup(str(args.runs_dir))}, newest first")
     for column in ("name", "dataset", "model", "epochs", "test accuracy", "train time", "date"):
         table.add_column(column, justify="right" if column in ("epochs", "test accuracy", "train time") else "left",
                          no_wrap=column == "date")
     for run in runs:
-        table.add_row(escape(run.name), _shown(run.dataset), _shown(run.model), _shown(run.epochs),
+        table.add_row(markup(run.name), _shown(run.dataset), _shown(run.model), _shown(run.epochs),
                       _shown(run.test_accuracy, "{:.4f}"),
                       _duration(run.train_seconds),
                       "?" if run.date is None else run.date.strftime("%Y-%m-%d %H:%M"))
@@ -329,7 +328,7 @@ def cmd_runs(args: argparse.Namespace, started: float) -> int:
     console.print(table)
     for run in runs:
         if run.problem:
-            console.print(f"{escape(run.name)}: not a complete run ({escape(run.problem)})", highlight=False)
+            console.print(f"{markup(run.name)}: not a complete run ({markup(run.problem)})", highlight=False)
     return 0
 
 
@@ -352,7 +351,6 @@ def cmd_compare(args: argparse.Namespace, started: float) -> int:
         print(json.dumps([row.to_dict() for row in rows], indent=2))
         return 0
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"{len(rows)} run{'s' if len(rows) > 1 else ''} compared")
@@ -361,7 +359,7 @@ def cmd_compare(args: argparse.Namespace, started: float) -> int:
         table.add_column(column, justify="left" if column in columns[:4] else "right")
     for row in rows:
         run, best = row.summary, row.best_val_accuracy
-        table.add_row(escape(row.label), _shown(run.dataset), _shown(run.model), _shown(run.preset, missing="-"),
+        table.add_row(markup(row.label), _shown(run.dataset), _shown(run.model), _shown(run.preset, missing="-"),
                       _shown(run.epochs), _duration(run.train_seconds),
                       "-" if best is None else f"{best:.4f} (epoch {row.best_val_epoch})",
                       _shown(run.test_accuracy, "{:.4f}"))
@@ -369,9 +367,9 @@ def cmd_compare(args: argparse.Namespace, started: float) -> int:
     console.print(table)
     for row in rows:
         if row.summary.problem:
-            console.print(f"{escape(row.label)}: not a complete run ({escape(row.summary.problem)})", highlight=False)
+            console.print(f"{markup(row.label)}: not a complete run ({markup(row.summary.problem)})", highlight=False)
         if row.note:
-            console.print(f"{escape(row.label)}: left out of the figure ({escape(row.note)})", highlight=False)
+            console.print(f"{markup(row.label)}: left out of the figure ({markup(row.note)})", highlight=False)
     plotted = sum(row.plotted for row in rows)
     print(f"validation curves of {plotted} run{'s' if plotted != 1 else ''}: {args.out}" if plotted
           else f"no run has validation history; {args.out} not written")
@@ -402,15 +400,16 @@ def cmd_predict(args: argparse.Namespace, started: float) -> int:
     from cnnkit.runs import load_run
 
     run = load_run(args.run, tta=args.tta, trust_code=args.trust_code)
+    csv_path = output_path(args.csv, "--csv") if args.csv else None  # refused before any prediction is made
     result = predict_files(run, args.images, top=args.top, progress=not args.json, show_input=args.show_input)
-    if args.csv:
-        write_csv(result.predictions, args.csv)
+    if csv_path:
+        write_csv(result.predictions, csv_path)
     if args.json:
         print(json.dumps([p.to_dict() for p in result.predictions], indent=2))
     else:
         for p in result.predictions:
-            extra = "".join(f"\t{label}:{prob:.4f}" for label, prob in p.top[1:])
-            print(f"{p.file}\t{p.label}\t{p.confidence:.4f}{extra}")
+            extra = "".join(f"\t{printable(label)}:{prob:.4f}" for label, prob in p.top[1:])
+            print(f"{printable(p.file)}\t{printable(p.label)}\t{p.confidence:.4f}{extra}")
     if result.skipped:
         shown = "; ".join(result.skipped[:SHOWN_SKIPPED])
         more = f"; and {len(result.skipped) - SHOWN_SKIPPED} more" if len(result.skipped) > SHOWN_SKIPPED else ""
@@ -683,4 +682,4 @@ def user_error(message: str, code: int, debug: bool) -> int:
 def one_line(message: str) -> str:
     """`message` with its control characters escaped (\\n, \\x1e, ...): a file name or an argument may hold a
     line break of any kind (str.splitlines knows eight, terminals more), and the error is one line."""
-    return "".join(char if char.isprintable() or char == "\t" else repr(char)[1:-1] for char in message)
+    return printable(message, keep_tab=True)

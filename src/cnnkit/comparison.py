@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit.errors import CnnkitError
+from cnnkit.fileio import UnreadableFile, expand_user_path, output_path
+from cnnkit.records import read_history_table
 from cnnkit.runs import RunSummary, resolve_run_dir, summarize_run
 
 DEFAULT_OUT = "compare.png"
@@ -90,28 +92,29 @@ def compare(runs: str | Path | Iterable[str | Path], out: str | Path | None = No
 
 def read_history(run_dir: Path) -> tuple[dict[str, list[float]] | None, str | None]:
     """(history.csv's columns with "epoch", None), or (None, why the run cannot be plotted)."""
-    from cnnkit.engine.callbacks.history import History
-
     path = run_dir / "history.csv"
     try:
-        history = History.from_csv(path.read_text(encoding="utf-8"))
+        table = read_history_table(path)
     except FileNotFoundError:
         return None, "no history.csv"
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, IndexError) as error:
-        return None, f"history.csv is not readable ({type(error).__name__}: {error})"
-    columns = {"epoch": [float(epoch) for epoch in history.epoch], **history.history}
-    if not history.epoch or not any(math.isfinite(value) for value in history.history.get("val_accuracy", [])):
+    except UnreadableFile as error:
+        return None, str(error).removeprefix(f"{path}: ").join(("history.csv: ", ""))
+    except OSError as error:
+        return None, f"history.csv is not readable ({error.strerror or error})"
+    nan = float("nan")
+    columns = {name: [nan if value is None else value for value in table.column(name)] for name in table.columns}
+    if not table.rows or not any(math.isfinite(value) for value in columns.get("val_accuracy", [])):
         return columns, "history.csv has no val_accuracy values"
     return columns, None
 
 
 def _check_out(out: str | Path) -> Path:
-    path = Path(out)
+    path = expand_user_path(out, "--out")
     if path.suffix.lower() != ".png":
         raise CnnkitError(f"{path}: the comparison figure is a PNG; give a file name ending in .png")
     if path.is_dir():
         raise CnnkitError(f"{path}: is a folder; give a file name such as {path / DEFAULT_OUT}")
-    return path
+    return output_path(path, "--out")
 
 
 def _labels(typed: list[Path], names: list[str]) -> list[str]:

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
-import sys
 import typing
 from types import UnionType
 from collections.abc import Callable, Iterator, Sequence
@@ -27,12 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit.errors import CnnkitError
+from cnnkit.fileio import MAX_BYTES, UnreadableFile, expand_user_path, parse_json, parse_toml, read_text_capped
 from cnnkit.registry import did_you_mean
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 Spell = Callable[[str], str]
 
@@ -98,9 +92,9 @@ def _image_size(text: str) -> list[int]:
 
 def _json_table(text: str) -> dict:
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"not valid JSON ({error}): {text!r}") from None
+        value = parse_json(text, "the value")
+    except UnreadableFile as error:
+        raise ValueError(f"{str(error).removeprefix('the value: ')}: {text!r}") from None
     if not isinstance(value, dict):
         raise ValueError(f"expected a JSON object such as '{{\"crop\": 2}}', got {text!r}")
     return value
@@ -152,7 +146,11 @@ def _check_path(value: str) -> str | None:
     than read as the current directory or the default."""
     if not value.strip():
         return "is empty; give a folder, or leave the option out for its default"
-    return "contains a NUL character" if "\0" in value else None
+    try:
+        expand_user_path(value, "")
+    except UnreadableFile as error:
+        return str(error).split(": ", 1)[1]
+    return None
 
 
 def _check_run_name(value: str) -> str | None:
@@ -487,15 +485,14 @@ def read_config_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str 
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text_capped(path, MAX_BYTES["config"])
+        data = parse_json(text, str(path)) if path.suffix.lower() == ".json" else parse_toml(text, str(path))
     except FileNotFoundError:
         raise CnnkitError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise CnnkitError(f"{path}: cannot read config file ({error})") from None
-    try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
-        raise CnnkitError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'TOML'} ({error})") from None
+    except UnreadableFile as error:
+        raise CnnkitError(str(error)) from None
+    except OSError as error:
+        raise CnnkitError(f"{path}: cannot read config file ({error.strerror or error})") from None
     if not isinstance(data, dict):
         raise CnnkitError(f"{path}: expected a table of option = value")
     spell = _file_spell(path)

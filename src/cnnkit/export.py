@@ -20,8 +20,10 @@ else nothing is written (an earlier export at the same path is left as it was).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -34,7 +36,7 @@ import torch
 from torch import nn
 
 from cnnkit.errors import CnnkitError
-from cnnkit.fileio import atomic_path, removing_new_dirs_on_failure
+from cnnkit.fileio import atomic_path, expand_user_path, output_path, removing_new_dirs_on_failure
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_FILENAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -193,15 +195,12 @@ def export_run(run_dir, format: str = "onnx", out: str | Path | None = None,  # 
 
 
 def _output_path(run_dir: Path, format: str, out: str | Path | None) -> Path:  # noqa: A002
+    own = Path(run_dir) / DEFAULT_FILENAMES[format]
     if out is None:
-        return Path(run_dir) / DEFAULT_FILENAMES[format]
-    out = Path(out).expanduser()
-    path = out / DEFAULT_FILENAMES[format] if out.is_dir() else out
-    if (path.exists() and path.parent.resolve() == Path(run_dir).resolve()
-            and path.name not in DEFAULT_FILENAMES.values() and path.suffix not in (".onnx", ".pt")):
-        raise CnnkitError(f"{path}: is one of the run's own files, which an export must not replace; "
-                          "choose another --out")
-    return path
+        return output_path(own, "--out", own=own)
+    out = expand_user_path(out, "--out")
+    path = out / DEFAULT_FILENAMES[format] if out.is_dir() and not out.is_symlink() else out
+    return output_path(path, "--out", own=own)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -301,7 +300,14 @@ def _write_torchscript(wrapper: ExportModule, run, tmp: Path) -> Callable[[np.nd
         traced = torch.jit.trace(wrapper.model, (_example(run),))
         # Frozen: weights become constants (no autograd state), eval-mode code only.
         scripted = torch.jit.freeze(torch.jit.script(ExportModule(traced, run.input_shape).eval()))
-        torch.jit.save(scripted, str(tmp), _extra_files={TORCHSCRIPT_METADATA: json.dumps(export_metadata(run))})
+        # Saved to memory and written by Python: torch.jit.save to a file on a full disk aborts the process in C++
+        # ("terminate called after throwing c10::Error", exit 134), with no chance to remove the temp file.
+        archive = io.BytesIO()
+        torch.jit.save(scripted, archive, _extra_files={TORCHSCRIPT_METADATA: json.dumps(export_metadata(run))})
+        with open(tmp, "wb") as handle:
+            handle.write(archive.getbuffer())
+            handle.flush()
+            os.fsync(handle.fileno())
         loaded = torch.jit.load(str(tmp), map_location="cpu")  # the written file, not the object in memory
     loaded.eval()
 

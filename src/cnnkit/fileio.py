@@ -16,12 +16,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
+
+from cnnkit.errors import CnnkitError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -215,3 +219,193 @@ def sweep_stale_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
         finally:
             os.close(fd)
     return removed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The one reader: every file a person or another program could have touched is read through here
+
+
+#: Caps on what cnnkit reads, by kind of file: far above anything cnnkit writes (a 1,000-epoch run's history.csv
+#: is ~150 kB), far below what would hurt (a `/dev/zero` link grew to 3.8 GB in 6 s through a plain read).
+MAX_BYTES = {"config": 1 << 20, "json": 16 << 20, "csv": 16 << 20, "header": 64 << 20}
+#: Nesting and integer-size limits of parsed JSON/TOML: cnnkit's own files nest 4 deep and hold no integer above
+#: 2**63; the parsers themselves recurse (a 3,001-level file raised RecursionError) and Python refuses to convert
+#: integers of more than 4,300 digits (ValueError).
+MAX_DEPTH = 32
+MAX_INTEGER_DIGITS = 40
+
+
+class UnreadableFile(CnnkitError, ValueError):
+    """A file or path that the one reader or writer refuses: its message names it, the problem and the fix."""
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_capped(path: str | os.PathLike[str], max_bytes: int) -> bytes:
+    """The bytes of the regular file `path`, at most `max_bytes` of them.
+
+    Opened non-blocking (a FIFO opens at once instead of waiting for a writer) and checked with fstat before a
+    byte is read, so a FIFO, a device or a folder is refused rather than read forever; the read itself is capped
+    too, for files that grow while read. Raises FileNotFoundError (the caller knows what a missing file means),
+    OSError the user can fix, or UnreadableFile.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnreadableFile(f"{path}: {_file_kind(info.st_mode)}, not a regular file: name a regular file")
+        if info.st_size > max_bytes:
+            raise UnreadableFile(f"{path}: {info.st_size:,} bytes, more than the {max_bytes:,} such a file may have")
+        os.set_blocking(fd, True)
+        chunks, total = [], 0
+        while total <= max_bytes:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > max_bytes:
+            raise UnreadableFile(f"{path}: more than the {max_bytes:,} bytes such a file may have")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_text_capped(path: str | os.PathLike[str], max_bytes: int) -> str:
+    """The text of `path` as strict UTF-8 (see read_capped); a byte that is not UTF-8 is named by its offset."""
+    data = read_capped(path, max_bytes)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UnreadableFile(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+
+
+def _checked_integer(text: str) -> int:
+    digits = len(text.lstrip("+-"))
+    if digits > MAX_INTEGER_DIGITS:
+        raise ValueError(f"an integer of {digits} digits (at most {MAX_INTEGER_DIGITS})")
+    return int(text)
+
+
+def check_depth(value: object, where: str, limit: int = MAX_DEPTH) -> None:
+    """Refuse a parsed document nested deeper than `limit` (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                raise UnreadableFile(f"{where}: nested more than {limit} levels deep")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+
+
+def parse_json(text: str, where: str) -> object:
+    """JSON text as Python values, within MAX_DEPTH and MAX_INTEGER_DIGITS; UnreadableFile naming `where` else."""
+    try:
+        value = json.loads(text, parse_int=_checked_integer)
+    except (json.JSONDecodeError, ValueError, RecursionError) as error:
+        raise UnreadableFile(f"{where}: not valid JSON ({_parse_problem(error)})") from None
+    check_depth(value, where)
+    return value
+
+
+def parse_toml(text: str, where: str) -> object:
+    """TOML text as Python values, within the same limits as parse_json."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        value = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError) as error:
+        raise UnreadableFile(f"{where}: not valid TOML ({_parse_problem(error)})") from None
+    check_depth(value, where)
+    _check_integers(value, where)
+    return value
+
+
+def _check_integers(value: object, where: str) -> None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, int) and not isinstance(item, bool) and item.bit_length() > 3.33 * MAX_INTEGER_DIGITS:
+            raise UnreadableFile(f"{where}: an integer of more than {MAX_INTEGER_DIGITS} digits")
+
+
+def _parse_problem(error: BaseException) -> str:
+    """A parser's message on one line; the parsers recurse per level, so too deep a document is a RecursionError."""
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return " ".join(str(error).split())
+
+
+def read_json(path: str | os.PathLike[str], max_bytes: int = MAX_BYTES["json"]) -> object:
+    """A JSON file through the one reader: regular, capped, strict UTF-8, bounded nesting and integers."""
+    return parse_json(read_text_capped(path, max_bytes), str(path))
+
+
+def read_toml(path: str | os.PathLike[str], max_bytes: int = MAX_BYTES["config"]) -> object:
+    """A TOML file through the one reader."""
+    return parse_toml(read_text_capped(path, max_bytes), str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The one writer's checks: every file cnnkit writes at a path a user names goes through `output_path`
+
+#: A folder holding any of these is a run directory (or its staging folder): its files are that run's, and a
+#: command writing at a path a user named may add files there but replaces none but its own artifact.
+RUN_MARKERS = ("model.json", "metrics.json", "checkpoint.json")
+
+
+def expand_user_path(text: str | os.PathLike[str], option: str) -> Path:
+    """A path as the user typed it, `~` and `~user` expanded the same way for every option; a NUL byte or an
+    unknown user is a one-line error naming `option` (the OS would raise ValueError or make a folder named `~`)."""
+    raw = os.fspath(text)
+    if "\0" in raw:
+        raise UnreadableFile(f"{option} {raw!r}: a path cannot hold a NUL character")
+    expanded = os.path.expanduser(raw)
+    if expanded.startswith("~"):
+        user = expanded[1:].split("/", 1)[0]
+        raise UnreadableFile(f"{option} {raw}: there is no user named {user!r} to expand ~{user}; "
+                             "give the folder's full path")
+    return Path(expanded)
+
+
+def is_run_directory(folder: Path) -> bool:
+    return any((folder / marker).exists() for marker in RUN_MARKERS)
+
+
+def output_path(path: str | os.PathLike[str], option: str, *, own: Path | None = None) -> Path:
+    """The file a command may write at `path` (a user's `--out`, `--csv`, ...), checked before any work is done.
+
+    Refuses to replace anything that is not a regular file (a link, a device, a FIFO, a folder: writing would
+    replace what the path is, not write into it) and any existing file inside a run directory unless it is
+    `own` (the command's own artifact, such as RUN/model.onnx for `export`): no command writes over another
+    run's weights. The temporary files a killed writer left in the target's folder are swept here, so every
+    command that writes cleans up after a killed predecessor.
+    """
+    target = expand_user_path(path, option)
+    try:
+        info = os.lstat(target)
+    except OSError:  # not there, or its folder cannot be reached: the write itself will say why it fails
+        info = None
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        kind = "a link" if stat.S_ISLNK(info.st_mode) else _file_kind(info.st_mode)
+        raise UnreadableFile(f"{option} {target}: is {kind.removeprefix('not ')}; cnnkit replaces only regular "
+                             "files: name a new file")
+    folder = target.parent
+    if info is not None and is_run_directory(folder) and (own is None or target.resolve() != own.resolve()):
+        raise UnreadableFile(f"{option} {target}: is a file of the run in {folder}, which this command must not "
+                             "replace; choose another path")
+    sweep_stale_temp_files(folder)
+    return target

@@ -6,9 +6,11 @@ shared with training, which writes the record it follows.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,9 @@ from PIL import Image
 
 from cnnkit.data.images import not_a_file, walk_images
 from cnnkit.errors import CnnkitError
-from cnnkit.fileio import atomic_path, write_text
+from cnnkit.fileio import (atomic_path, expand_user_path, is_run_directory, output_path, sweep_stale_temp_files,
+                           write_text)
+from cnnkit.text import portable_name
 from cnnkit.preprocess import load_image
 from cnnkit.progress import progress_bar
 
@@ -146,7 +150,8 @@ def predict_files(run, inputs: Sequence[str | Path], top: int = 1, *, progress: 
     """
     paths, problems = find_image_files(inputs)
     result = FilePredictions([], problems)
-    with progress_bar("Predicting", len(paths), enabled=progress and len(paths) > CHUNK) as advance:
+    inputs_folder = _show_input_folder(show_input) if show_input is not None else None
+    with _removed_if_interrupted(inputs_folder) as written, progress_bar("Predicting", len(paths), enabled=progress and len(paths) > CHUNK) as advance:
         for start in range(0, len(paths), CHUNK):
             chunk, arrays = [], []
             for path in paths[start : start + CHUNK]:
@@ -157,8 +162,8 @@ def predict_files(run, inputs: Sequence[str | Path], top: int = 1, *, progress: 
                     result.skipped.append(str(error))
             if arrays:
                 batch = np.stack(arrays)
-                if show_input is not None:
-                    _write_inputs(Path(show_input), chunk, batch)
+                if inputs_folder is not None:
+                    written += _write_inputs(inputs_folder, chunk, batch)
                 result.predictions += _ranked(run, [str(path) for path in chunk], predict(run.model, batch), top)
             advance(len(paths[start : start + CHUNK]))
     return result
@@ -174,18 +179,53 @@ def _ranked(run, names: list[str], probabilities: torch.Tensor, top: int) -> lis
     return results
 
 
-def _write_inputs(folder: Path, paths: list[Path], batch: np.ndarray) -> None:
-    """Each model input as a PNG named after its file (plus a hash of its path when two files share a name)."""
+def _show_input_folder(folder: str | Path) -> Path:
+    """--show-input's folder, checked before any image is read: a folder (or a new one), not a run directory."""
+    path = expand_user_path(folder, "--show-input")
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise CnnkitError(f"--show-input {path}: is not a folder; name a new or existing folder")
+    if is_run_directory(path):
+        raise CnnkitError(f"--show-input {path}: is a run directory, whose files this command must not touch; "
+                          "name another folder")
+    sweep_stale_temp_files(path)  # a killed earlier --show-input's half-written picture
+    return path
+
+
+@contextlib.contextmanager
+def _removed_if_interrupted(folder: Path | None) -> Iterator[list[Path]]:
+    """The list of files the block writes into `folder`; on Ctrl-C or SIGTERM they are removed (and `folder`
+    when this command made it), so "nothing was saved" is true."""
+    made = folder is not None and not folder.exists()
+    written: list[Path] = []
+    try:
+        yield written
+    except KeyboardInterrupt:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _write_inputs(folder: Path, paths: list[Path], batch: np.ndarray) -> list[Path]:
+    """Each model input as a PNG named after its file (plus a hash of its path when two files share a name);
+    returns the files written. An existing file is replaced only if it is a regular file outside a run."""
     import hashlib
 
     folder.mkdir(parents=True, exist_ok=True)
+    written = []
     for path, image in zip(paths, batch):
         target = folder / f"{path.stem}.png"
-        if target.exists():
-            target = folder / f"{path.stem}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}.png"
+        if target.exists() or target.is_symlink():
+            target = folder / f"{path.stem}-{hashlib.sha1(os.fsencode(path)).hexdigest()[:8]}.png"
         pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+        if os.path.lexists(target):  # a picture of an earlier prediction, or something that is not ours to replace
+            output_path(target, "--show-input")
         with atomic_path(target) as tmp:
             Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG")
+        written.append(target)
+    return written
 
 
 def write_csv(predictions: Sequence[Prediction], path: str | Path) -> None:
@@ -197,5 +237,6 @@ def write_csv(predictions: Sequence[Prediction], path: str | Path) -> None:
     writer = csv.writer(text)
     writer.writerow(["file", "label", "confidence", "top"])
     for p in predictions:
-        writer.writerow([p.file, p.label, f"{p.confidence:.6f}", ";".join(f"{label}:{prob:.6f}" for label, prob in p.top)])
+        writer.writerow([portable_name(p.file), p.label, f"{p.confidence:.6f}",
+                         ";".join(f"{label}:{prob:.6f}" for label, prob in p.top)])
     write_text(path, text.getvalue())

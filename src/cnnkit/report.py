@@ -3,25 +3,28 @@
 The page is self-contained (inline CSS, every figure embedded as a base64 data URI, no scripts, links to
 other resources or web fonts), so it can be mailed, archived or opened offline and still shows everything.
 It reads only config.json, metrics.json, history.csv, model.json and the PNGs, so `cnnkit report RUN`
-rebuilds it for any run, old or new; it uses the standard library only (no torch, no matplotlib), so
-that is instant. Every piece of text from the files is escaped: class names and paths may hold < or &.
+rebuilds it for any run, old or new; it needs no torch and no matplotlib, so that is instant. The files are
+read through the one reader into typed records (records.py): a hand-edited file with a wrong value is one
+line naming the file and the field. Every piece of text from the files is escaped: class names and paths
+may hold < or &. Only regular PNG files inside the run directory are embedded (a link pointing out is not).
 """
 
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import io
 import json
 import math
+import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cnnkit.errors import CnnkitError
-from cnnkit.fileio import write_text
+from cnnkit.fileio import UnreadableFile, read_capped, write_text
+from cnnkit.records import HistoryTable, Metrics, read_history_table, read_json_object, read_metrics
 
 REPORT_FILE = "report.html"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -66,9 +69,9 @@ class RunFiles:
 
     path: Path
     config: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=Metrics)
     model: dict[str, Any] = field(default_factory=dict)
-    history: list[dict[str, str]] = field(default_factory=list)
+    history: HistoryTable | None = None
     figures: list[tuple[str, bytes]] = field(default_factory=list)
 
 
@@ -90,37 +93,47 @@ def read_run_files(run_dir: Path) -> RunFiles:
         raise CnnkitError(f"{run_dir}: no such run directory")
     if not (run_dir / "config.json").is_file() and not (run_dir / "metrics.json").is_file():
         raise CnnkitError(f"{run_dir}: not a cnnkit run directory (no config.json or metrics.json)")
-    return RunFiles(
-        path=run_dir,
-        config=_read_json(run_dir / "config.json"),
-        metrics=_read_json(run_dir / "metrics.json"),
-        model=_read_json(run_dir / "model.json"),
-        history=_read_csv(run_dir / "history.csv"),
-        figures=_read_figures(run_dir),
-    )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CnnkitError(f"{path}: not valid JSON ({error})") from None
-    return data if isinstance(data, dict) else {}
+        return RunFiles(
+            path=run_dir,
+            config=_optional(run_dir / "config.json", lambda path: read_json_object(path, "config.json"), {}),
+            metrics=_optional(run_dir / "metrics.json", read_metrics, Metrics()),
+            model=_optional(run_dir / "model.json", lambda path: read_json_object(path, "model.json"), {}),
+            history=_optional(run_dir / "history.csv", read_history_table, None),
+            figures=_read_figures(run_dir),
+        )
+    except UnreadableFile as error:
+        raise CnnkitError(str(error)) from None
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    return list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
+def _optional(path: Path, read, missing: Any) -> Any:
+    """`read(path)`, or `missing` when there is no such file (an early or interrupted run lacks some)."""
+    try:
+        return read(path)
+    except FileNotFoundError:
+        return missing
+
+
+#: The largest figure embedded: cnnkit's own are 30-300 kB.
+MAX_FIGURE_BYTES = 32 << 20
 
 
 def _read_figures(run_dir: Path) -> list[tuple[str, bytes]]:
-    """Every PNG in the run directory (hidden temporaries excluded), known figures first."""
-    names = sorted(p.name for p in run_dir.glob("*.png") if not p.name.startswith(".") and p.is_file())
+    """Every regular PNG file in the run directory (hidden temporaries and links excluded), known figures first.
+
+    A `*.png` link could point anywhere on the machine (a page mailed on would carry that file), so only the
+    run's own files are read.
+    """
+    names = sorted(p.name for p in run_dir.glob("*.png") if not p.name.startswith(".") and _regular(p))
     ordered = [n for n in FIGURE_CAPTIONS if n in names] + [n for n in names if n not in FIGURE_CAPTIONS]
-    return [(name, (run_dir / name).read_bytes()) for name in ordered]
+    return [(name, read_capped(run_dir / name, MAX_FIGURE_BYTES)) for name in ordered]
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def run_name(run: RunFiles) -> str | None:
@@ -131,7 +144,8 @@ def run_name(run: RunFiles) -> str | None:
     """
     name = run.path.name
     if name.startswith(".") and ".partial-" in name:
-        return run.config.get("name") or None
+        name = run.config.get("name")
+        return name if isinstance(name, str) and name else None
     return name
 
 
@@ -201,18 +215,18 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, text_columns
 def render_report(run: RunFiles, name: str | None) -> str:
     """The whole page as a string."""
     m, config = run.metrics, run.config
-    model = m.get("model") or config.get("model") or run.model.get("architecture") or "model"
-    dataset = m.get("dataset") or config.get("dataset") or run.model.get("dataset") or "dataset"
+    model = _first_text(m.model, config.get("model"), run.model.get("architecture")) or "model"
+    dataset = _first_text(m.dataset, config.get("dataset"), run.model.get("dataset")) or "dataset"
     name = name or f"{model} on {dataset}"
     sections = [
         f"<h1>{_e(name)}</h1>",
         f'<p class="subtitle">{_e(model)} trained on {_e(dataset)}</p>',
         _headline(m),
-        _kept_epoch(m, len(run.history)),
+        _kept_epoch(m, len(run.history.rows) if run.history else 0),
         _most_confused(m, _classes(run)),
         _figures(run.figures),
         _per_class_section(m),
-        _history_section(run.history, (m.get("selected") or {}).get("epoch")),
+        _history_section(run.history, m.selected.epoch if m.selected else None),
         _facts_section(m),
         _config_section(config),
         _files_section(run.path),
@@ -225,20 +239,24 @@ def render_report(run: RunFiles, name: str | None) -> str:
             f"<body>\n{body}\n</body>\n</html>\n")
 
 
+def _first_text(*values: Any) -> str | None:
+    return next((value for value in values if isinstance(value, str) and value), None)
+
+
 def _classes(run: RunFiles) -> list[str]:
     classes = run.model.get("classes")
-    if classes:
+    if isinstance(classes, list) and classes:
         return [str(c) for c in classes]
-    return [str(c) for c in (run.metrics.get("test_report") or {}).get("per_class", {})]
+    return list(run.metrics.test_report.per_class) if run.metrics.test_report else []
 
 
-def _headline(m: dict[str, Any]) -> str:
+def _headline(m: Metrics) -> str:
     """Test accuracy in large type, its 95% interval, and what a finite test set means for it."""
-    accuracy = m.get("test_accuracy")
+    accuracy = m.test_accuracy
     if accuracy is None:
         return '<div class="headline"><p>No test accuracy recorded (metrics.json missing or incomplete).</p></div>'
-    count = m.get("num_test")
-    interval = m.get("test_accuracy_ci95")
+    count = m.num_test
+    interval = m.test_accuracy_ci95
     computed = False
     if not (isinstance(interval, (list, tuple)) and len(interval) == 2) and isinstance(count, int) and count > 0:
         interval, computed = wilson_interval(float(accuracy), count), True
@@ -256,43 +274,42 @@ def _headline(m: dict[str, Any]) -> str:
     else:
         lines.append(f"Measured once on {_e(images)}: the test set is finite, so this is an estimate of the "
                      f"accuracy on new images, not an exact value.")
-    extras = [f"Test loss {_number(m.get('test_loss'))}"]
-    macro_f1 = (m.get("test_report") or {}).get("macro_f1")
+    extras = [f"Test loss {_number(m.test_loss)}"]
+    macro_f1 = m.test_report.macro_f1 if m.test_report else None
     if macro_f1 is not None:
         extras.append(f"macro F1 {_number(macro_f1)}")
     lines.append(_e(", ".join(extras) + "."))
-    if m.get("val_source") == "test":
+    if m.val_source == "test":
         lines.append('<span class="warning">Validation used the test set (--val test), so the test accuracy '
                      "was seen while choosing the epoch and is not an independent estimate.</span>")
     return '<div class="headline">' + "".join(f"<p>{line}</p>" for line in lines) + "</div>"
 
 
-def _kept_epoch(m: dict[str, Any], epochs_in_history: int) -> str:
+def _kept_epoch(m: Metrics, epochs_in_history: int) -> str:
     """Which epoch's weights the run kept, and by what rule: the test numbers describe those weights."""
-    selected = m.get("selected")
-    epochs = m.get("epochs") or epochs_in_history or None
+    selected = m.selected
+    epochs = m.epochs or epochs_in_history or None
     if not selected:
         return (f"<p><strong>Weights kept:</strong> those of the last epoch{f' ({epochs})' if epochs else ''}.</p>"
                 if epochs else "")
-    epoch = selected.get("epoch")
-    text = f"epoch {epoch}" + (f" of {epochs}" if epochs else "")
+    text = f"epoch {selected.epoch}" + (f" of {epochs}" if epochs else "")
     rule = []
-    if selected.get("keep"):
-        rule.append(f"keep = {selected['keep']}")
-    if selected.get("monitor"):
-        value = selected.get("value")
-        rule.append(f"{selected['monitor']} = {_number(value)}" if value is not None else str(selected["monitor"]))
-    if selected.get("weights"):
-        rule.append(f"{selected['weights']} weights")
+    if selected.keep:
+        rule.append(f"keep = {selected.keep}")
+    if selected.monitor:
+        value = selected.value
+        rule.append(f"{selected.monitor} = {_number(value)}" if value is not None else selected.monitor)
+    if selected.weights:
+        rule.append(f"{selected.weights} weights")
     return (f"<p><strong>Weights kept:</strong> {_e(text)}"
             + (f" ({_e('; '.join(rule))})" if rule else "") + ". The test numbers above are for these weights.</p>")
 
 
-def _most_confused(m: dict[str, Any], classes: list[str]) -> str:
+def _most_confused(m: Metrics, classes: list[str]) -> str:
     """The top confusions: from metrics.json's `most_confused`, else from its confusion matrix."""
-    pairs = m.get("most_confused")
+    pairs = m.most_confused
     if not pairs:
-        pairs = _top_confusions((m.get("test_report") or {}).get("confusion_matrix"), classes)
+        pairs = _top_confusions(m.test_report.confusion_matrix if m.test_report else None, classes)
     if not pairs:
         return ""
 
@@ -328,32 +345,30 @@ def _figures(figures: list[tuple[str, bytes]]) -> str:
     return "\n".join(blocks)
 
 
-def _per_class_section(m: dict[str, Any]) -> str:
-    per_class = (m.get("test_report") or {}).get("per_class") or {}
+def _per_class_section(m: Metrics) -> str:
+    per_class = m.test_report.per_class if m.test_report else {}
     if not per_class:
         return ""
-    rows = [[name, _number(v.get("precision")), _number(v.get("recall")), _number(v.get("f1")),
-             _number(v.get("support"))] for name, v in per_class.items()]
+    rows = [[name, _number(v.precision), _number(v.recall), _number(v.f1), _number(v.support)]
+            for name, v in per_class.items()]
     return ("<h2>Per-class metrics (test set)</h2>"
             + _table(["class", "precision", "recall", "F1", "support"], rows))
 
 
-def _history_section(history: list[dict[str, str]], kept_epoch: Any) -> str:
-    if not history:
+def _history_section(history: HistoryTable | None, kept_epoch: int | None) -> str:
+    if not history or not history.rows:
         return ""
-    header = list(history[0])
-    rows = [[_number(row.get(key)) for key in header] for row in history]
-    kept = [("kept" if str(row.get("epoch")) == str(kept_epoch) else "") for row in history]
+    header = history.columns
+    rows = [[_number(int(row[0]))] + [_number(value) for value in row[1:]] for row in history.rows]
+    kept = [("kept" if row[0] == kept_epoch else "") for row in history.rows]
     note = " The highlighted row is the epoch whose weights were kept." if any(kept) else ""
     return (f"<h2>Epoch history</h2><p>From <code>history.csv</code>.{_e(note)}</p>"
             + _table(header, rows, text_columns=0, row_classes=kept))
 
 
-def _facts_section(m: dict[str, Any]) -> str:
+def _facts_section(m: Metrics) -> str:
     """The remaining scalar entries of metrics.json (timings, sizes, device...), as recorded."""
-    shown = {"test_report", "selected", "most_confused", "test_accuracy_ci95"}
-    rows = [[key, _number(value)] for key, value in m.items()
-            if key not in shown and not isinstance(value, (dict, list))]
+    rows = [[key, _number(value)] for key, value in m.scalars().items()]
     if not rows:
         return ""
     return "<h2>Run facts</h2><p>From <code>metrics.json</code>.</p>" + _table(["metric", "value"], rows, text_columns=2)

@@ -28,7 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit.errors import CnnkitError, describe_os_error, os_error_fix
-from cnnkit.fileio import atomic_path, current_umask, lock_fd, sweep_stale_temp_files, try_lock, write_text
+from cnnkit import fileio
+from cnnkit.fileio import (UnreadableFile, atomic_path, current_umask, lock_fd, sweep_stale_temp_files, try_lock,
+                           write_text)
+from cnnkit.records import Metrics, read_metrics
 
 from cnnkit.model_meta import MODEL_FORMAT, MODEL_FORMAT_VERSION, weights_record  # noqa: F401 (re-exported)
 DEFAULT_RUN_NAME = "train"
@@ -68,7 +71,7 @@ def staged_run(runs_dir: str | Path, name: str | None, *,
     """
     from cnnkit.engine.checkpoint import has_checkpoint, remove_checkpoint
 
-    runs_dir = prepare_runs_dir(Path(runs_dir)) if staging is None else staging.parent
+    runs_dir = prepare_runs_dir(fileio.expand_user_path(runs_dir, "--runs-dir")) if staging is None else staging.parent
     final: list[Path] = []
     with claimed_name(runs_dir, name):
         if name is not None and (runs_dir / name).exists():
@@ -367,12 +370,13 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
+    """A run's JSON file through the one reader (fileio): regular, size-capped, UTF-8, bounded nesting."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return fileio.read_json(path)
     except FileNotFoundError:
         raise CnnkitError(f"{path}: file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CnnkitError(f"{path}: not valid JSON ({error})") from None
+    except UnreadableFile as error:
+        raise CnnkitError(str(error)) from None
 
 
 def save_model(run_dir: Path, model, meta: dict[str, Any]) -> None:
@@ -393,7 +397,7 @@ class Run:
     model: Any  # ImageClassifier, in eval mode on the CPU (in a TestTimeAugmentation unless tta is "none")
     meta: dict[str, Any]
     config: dict[str, Any]
-    metrics: dict[str, Any]
+    metrics: Metrics  # an empty record where metrics.json is missing or unreadable (see metrics_problem)
     tta: str = "none"  # the test-time augmentation `model` applies: the run's recorded one or load_run's tta
 
     @property
@@ -406,10 +410,22 @@ class Run:
         return int(spec["channels"]), int(spec["height"]), int(spec["width"])
 
     def __repr__(self) -> str:
-        accuracy = self.metrics.get("test_accuracy")
-        tested = f", test accuracy {accuracy:.4f}" if isinstance(accuracy, (int, float)) else ""
+        accuracy = self.metrics.test_accuracy
+        tested = f", test accuracy {accuracy:.4f}" if accuracy is not None else ""
         return (f"Run({str(self.path)!r}: {self.meta.get('architecture')} on {self.meta.get('dataset')}, "
                 f"{len(self.classes)} classes, input {self.input_shape}{tested})")
+
+
+def read_run_metrics(run_dir: Path) -> Metrics:
+    """The run's metrics.json as a record; an empty one where it is missing or unreadable.
+
+    The metrics describe a run, they are not needed to use its model: a hand-edited metrics.json must not stop
+    `predict` or `serve` (they then show no test figures); `cnnkit report` and `cnnkit runs` name the problem.
+    """
+    try:
+        return read_metrics(run_dir / "metrics.json")
+    except (OSError, UnreadableFile):
+        return Metrics()
 
 
 def resolve_run_dir(path: str | Path) -> Path:
@@ -445,7 +461,7 @@ def load_run(path: str | Path, *, tta: str | None = None, trust_code: bool = Fal
         raise CnnkitError(f"{weights}: cannot load weights ({_first_line(error)})") from None
     model.eval()
     config = read_run_config(run_dir)
-    metrics = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
+    metrics = read_run_metrics(run_dir)
     tta = run_tta(run_dir, meta, tta)
     return Run(run_dir, with_tta(model, tta), meta, config, metrics, tta)
 
@@ -726,12 +742,17 @@ def summarize_unfinished(path: Path) -> RunSummary:
 def _read_dict(path: Path, problems: list[str]) -> dict[str, Any]:
     """A JSON object file, or {} with a note in `problems` when it is missing or unreadable."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = fileio.read_json(path)
     except FileNotFoundError:
         problems.append(f"no {path.name}")
         return {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        problems.append(f"{path.name} is not valid JSON")
+    except UnreadableFile as error:
+        reason = str(error).removeprefix(f"{path}: ")
+        problems.append(f"{path.name} is not valid JSON" if reason.startswith("not valid JSON") else
+                        f"{path.name}: {reason}")
+        return {}
+    except OSError:
+        problems.append(f"{path.name} is not readable")
         return {}
     if not isinstance(data, dict):
         problems.append(f"{path.name} is not a JSON object")

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from cnnkit.fileio import atomic_path, atomic_write, pread_into, sweep_stale_temp_files, write_text
+from cnnkit.fileio import atomic_path, atomic_write, pread_into, read_json, sweep_stale_temp_files, write_text
 
 if TYPE_CHECKING:
     from cnnkit.data.disk import DiskImages
@@ -83,7 +83,7 @@ def read_cache(entry_dir: Path, *, on_disk: bool = False) -> FolderData | None:
     if not meta_path.is_file():
         return None
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = read_json(meta_path)
         splits = {split: _read_split(entry_dir, split, int(count), on_disk) for split, count in meta["splits"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -307,8 +307,8 @@ def remove_stale_entries(current: Path, source: Path, request: tuple) -> None:
         if other == current or not (other / "meta.json").is_file():
             continue
         try:
-            meta = json.loads((other / "meta.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            meta = read_json(other / "meta.json")
+        except (OSError, ValueError):  # UnreadableFile is a ValueError
             continue
         if meta.get("source") == str(source) and meta.get("request") == _request_json(request):
             shutil.rmtree(other, ignore_errors=True)

@@ -22,7 +22,7 @@ import platformdirs
 
 from cnnkit.data.registry import DatasetSpec, FileSpec
 from cnnkit.errors import CnnkitError
-from cnnkit.fileio import atomic_path, removing_new_dirs_on_failure
+from cnnkit.fileio import atomic_path, expand_user_path, removing_new_dirs_on_failure
 
 __all__ = ["data_root", "dataset_dir", "dataset_present", "fetch_dataset", "how_to_provide", "missing_files",
            "size_cap", "split_roles", "verify_file"]
@@ -36,10 +36,10 @@ _CHUNK = 1 << 20
 def data_root(data_dir: str | os.PathLike[str] | None = None) -> Path:
     """Where datasets and caches live: `data_dir`, else $CNNKIT_DATA, else the user cache (~/.cache/cnnkit)."""
     if data_dir is not None and str(data_dir) != "":
-        return Path(data_dir).expanduser()
+        return expand_user_path(data_dir, "--data-dir")
     from_env = os.environ.get(DATA_ENV, "").strip()
     if from_env:
-        return Path(from_env).expanduser()
+        return expand_user_path(from_env, f"${DATA_ENV}")
     return Path(platformdirs.user_cache_dir("cnnkit"))
 
 

@@ -21,7 +21,7 @@ import torch
 
 from cnnkit.data.disk import DiskImages
 from cnnkit.errors import CnnkitError
-from cnnkit.fileio import atomic_path, write_text
+from cnnkit.fileio import UnreadableFile, atomic_path, read_json, write_text
 from cnnkit.runs import read_weights
 
 CHECKPOINT_JSON = "checkpoint.json"
@@ -121,11 +121,13 @@ def read_checkpoint_document(directory: Path) -> dict[str, Any]:
     references: enough to learn a run's epoch and options without loading its tensors."""
     path = directory / CHECKPOINT_JSON
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = read_json(path)
     except FileNotFoundError:
         raise CnnkitError(f"{directory}: no checkpoint here ({CHECKPOINT_JSON} missing)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CnnkitError(f"{path}: not a readable checkpoint ({error})") from None
+    except UnreadableFile as error:
+        raise CnnkitError(f"not a readable checkpoint: {error}") from None
+    except OSError as error:
+        raise CnnkitError(f"{path}: not a readable checkpoint ({error.strerror or error})") from None
     if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
         raise CnnkitError(f"{path}: not a cnnkit checkpoint")
     if document.get("format_version") != CHECKPOINT_VERSION:

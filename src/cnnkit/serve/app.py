@@ -43,6 +43,7 @@ from PIL import Image, UnidentifiedImageError
 
 from cnnkit.errors import CnnkitError
 from cnnkit.preprocess import load_image
+from cnnkit.records import finite_or_none
 
 __all__ = ["MicroBatcher", "create_app", "serve"]
 
@@ -361,14 +362,13 @@ def model_info(run, max_upload_mb: float) -> dict[str, Any]:
     """GET /model: what the page and API clients need to know about the served run."""
     meta = run.meta
     spec = meta.get("input", {})
-    metrics = {key: value for key, value in run.metrics.items()
-               if key.startswith("test_") and key != "test_report"}
-    report = run.metrics.get("test_report")
-    if isinstance(report, dict) and "macro_f1" in report:
-        metrics["test_macro_f1"] = report["macro_f1"]
+    recorded = run.metrics.model_dump(exclude_none=True)
+    metrics = {key: value for key, value in recorded.items() if key.startswith("test_") and key != "test_report"}
+    if run.metrics.test_report and run.metrics.test_report.macro_f1 is not None:
+        metrics["test_macro_f1"] = run.metrics.test_report.macro_f1
     for key in ("num_test", "epochs", "val_accuracy"):
-        if key in run.metrics:
-            metrics[key] = run.metrics[key]
+        if key in recorded:
+            metrics[key] = recorded[key]
     return {
         "run": run.path.name,
         "architecture": meta.get("architecture"),
@@ -376,7 +376,7 @@ def model_info(run, max_upload_mb: float) -> dict[str, Any]:
         "classes": list(meta["classes"]),
         "input": {"channels": int(spec["channels"]), "height": int(spec["height"]), "width": int(spec["width"])},
         "preprocessing": meta.get("preprocessing", {}),
-        "metrics": metrics,
+        "metrics": finite_or_none(metrics),  # NaN is not JSON: the page's parser would fail on it
         "max_upload_mb": max_upload_mb,
     }
 
