@@ -33,7 +33,8 @@ from cnnkit.engine.fit import fit
 from cnnkit.engine.inference import resolve_device, resolve_precision
 from cnnkit.models import build_model, model_entry
 from cnnkit.models.classifier import ImageClassifier, custom_architecture, takes_pixels
-from cnnkit.models.user import SOURCE_COPY, build_body, load_function, parse_file_spec, read_code, user_body
+from cnnkit.models.user import (SOURCE_COPY, UserCode, build_body, check_classifier, load_function,
+                                parse_file_spec, read_code, user_body, verified_code)
 from cnnkit.models.tta import check_tta, with_tta
 from cnnkit.plots import plot_confusion_matrix, plot_errors, plot_history, plot_per_class
 from cnnkit.preprocess import preprocessing_meta
@@ -71,16 +72,20 @@ def streaming_note(data: Dataset, batch_size: int) -> str:
             f"{window_bytes(images.item_bytes, batch_size) / 2**20:.0f} MiB of them in memory at a time (--stream)")
 
 
-def model_for(config: TrainConfig, data: Dataset, user_model: Any = None) -> ImageClassifier:
+def model_for(config: TrainConfig, data: Dataset, user_model: Any = None, code: UserCode | None = None,
+              trust_code: bool = False) -> ImageClassifier:
     """Build the configured model, seeded, standardising with train statistics where the model wants it,
     then load its starting weights when `init` (an earlier run) or `weights` (a safetensors file) says so.
 
     `user_model` is a user's own network given as a Python object (TrainConfig.model then names it
-    custom:<class>); a FILE.py:FUNCTION model is built by running that file's function.
+    custom:<class>); a FILE.py:FUNCTION model is built by running that file's function (`code`, when
+    already read and checked; an `init` run of such a model needs `trust_code` and the same file).
     """
     from cnnkit.models.transfer import init_from_run, init_meta, load_weights_file
 
     init = init_meta(config.init, config.model, config.model_kwargs) if config.init else None
+    if init is not None and isinstance(init[1].get("code"), dict) and user_model is None:
+        code = verified_code(config.model, init[1]["code"], trust_code, f"--init {config.init}")
     own = user_model is not None or parse_file_spec(config.model) is not None
     mean = std = None
     if init is not None:  # its features were learned on inputs standardised the earlier run's way
@@ -88,7 +93,7 @@ def model_for(config: TrainConfig, data: Dataset, user_model: Any = None) -> Ima
     elif own or model_entry(config.model).standardize:
         mean, std = data.channel_stats()
     if own:
-        model = user_classifier(config, data, user_model, mean, std)
+        model = user_classifier(config, data, user_model, mean, std, code)
     else:
         model = build_model(config.model, data.input_shape, data.num_classes, mean=mean, std=std,
                             seed=config.seed, **config.model_kwargs)
@@ -99,23 +104,25 @@ def model_for(config: TrainConfig, data: Dataset, user_model: Any = None) -> Ima
     return model
 
 
-def user_classifier(config: TrainConfig, data: Dataset, user_model: Any, mean, std) -> ImageClassifier:
+def user_classifier(config: TrainConfig, data: Dataset, user_model: Any, mean, std,
+                    code: UserCode | None = None) -> ImageClassifier:
     """A user's network (an object, or FILE.py:FUNCTION's result) inside the ImageClassifier every model
     ships in, so its input standardisation travels with it to prediction, export and serving."""
-    code = None
     if user_model is not None:
+        code = None
         body = user_body(user_model, data.input_shape, data.num_classes, config.seed)
     else:
-        code = read_code(config.model)
+        code = code or read_code(config.model)
         label = f"model {config.model}: {code.function}"
         body = build_body(load_function(code, f"model {config.model}"), data.input_shape, data.num_classes,
                           config.model_kwargs, config.seed, label, code.path)
-    if isinstance(body, ImageClassifier):
-        return body
-    model = ImageClassifier(body, mean, std)
-    model.architecture, model.model_kwargs, model.code = config.model, dict(config.model_kwargs), code
-    model.input_shape = data.input_shape
-    return model
+    if not isinstance(body, ImageClassifier):
+        body = ImageClassifier(body, mean, std)
+        body.architecture, body.model_kwargs, body.code = config.model, dict(config.model_kwargs), code
+        body.input_shape = data.input_shape
+    check_classifier(body, data.input_shape, data.num_classes, f"model {config.model}",
+                     code.path if code else None)
+    return body
 
 
 def user_model_name(model: Any) -> tuple[str, dict[str, Any]]:
@@ -162,7 +169,8 @@ def run_callbacks(config: TrainConfig, run_dir: Path) -> list[Callback]:
 
 
 def train(config: TrainConfig | None = None, *, progress: bool = True, started: float | None = None,
-          log=print, callbacks: Sequence[Callback] = (), model: Any = None, **overrides: Any) -> TrainResult:
+          log=print, callbacks: Sequence[Callback] = (), model: Any = None, trust_code: bool = False,
+          **overrides: Any) -> TrainResult:
     """Load data, build, fit, evaluate on the test set once, and write the run directory.
 
     `overrides` are TrainConfig options (e.g. `preset="fast", epochs=3`); `callbacks` go to fit().
@@ -170,6 +178,7 @@ def train(config: TrainConfig | None = None, *, progress: bool = True, started: 
     nn.Module, or a callable (input_shape, num_classes) -> nn.Module (called with the seed set). It is
     wrapped in an ImageClassifier that standardises its input with the training set's statistics, and
     the run records it as custom:<class name>: load_run then needs the same code (`model=`).
+    `trust_code` lets `init` start from a run whose model is a FILE.py (that very file, by SHA-256).
     """
     started = time.perf_counter() if started is None else started
     user_model = None
@@ -184,16 +193,18 @@ def train(config: TrainConfig | None = None, *, progress: bool = True, started: 
     device = resolve_device(config.device)
     config = dataclasses.replace(config, precision=resolve_precision(config.precision, device))  # what ran
     return _train_run(config, device, progress=progress, started=started, log=log, callbacks=callbacks,
-                      user_model=user_model)
+                      user_model=user_model, trust_code=trust_code)
 
 
 def resume(path: str | Path, *, progress: bool = True, started: float | None = None, log=print,
-           callbacks: Sequence[Callback] = (), model: Any = None, threads: int | None = None) -> TrainResult:
+           callbacks: Sequence[Callback] = (), model: Any = None, threads: int | None = None,
+           trust_code: bool = False) -> TrainResult:
     """Continue an unfinished run from its last checkpoint; it ends as the uninterrupted run would have.
 
     `path` is the unfinished run's directory (the `runs/.NAME.partial-*` that an interrupted training
     names) or its checkpoint.json. The run's own options are used, and its data must be the same (checked
-    by fingerprint). A run trained on your own nn.Module needs it again as `model`.
+    by fingerprint). A run trained on your own nn.Module needs it again as `model`; one of a FILE.py model
+    needs `trust_code` and that very file (the SHA-256 its checkpoint records).
     """
     started = time.perf_counter() if started is None else started
     staging = resumable_dir(path)
@@ -206,7 +217,7 @@ def resume(path: str | Path, *, progress: bool = True, started: float | None = N
                           "cnnkit.resume(path, model=...) passing the same network")
     log(f"resuming {staging} after epoch {saved['epoch']} of {planned_epochs(saved, config.epochs)}")
     return _train_run(config, resolve_device(config.device), progress=progress, started=started, log=log,
-                      callbacks=callbacks, user_model=model, staging=staging, saved=saved)
+                      callbacks=callbacks, user_model=model, staging=staging, saved=saved, trust_code=trust_code)
 
 
 def recorded_config(path: str | Path) -> TrainConfig:
@@ -239,7 +250,7 @@ def resumable_dir(path: str | Path) -> Path:
 
 def _train_run(config: TrainConfig, device: torch.device, *, progress: bool, started: float, log,
                callbacks: Sequence[Callback], user_model: Any, staging: Path | None = None,
-               saved: dict[str, Any] | None = None) -> TrainResult:
+               saved: dict[str, Any] | None = None, trust_code: bool = False) -> TrainResult:
     """train() and resume(): data, model, fit (from a checkpoint when `saved`), test once, run files.
 
     Under torchrun every process runs this; rank 0 alone stages and writes the run directory, logs and
@@ -249,7 +260,8 @@ def _train_run(config: TrainConfig, device: torch.device, *, progress: bool, sta
     world = init_distributed(config.device)
     try:
         result = _train_process(config, device, world, threads, progress=progress, started=started, log=log,
-                                callbacks=callbacks, user_model=user_model, staging=staging, saved=saved)
+                                callbacks=callbacks, user_model=user_model, staging=staging, saved=saved,
+                                trust_code=trust_code)
     except BaseException:
         shutdown_distributed(wait=False)  # the other processes may never reach a barrier now
         raise
@@ -259,7 +271,7 @@ def _train_run(config: TrainConfig, device: torch.device, *, progress: bool, sta
 
 def _train_process(config: TrainConfig, device: torch.device, world: World, threads: int, *, progress: bool,
                    started: float, log, callbacks: Sequence[Callback], user_model: Any, staging: Path | None,
-                   saved: dict[str, Any] | None) -> TrainResult:
+                   saved: dict[str, Any] | None, trust_code: bool = False) -> TrainResult:
     main = world.is_main
     log = log if main else (lambda *args, **kwargs: None)
     runs_dir = staging.parent if staging else expand_user_path(config.runs_dir, "--runs-dir")
@@ -275,8 +287,12 @@ def _train_process(config: TrainConfig, device: torch.device, world: World, thre
         if saved is not None and saved["meta"].get("data") != fingerprint:
             raise CnnkitError(f"the data of {config.dataset} differs from the data this run started with "
                               "(files added, removed or changed): a resumed run must see the same images")
+        code = run_code(config, user_model, saved, trust_code)
         if config.checkpoint and main:
-            callbacks.append(Checkpoint(staging, {"config": config.to_dict(), "data": fingerprint}, log=log))
+            record = {"config": config.to_dict(), "data": fingerprint}
+            if code is not None:  # what a resume checks the file against
+                record["code"] = {"path": str(code.path), "sha256": code.sha256, "function": code.function}
+            callbacks.append(Checkpoint(staging, record, log=log))
             if saved is None:
                 log(f"checkpoints go to {staging} after every epoch (if training stops: "
                     f"cnnkit train --resume {staging})")
@@ -290,7 +306,7 @@ def _train_process(config: TrainConfig, device: torch.device, world: World, thre
         if data.streamed:
             log(streaming_note(data, config.batch_size))
         check_tta_for(config, data)  # before training, not after it
-        model = model_for(config, data, user_model)
+        model = model_for(config, data, user_model, code, trust_code)
         if main:
             check_room(staging, model, config, resuming=saved is not None)  # before training, not after it
         history = fit(model, data, callbacks=callbacks, progress=progress and main, resume=saved,
@@ -308,6 +324,16 @@ def _train_process(config: TrainConfig, device: torch.device, world: World, thre
     run_dir = final[0]
     write_final_report(run_dir)  # after the rename, so the page carries the run's final name
     return TrainResult(run_dir, history, metrics, model)
+
+
+def run_code(config: TrainConfig, user_model: Any, saved: dict[str, Any] | None, trust_code: bool) -> UserCode | None:
+    """The FILE.py:FUNCTION model's code, read once: as it is for a new run, checked against the checkpoint's
+    record (and the opt-in) for a resumed one; None for other models."""
+    if user_model is not None or parse_file_spec(config.model) is None:
+        return None
+    if saved is None:
+        return read_code(config.model)
+    return verified_code(config.model, saved["meta"].get("code"), trust_code, "--resume")
 
 
 def sweep_debris(runs_dir: Path, config: TrainConfig) -> str | None:

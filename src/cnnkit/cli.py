@@ -63,6 +63,29 @@ def _add_debug(parser: argparse.ArgumentParser, default) -> None:
                         help=f"show the Python traceback of an error, for a bug report (also: {DEBUG_ENV}=1)")
 
 
+def _add_pixel_cap(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-megapixels", metavar="MP", type=_megapixels,
+                        help="refuse images over this many megapixels, from their header (default: 64)")
+
+
+def _megapixels(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of megapixels, got {text!r}") from None
+    if not 0.001 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be from 0.001 to 1000 megapixels, got {text}")
+    return value
+
+
+def _apply_pixel_cap(args: argparse.Namespace) -> None:
+    """The image policy's cap for this process, when the command has the option and it was given."""
+    if getattr(args, "max_megapixels", None) is not None:
+        from cnnkit.data.images import set_max_pixels
+
+        set_max_pixels(round(args.max_megapixels * 1e6))
+
+
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", metavar="DIR",
                         help="where datasets live / are downloaded (default: $CNNKIT_DATA or ~/.cache/cnnkit)")
@@ -136,6 +159,7 @@ def _add_train(sub) -> None:
                                                    "directory the interruption named), with its own options")
     add_schema_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    _add_trust_code(p)
     p.set_defaults(handler=cmd_train)
 
 
@@ -156,9 +180,9 @@ def cmd_train(args: argparse.Namespace, started: float) -> int:
         return launch_processes(devices, args.argv)
     if args.resume is not None:
         result = resume(args.resume, progress=not args.quiet, started=started, log=log,
-                        threads=overrides.get("threads"))
+                        threads=overrides.get("threads"), trust_code=args.trust_code)
     else:
-        result = train(config, progress=not args.quiet, started=started, log=log)
+        result = train(config, progress=not args.quiet, started=started, log=log, trust_code=args.trust_code)
     if result.run_dir is None:  # another rank of a data-parallel run: rank 0 reports
         return 0
     for line in training_summary(result.metrics, result.history.history, result.run_dir):
@@ -233,6 +257,7 @@ def _add_evaluate(sub) -> None:
     p = _command(sub, "evaluate", "Evaluate a saved run on its dataset's test set (only the test files are needed).",
                  "cnnkit evaluate runs/train --limit 1000   # data from where the run was trained\n"
                  "  cnnkit evaluate runs/train --data-dir ../shared/data")
+    _add_pixel_cap(p)
     p.add_argument("run", metavar="RUN", help="run directory")
     p.add_argument("--data-dir", metavar="DIR",
                    help="where the dataset lives (default: the run's recorded data_dir, then $CNNKIT_DATA, then "
@@ -379,6 +404,7 @@ def cmd_compare(args: argparse.Namespace, started: float) -> int:
 def _add_predict(sub) -> None:
     p = _command(sub, "predict", "Predict the class of image files (any size or mode) with a saved run.",
                  "cnnkit predict runs/train digit.png photos/ --top 3 --csv predictions.csv")
+    _add_pixel_cap(p)
     p.add_argument("run", metavar="RUN", help="run directory")
     p.add_argument("images", metavar="IMAGE_OR_DIR", nargs="+", help="image files or directories of images")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of tab-separated lines")
@@ -464,6 +490,7 @@ def _add_serve(sub) -> None:
     p = _command(sub, "serve", "Serve a saved run over HTTP: a page to draw or upload an image on, and a JSON "
                                "API (POST /predict, GET /model, GET /health; docs at /docs).",
                  "cnnkit serve runs/train --port 8000")
+    _add_pixel_cap(p)
     p.add_argument("run", metavar="RUN", help="run directory")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
@@ -652,6 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop_on_sigterm()
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
+        _apply_pixel_cap(args)
         return args.handler(args, started)
     except CnnkitError as error:
         return user_error(str(error), getattr(error, "exit_code", 1), debug)

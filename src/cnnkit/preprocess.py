@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from cnnkit.data.digit_layout import WORK_SIDE, is_mnist_layout, to_mnist_layout
-from cnnkit.data.images import decode_image, decode_within
+from cnnkit.data.images import ImageRefused, decode_image, decode_within
 from cnnkit.errors import CnnkitError
 
 __all__ = ["CONSISTENT_BACKGROUND", "background_of", "border_means", "load_image", "preprocessing_meta"]
@@ -75,6 +75,9 @@ def load_image(source: str | Path | BinaryIO | Image.Image, meta: dict, name: st
             array = _digit_photo(source, size)
         else:
             array = decode_image(source, size, channels)
+    except ImageRefused as error:  # the policy's own refusal says what and why
+        label = name or (source if isinstance(source, (str, Path)) else "image")
+        raise CnnkitError(f"{label}: not a readable image ({error})") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # unreadable/corrupt/hostile
         label = name or (source if isinstance(source, (str, Path)) else "image")
         raise CnnkitError(f"{label}: not a readable image ({type(error).__name__}: {error})") from None

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-from PIL import Image
 
 from cnnkit.data.cache import CacheWriter, cache_key, entry_meta, read_cache, remove_stale_entries
-from cnnkit.data.images import GRAYSCALE_MODES, IMAGE_EXTENSIONS, Probe, hidden_name, probe, to_array, walk_images
+from cnnkit.data.images import (GRAYSCALE_MODES, IMAGE_EXTENSIONS, Probe, hidden_name, open_image, probe, to_array,
+                                walk_images)
 from cnnkit.data.parallel import choose_executor, run_chunks
 from cnnkit.errors import CnnkitError
 
@@ -450,7 +450,7 @@ def _probe_chunk(paths: Sequence[str]) -> list[Probe | None]:
     probes: list[Probe | None] = []
     for path in paths:
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 probes.append(probe(image))
         except Exception:  # noqa: BLE001 - any unreadable file is skipped and reported by name
             probes.append(None)
@@ -470,7 +470,7 @@ def _decode_chunk(
     probes: list[Probe | None] = []
     for position, path in enumerate(paths):
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 probes.append(probe(image))
                 arrays[position] = to_array(image, image_size, channels)
             ok[position] = True

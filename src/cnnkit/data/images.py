@@ -5,22 +5,72 @@ orientation, the same mode conversion (16-bit scaled, transparency on white), th
 Keeping that in one function, rather than one copy for datasets and another for prediction, means the
 two cannot drift apart. The extension list lives here for the same reason: a folder dataset and
 `cnnkit predict DIR` accept exactly the same files.
+
+It is also the one image policy (`open_image`) for training, evaluation, prediction and the server: only
+formats Pillow decodes in-process are identified (a file named x.png that is really EPS would otherwise make
+Pillow run Ghostscript from PATH), and an image over the pixel cap is refused from its header, before any
+pixel is decoded.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
+import sys
 from typing import BinaryIO, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["GRAYSCALE_MODES", "IMAGE_EXTENSIONS", "FoundImage", "Probe", "decode_image", "hidden_name", "probe",
-           "not_a_file", "to_array", "walk_images"]
+__all__ = ["ALLOWED_FORMATS", "GRAYSCALE_MODES", "IMAGE_EXTENSIONS", "FoundImage", "ImageRefused", "Probe",
+           "decode_image", "hidden_name", "max_pixels", "open_image", "probe", "not_a_file", "set_max_pixels",
+           "to_array", "walk_images"]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+#: The Pillow formats cnnkit opens: those its extensions name, each decoded by Pillow's own C code (MPO is a
+#: phone camera's JPEG). EPS, PS and PDF are not among them: Pillow hands those to an external program.
+ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP", "TIFF")
+#: The default pixel cap (width x height, as stored): more than any phone photo, and a 16-bit image this size
+#: still converts in ~0.3 GB. Pillow's own bomb check starts at 89 MP (a warning) and refuses at 179 MP.
+MAX_PIXELS = 64_000_000
+_max_pixels = MAX_PIXELS
+
+
+class ImageRefused(ValueError):
+    """An image the policy does not open: a format outside ALLOWED_FORMATS or more pixels than the cap."""
+
+
+@functools.cache
+def _registered_formats() -> tuple[str, ...]:
+    """ALLOWED_FORMATS that this Pillow has (a build without WebP lacks one); plugins registered first."""
+    Image.init()
+    return tuple(name for name in ALLOWED_FORMATS if name in Image.OPEN)
+
+
+def set_max_pixels(pixels: int) -> None:
+    """Change the pixel cap of this process (the CLI's --max-megapixels)."""
+    global _max_pixels
+    if pixels < 1:
+        raise ValueError("the pixel cap must be at least 1 pixel")
+    _max_pixels = int(pixels)
+
+
+def max_pixels() -> int:
+    return _max_pixels
+
+
+def open_image(source: str | os.PathLike[str] | BinaryIO) -> Image.Image:
+    """Open an image under the one policy: an allowed format, at most `max_pixels()` pixels (checked from the
+    header; nothing decoded yet). Raises ImageRefused, or Pillow's own errors for unreadable files."""
+    image = Image.open(source, formats=_registered_formats())
+    width, height = image.size
+    if width * height > _max_pixels:
+        image.close()
+        raise ImageRefused(f"{width}x{height} is {width * height / 1e6:.1f} megapixels, over the cap of "
+                           f"{_max_pixels / 1e6:g}; shrink it, or raise the cap with --max-megapixels")
+    return image
 #: Pillow modes with one channel of information: a folder of only these decodes to 1 channel by default.
 GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
@@ -113,7 +163,7 @@ def decode_image(
     """
     if isinstance(source, Image.Image):
         return to_array(source, image_size, channels)
-    with Image.open(source) as image:
+    with open_image(source) as image:
         return to_array(image, image_size, channels)
 
 
@@ -132,7 +182,7 @@ def decode_within(
 
     if isinstance(source, Image.Image):
         return decode(source)
-    with Image.open(source) as image:
+    with open_image(source) as image:
         return decode(image)
 
 
@@ -171,12 +221,21 @@ def _orientation(image: Image.Image) -> int | None:
     return image.getexif().get(_EXIF_ORIENTATION)
 
 
+def _high_bytes(values: np.ndarray) -> np.ndarray:
+    """16-bit pixel values to 8 bits (the high byte): a view of the high bytes for uint16, no wider copy."""
+    if values.dtype.kind == "u" and values.dtype.itemsize == 2:
+        little = values.dtype.byteorder == "<" or (values.dtype.byteorder == "=" and sys.byteorder == "little")
+        return np.ascontiguousarray(values.view(np.uint8)[..., 1::2] if little else values.view(np.uint8)[..., 0::2])
+    # mode "I" (int32 holding 16-bit values): clipped to that range, shifted, in 32 bits
+    return (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
+
+
 def _to_mode(image: Image.Image, target: str) -> Image.Image:
     """Convert to "L" or "RGB": 16-bit and float grayscale scaled to 8 bits, transparency put on white."""
     if image.mode.startswith("I"):
-        # 16-bit PNG / TIFF: Pillow's convert("L") would clip everything above 255 to white.
-        values = np.asarray(image).astype(np.int64)
-        image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), "L")
+        # 16-bit PNG / TIFF: Pillow's convert("L") would clip everything above 255 to white. Shifted in the
+        # image's own integer type: widening a 64-MP image to int64 first took 1.2 GB.
+        image = Image.fromarray(_high_bytes(np.asarray(image)), "L")
     elif image.mode == "F":
         image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L")
     if image.mode in _ALPHA_MODES or "transparency" in image.info:

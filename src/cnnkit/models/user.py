@@ -106,6 +106,27 @@ def read_code(spec: str) -> UserCode:
     return UserCode(path.resolve(), function, path.read_bytes())
 
 
+def verified_code(spec: str, record: Any, trust_code: bool, what: str) -> UserCode:
+    """FILE.py:FUNCTION's code for continuing from earlier weights (`--resume`, `--init`): the opt-in is given and
+    the file is the one `record` (a run's or checkpoint's `code` record) names by its SHA-256.
+
+    Resuming or fine-tuning runs the file as it is now; an edit that keeps tensor shapes would otherwise train
+    on silently (measured: exit 0, test accuracy 0.085), so the same rule as `evaluate`/`predict` applies.
+    """
+    code = read_code(spec)
+    if not trust_code:
+        raise CnnkitError(f"{what}: its model is built by {code.function}() in {code.path}, and continuing it runs "
+                          "that code; if you trust it, add --trust-code (Python: trust_code=True)")
+    expected = record.get("sha256") if isinstance(record, dict) else None
+    if not isinstance(expected, str):
+        raise CnnkitError(f"{what}: records no SHA-256 of {code.path} (written by an earlier cnnkit), so the file "
+                          "cannot be checked; start a new run")
+    if expected != code.sha256:
+        raise CnnkitError(f"{what}: {code.path} has changed since (sha256 {code.sha256[:12]}..., recorded "
+                          f"{expected[:12]}...); restore that file")
+    return code
+
+
 def load_function(code: UserCode, label: str) -> Callable[..., Any]:
     """Execute the file's text (a fresh module, not an import: nothing cached) and return FUNCTION."""
     name = f"cnnkit_user_model_{code.sha256[:16]}"
@@ -114,7 +135,7 @@ def load_function(code: UserCode, label: str) -> Callable[..., Any]:
     sys.modules[name] = module  # dataclasses and pickling-free introspection look the module up
     try:
         exec(compile(code.source, str(code.path), "exec"), module.__dict__)  # noqa: S102 - the user's own model
-    except Exception as error:  # noqa: BLE001 - whatever the file raises becomes one line naming it
+    except (Exception, SystemExit) as error:  # noqa: BLE001 - whatever the file raises becomes one line naming it
         sys.modules.pop(name, None)
         raise CnnkitError(f"{label}: running {code.path} failed: {describe(error, code.path)}") from None
     function = getattr(module, code.function, None)
@@ -146,12 +167,37 @@ def build_body(maker: Callable[..., Any], input_shape: Sequence[int], num_classe
             torch.manual_seed(seed)
         try:
             body = maker(shape, num_classes, **kwargs)
-        except Exception as error:  # noqa: BLE001 - the user's code: report it in one line
+        except (Exception, SystemExit) as error:  # noqa: BLE001 - the user's code: report it in one line
             raise CnnkitError(f"{label}({shape}, {num_classes}{''.join(f', {k}={v!r}' for k, v in kwargs.items())}) "
                               f"raised {describe(error, path)}") from None
     if not isinstance(body, nn.Module):
         raise CnnkitError(f"{label} returned {type(body).__name__}, not a torch.nn.Module")
     return body
+
+
+def check_classifier(model: nn.Module, input_shape: Sequence[int], num_classes: int, label: str,
+                     path: Path | None = None) -> None:
+    """A user's network, tried once before any data is spent on it: it has parameters to train, its forward runs
+    on two images of the input shape and gives (2, num_classes) logits. Otherwise training would fail at its
+    first step, or (wrong logit count) only in plotting after the whole training, and a resume would repeat it.
+    """
+    if not any(parameter.requires_grad for parameter in model.parameters()):
+        raise CnnkitError(f"{label}: the network has no trainable parameters; give it layers with weights")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            logits = model(torch.zeros((2, *input_shape), dtype=torch.uint8))
+    except (Exception, SystemExit) as error:  # noqa: BLE001 - the user's code: report it in one line
+        raise CnnkitError(f"{label}: its forward pass on a batch of shape {(2, *input_shape)} raised "
+                          f"{describe(error, path)}") from None
+    finally:
+        model.train(was_training)
+    shape = tuple(getattr(logits, "shape", ()))
+    if not isinstance(logits, torch.Tensor) or shape != (2, num_classes):
+        got = f"shape {shape}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise CnnkitError(f"{label}: its forward pass must return logits of shape (batch, {num_classes}), one per "
+                          f"class; it returned {got}")
 
 
 def user_body(model: ModelMaker, input_shape: Sequence[int], num_classes: int, seed: int | None) -> nn.Module:

@@ -21,7 +21,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import functools
 import gc
 import io
 import json
@@ -41,6 +40,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
 
+from cnnkit.data import images as image_policy
 from cnnkit.errors import CnnkitError
 from cnnkit.preprocess import load_image
 from cnnkit.records import finite_or_none
@@ -48,14 +48,10 @@ from cnnkit.records import finite_or_none
 __all__ = ["MicroBatcher", "create_app", "serve"]
 
 MIB = 1024 * 1024
-#: Image formats an upload may be in (the raster formats of cnnkit.data.images.IMAGE_EXTENSIONS). Pillow
-#: is told to try only these, so it never hands an upload to a plugin that runs an external program (EPS).
-FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")  # JPEG includes MPO (phone photos)
+#: Image formats an upload may be in: the one image policy's (data.images.ALLOWED_FORMATS), as users name them.
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
 #: How files in FORMATS begin: an upload starting so but unreadable is a damaged image (400), not another type.
 MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
-#: Uploads larger than this in pixels are refused (413) before being decoded: a small, highly compressed
-#: file can otherwise expand to gigabytes. 64 megapixels is more than any phone photo.
-MAX_PIXELS = 64_000_000
 #: Images up to this many pixels (and bytes) are converted on the event loop: well under a millisecond, and
 #: two thread switches saved. Larger ones are converted in a worker thread so the loop never stalls.
 INLINE_PIXELS = 512 * 512
@@ -309,16 +305,13 @@ async def read_upload(request: Request, max_bytes: int) -> bytes:
     return data
 
 
-@functools.cache
-def _formats() -> tuple[str, ...]:
-    Image.init()
-    return tuple(name for name in FORMATS if name in Image.OPEN)
-
-
 def open_image(data: bytes) -> Image.Image:
-    """Identify an upload from its header (cheap): 415 if it is not an image, 413 if it is too many pixels."""
+    """Identify an upload from its header under the one image policy (data.images.open_image: in-process formats
+    only, the pixel cap): 415 if it is not an image, 413 if it is too many pixels."""
     try:
-        image = Image.open(io.BytesIO(data), formats=_formats())
+        image = image_policy.open_image(io.BytesIO(data))
+    except image_policy.ImageRefused as error:
+        raise UploadError(413, f"the image is too large: {error}") from None
     except UnidentifiedImageError:
         if data.startswith(MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
             raise UploadError(400, "the image is corrupt or truncated (its header cannot be read)") from None
@@ -328,12 +321,30 @@ def open_image(data: bytes) -> Image.Image:
         raise UploadError(413, f"the image has too many pixels ({error})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as error:
         raise UploadError(400, f"the image is corrupt or truncated ({type(error).__name__}: {error})") from None
-    width, height = image.size
-    if width * height > MAX_PIXELS:
-        image.close()
-        raise UploadError(413, f"the image is {width}x{height} pixels; this server takes at most "
-                               f"{MAX_PIXELS / 1e6:g} megapixels")
     return image
+
+
+class PixelBudget:
+    """The pixels that may be decoding at once: a large image waits for room instead of adding its memory to
+    the others' (30 concurrent 64-MP uploads each decoded at once peaked at 3 GB). An image larger than the
+    whole budget waits until it has the budget to itself."""
+
+    def __init__(self, pixels: int) -> None:
+        self.total = self.free = pixels
+        self.condition = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, pixels: int):
+        pixels = min(pixels, self.total)
+        async with self.condition:
+            await self.condition.wait_for(lambda: self.free >= pixels)
+            self.free -= pixels
+        try:
+            yield
+        finally:
+            async with self.condition:
+                self.free += pixels
+                self.condition.notify_all()
 
 
 def convert(image: Image.Image, meta: dict) -> tuple[np.ndarray, str]:
@@ -410,6 +421,7 @@ def create_app(run_dir: str | Path, max_upload_mb: float = 10, *, max_batch: int
 
     forward(np.zeros((1, *run.input_shape), dtype=np.uint8))  # warm up, and fail now if the model cannot run
     batcher = MicroBatcher(forward, max_batch=max_batch, max_wait=max_wait_ms / 1000)
+    pixel_budget = PixelBudget(image_policy.max_pixels())
     decoder = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="cnnkit-decode")
     page = resources.files("cnnkit.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     started = time.time()
@@ -459,7 +471,8 @@ def create_app(run_dir: str | Path, max_upload_mb: float = 10, *, max_batch: int
             if image.width * image.height <= INLINE_PIXELS and len(data) <= INLINE_BYTES:
                 array, seen = convert(image, meta)
             else:
-                array, seen = await loop.run_in_executor(decoder, convert, image, meta)
+                async with pixel_budget.hold(image.width * image.height):
+                    array, seen = await loop.run_in_executor(decoder, convert, image, meta)
             answer = batcher.submit(array)
         probabilities = await answer
         order = np.argsort(-probabilities, kind="stable")[:top_k]
