@@ -279,7 +279,7 @@ def test_a_disk_that_fills_during_training_loses_nothing_the_run_is_rescued_whol
     (rescued,) = rescue.glob("cnnkit-rescued-*/full")
     assert f"it is saved whole in {rescued} instead" in line, line
     run = load_run(rescued)  # whole: weights, model.json, metrics, report
-    assert math.isfinite(run.metrics["test_accuracy"]) and run.metrics["epochs"] == 2
+    assert math.isfinite(run.metrics.test_accuracy) and run.metrics.epochs == 2
     assert (rescued / "report.html").is_file() and not list(rescued.glob("checkpoint*"))
     assert [path.name for path in disk.iterdir()] == ["filler"], "no staging directory, claim or temp file left"
 

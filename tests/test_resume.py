@@ -185,7 +185,9 @@ def test_resume_refuses_a_finished_run_changed_options_and_changed_data(tmp_path
     staging = tmp_path / ".x.partial-1"
     staging.mkdir()
     config = json.loads((uninterrupted / "config.json").read_text())
-    write_checkpoint(staging, {"epoch": 1, "step": 1, "meta": {"config": config, "data": "0" * 64}})
+    write_checkpoint(staging, {"epoch": 1, "step": 1, "stop_training": False, "model": {}, "torch_rng": torch.get_rng_state(),
+                               "optimizer": {"state": {}, "param_groups": []}, "callbacks": {},
+                               "meta": {"config": config, "data": "0" * 64}})  # whole, but of other data
     different = cnnkit("train", "--resume", str(staging))
     assert different.returncode == 1, different.stderr
     assert "differs from the data this run started with" in different.stderr and "Traceback" not in different.stderr

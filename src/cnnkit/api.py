@@ -26,7 +26,7 @@ from cnnkit.engine.evaluate import EvalReport, evaluate
 from cnnkit.engine.callbacks import Callback, History
 from cnnkit.engine.callbacks.checkpoint import Checkpoint
 from cnnkit.engine.callbacks.selection import logs_key
-from cnnkit.engine.checkpoint import CHECKPOINT_JSON, data_fingerprint, has_checkpoint, read_checkpoint
+from cnnkit.engine.checkpoint import CHECKPOINT_JSON, data_fingerprint, has_checkpoint, read_training_checkpoint
 from cnnkit.engine.checkpoint import planned_epochs, read_checkpoint_document
 from cnnkit.engine.distributed import World, init_distributed, shutdown_distributed
 from cnnkit.engine.fit import fit
@@ -208,7 +208,7 @@ def resume(path: str | Path, *, progress: bool = True, started: float | None = N
     """
     started = time.perf_counter() if started is None else started
     staging = resumable_dir(path)
-    saved = read_checkpoint(staging)
+    saved = read_training_checkpoint(staging)
     config = config_of(saved, staging)
     if threads is not None:
         config = dataclasses.replace(config, threads=threads)

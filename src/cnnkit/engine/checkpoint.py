@@ -10,10 +10,12 @@ or the new one, never a mix. Loading reads safetensors and JSON only, so it neve
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,11 +139,81 @@ def read_checkpoint_document(directory: Path) -> dict[str, Any]:
     if not isinstance(name, str) or not _TENSOR_FILE.fullmatch(name):
         raise CnnkitError(f"{path}: names no valid tensor file")
     state = document.get("state")
-    if not isinstance(state, dict) or not isinstance(state.get("epoch"), int) or not isinstance(state.get("step"), int):
+    if not isinstance(state, dict) or not _whole(state.get("epoch")) or not _whole(state.get("step")):
         raise CnnkitError(f"{path}: lacks the epoch and step it was written at")
     if not isinstance(state.get("meta", {}), dict):
         raise CnnkitError(f"{path}: its meta is not an object")
     return document
+
+
+def read_training_checkpoint(directory: Path) -> dict[str, Any]:
+    """The state of a fit() that Checkpoint saved (read_checkpoint), its every entry checked first: a
+    hand-edited checkpoint.json is one line naming the entry, before any tensor is loaded."""
+    document = read_checkpoint_document(directory)
+    if problem := _state_problem(document["state"]):
+        raise CnnkitError(f"{directory / CHECKPOINT_JSON}: {problem}; the file was edited or damaged (start a new "
+                          "run, or restore it)")
+    return read_checkpoint(directory)
+
+
+#: The entries of a checkpoint's state and the JSON type each must have (tensors are {"__tensor__": key} objects).
+STATE_TYPES = {"epoch": int, "step": int, "stop_training": bool, "model": dict, "optimizer": dict,
+               "torch_rng": dict, "callbacks": dict, "meta": dict}
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _state_problem(state: dict[str, Any]) -> str | None:
+    """What is wrong with a checkpoint's state, checked once where it is read (the rest of training trusts it)."""
+    for key, kind in STATE_TYPES.items():
+        if key not in state:
+            return f"its state lacks {key!r}"
+        if not isinstance(state[key], kind) or (kind is int and isinstance(state[key], bool)):
+            return f"its state's {key!r} is {type(state[key]).__name__}, not {kind.__name__}"
+    if not 1 <= state["epoch"] <= 1_000_000:
+        return f"its epoch {state['epoch']} is not a completed epoch (1 or more)"
+    if state["step"] < state["epoch"]:
+        return f"its step {state['step']} is fewer than one per completed epoch ({state['epoch']})"
+    optimizer = state["optimizer"]
+    if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
+        return "its optimizer state lacks 'state' and 'param_groups'"
+    history = state["callbacks"].get("History")
+    if history is not None:
+        epochs = history.get("epoch") if isinstance(history, dict) else None
+        if epochs != list(range(1, state["epoch"] + 1)):
+            return f"its History does not hold epochs 1 to {state['epoch']}"
+        columns = history.get("history")
+        if not isinstance(columns, dict) or any(not isinstance(values, list) or len(values) != state["epoch"]
+                                                for values in columns.values()):
+            return f"its History columns do not each hold {state['epoch']} values"
+    return None
+
+
+@contextlib.contextmanager
+def restoring(what: str) -> Iterator[None]:
+    """Turn a checkpoint state that does not fit the model or optimizer (a tensor of another shape, a missing
+    entry) into one line: load_state_dict and set_rng_state report these as RuntimeError, KeyError, ..."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:
+        reason = " ".join(str(error).split())[:300]
+        raise CnnkitError(f"{what}: the checkpoint does not fit this run's model and optimizer "
+                          f"({type(error).__name__}: {reason}); it was edited or damaged: start a new run") from None
+
+
+def check_resumed_position(state: Any, saved: dict[str, Any]) -> None:
+    """A restored fit() is where its checkpoint says, in this run's terms: a completed epoch of those planned,
+    and one step per batch of each (an edited epoch of -3 or 100 was saved as a finished run before)."""
+    epoch, step = saved["epoch"], saved["step"]
+    if epoch > state.epochs and not saved["stop_training"]:
+        raise CnnkitError(f"resume: the checkpoint is after epoch {epoch}, beyond the {state.epochs} epochs this run "
+                          "trains; it was edited or damaged: start a new run")
+    if step != epoch * state.steps_per_epoch:
+        raise CnnkitError(f"resume: the checkpoint records {step} steps after epoch {epoch}, not the "
+                          f"{epoch * state.steps_per_epoch} this run's batches make; it was edited or damaged, or "
+                          "the run's data differs: start a new run")
 
 
 def remove_checkpoint(directory: Path) -> None:

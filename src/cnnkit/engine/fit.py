@@ -25,7 +25,7 @@ from cnnkit.engine.callbacks import TrainState
 from cnnkit.engine.callbacks import TerminateOnNaN
 from cnnkit.engine.callbacks import TimeBudget
 from cnnkit.engine.callbacks import WeightSelection
-from cnnkit.engine.checkpoint import restore_training
+from cnnkit.engine.checkpoint import check_resumed_position, restore_training, restoring
 from cnnkit.engine.distributed import World, all_reduce_sum, broadcast_buffers, current_world, epoch_seed
 from cnnkit.engine.distributed import process_device, wrap_model
 from cnnkit.engine.evaluate import loss_and_accuracy
@@ -77,7 +77,8 @@ def fit(
     train, val = data.train.to(device, memory_format), data.val.to(device, memory_format)
     init_from_data(model, data_init_sample(model, train))
     if resume is not None:
-        model.load_state_dict(resume["model"])
+        with restoring("resume"):
+            model.load_state_dict(resume["model"])
     peak_lr = config.lr * (world.world_size if config.scale_lr else 1)
     optimizer = make_optimizer(model, config.optimizer, peak_lr, config.weight_decay,
                                backbone_lr_scale=config.backbone_lr_scale, bias_lr_scale=config.bias_lr_scale,
@@ -101,7 +102,9 @@ def fit(
     with CallbackList(chosen, state) as hooks:
         hooks.on_train_begin()
         if resume is not None:
-            restore_training(state, resume)
+            with restoring("resume"):
+                restore_training(state, resume)
+            check_resumed_position(state, resume)
         logs: dict[str, Any] = {}
         # state.epochs, not config.epochs: a time budget (TimeBudget) may shorten the run after its first epoch.
         for epoch in itertools.count(state.initial_epoch + 1):
