@@ -37,11 +37,13 @@ from typing import Any
 import numpy as np
 import python_multipart  # noqa: F401  (Starlette parses multipart bodies with it: fail at import, not per request)
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.requests import ClientDisconnect
 from PIL import Image, UnidentifiedImageError
 
 from cnnkit.data import images as image_policy
 from cnnkit.errors import CnnkitError
+from cnnkit.fileio import parse_json
 from cnnkit.preprocess import load_image
 from cnnkit.records import finite_or_none
 
@@ -280,9 +282,9 @@ async def read_upload(request: Request, max_bytes: int) -> bytes:
             await form.close()
     elif media == "application/json" or media.endswith("+json"):
         try:
-            payload = json.loads(await request.body())
-        except (UnicodeDecodeError, ValueError):
-            raise UploadError(400, "the body is not valid JSON") from None
+            payload = parse_json((await request.body()).decode("utf-8"), "the body")
+        except (UnicodeDecodeError, ValueError):  # UnreadableFile is a ValueError: too deep, too long a number
+            raise UploadError(400, "the body is not valid JSON (or nested too deeply)") from None
         text = payload.get("image") if isinstance(payload, dict) else None
         if not isinstance(text, str):
             raise UploadError(400, 'a JSON body must be {"image": "<the image file in base64>"}')
@@ -449,16 +451,23 @@ def create_app(run_dir: str | Path, max_upload_mb: float = 10, *, max_batch: int
     async def upload_error(request: Request, error: UploadError) -> JSONResponse:
         return JSONResponse({"detail": error.message}, status_code=error.status)
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, error: ClientDisconnect) -> Response:
+        # The client left mid-upload: nobody reads an answer, and it is no server error to log.
+        return Response(status_code=400)
+
+    # HEAD wherever GET works (monitors and `curl -I` use it; FastAPI's GET routes answer it 405).
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
 
-    @app.get("/health", summary="Liveness and batching counters")
+    @app.api_route("/health", methods=["GET", "HEAD"], summary="Liveness and batching counters")
     async def health() -> JSONResponse:
         return JSONResponse({"status": "ok", "run": name, "uptime_seconds": round(time.time() - started, 1),
                              **batcher.stats()})
 
-    @app.get("/model", summary="The served model: classes, input size, preprocessing, test metrics")
+    @app.api_route("/model", methods=["GET", "HEAD"],
+                   summary="The served model: classes, input size, preprocessing, test metrics")
     async def model() -> JSONResponse:
         return JSONResponse(info)
 
@@ -484,6 +493,54 @@ def create_app(run_dir: str | Path, max_upload_mb: float = 10, *, max_batch: int
 
 # ---------------------------------------------------------------------------------------------------------
 # Running it
+
+
+#: A client the server waits on (for a new connection's request, a request's head or the rest of its body) that sends
+#: nothing for this long is disconnected: uvicorn's h11 protocol times out only idle keep-alive connections, so
+#: a connection that sent half its headers or half its body stayed open (still there after 45 s).
+STALL_TIMEOUT_S = 10.0
+#: At most this many connections at once (uvicorn answers more with 503), and request heads of at most this
+#: size (h11's own bound on an incomplete event: a larger head is answered 400).
+MAX_CONNECTIONS = 1000
+MAX_HEAD_BYTES = 64 * 1024
+
+
+def stall_timeout_protocol():
+    """uvicorn's h11 protocol with a timer on the client: re-armed by every byte received, it closes a
+    connection whose client stalls while the server waits on it (the app's own work is never cut short)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class StallTimeoutProtocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._stall_timer = None
+            self._arm_stall_timer()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._arm_stall_timer()
+
+        def connection_lost(self, exc) -> None:
+            if self._stall_timer is not None:
+                self._stall_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_stall_timer(self) -> None:
+            if self._stall_timer is not None:
+                self._stall_timer.cancel()
+            self._stall_timer = self.loop.call_later(STALL_TIMEOUT_S, self._stalled)
+
+        def _stalled(self) -> None:
+            self._stall_timer = None
+            answering = (self.cycle is not None and not self.cycle.response_complete
+                         and self.conn.their_state is not h11.SEND_BODY)
+            if answering:  # the whole request is in and the app is on it: not the client's stall
+                self._arm_stall_timer()
+            elif not self.transport.is_closing():
+                self.transport.close()
+
+    return StallTimeoutProtocol
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -532,7 +589,9 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_up
     if bound_host not in ("127.0.0.1", "::1"):
         print(f"note: listening on {bound_host}, reachable from other machines; the server has no authentication",
               flush=True)
-    config = uvicorn.Config(app, log_level="warning", access_log=access_log, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level="warning", access_log=access_log, timeout_graceful_shutdown=5,
+                            http=stall_timeout_protocol(), limit_concurrency=MAX_CONNECTIONS,
+                            h11_max_incomplete_event_size=MAX_HEAD_BYTES)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised the Ctrl+C: that is the normal exit
