@@ -186,8 +186,8 @@ def cmd_train(args: argparse.Namespace, started: float) -> int:
     if result.run_dir is None:  # another rank of a data-parallel run: rank 0 reports
         return 0
     for line in training_summary(result.metrics, result.history.history, result.run_dir):
-        print(line)
-    print(result.run_dir)
+        print(printable(line))  # class names and paths come from the user's folders
+    print(printable(result.run_dir))
     return 0
 
 

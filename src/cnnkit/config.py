@@ -420,6 +420,8 @@ def coerce(name: str, value: Any, spell: Spell) -> Any:
     kind = next((kind for kind in kinds if _is_a(kind, value)), None)
     if kind is None:
         raise CnnkitError(f"{spell(name)} must be {' or '.join(_KINDS[k] for k in kinds)}, got {value!r}")
+    if kind is str and "\0" in value:  # a path with one makes the OS raise ValueError deep inside
+        raise CnnkitError(f"{spell(name)} cannot hold a NUL character, got {value!r}")
     if kind is float:
         return float(value)
     return list(value) if kind is list else value

@@ -105,7 +105,7 @@ def fetch_dataset(
     missing = [file for file in _files(spec, roles) if not (folder / file.filename).is_file()]
     if not missing:
         return folder
-    mirror = mirror or os.environ.get(MIRROR_ENV, "").strip() or None
+    mirror = check_mirror(mirror or os.environ.get(MIRROR_ENV, "").strip() or None)
     try:
         with removing_new_dirs_on_failure(folder):
             for file in missing:
@@ -114,6 +114,16 @@ def fetch_dataset(
         still = [folder / file.filename for file in missing if not (folder / file.filename).is_file()]
         raise CnnkitError(f"{error}; {how_to_provide(spec, still)}") from None
     return folder
+
+
+def check_mirror(mirror: str | None) -> str | None:
+    """A mirror is an http(s) URL, a file:// URL or a local folder; another scheme (ftp://, s3://) would be
+    taken for a folder named so and fail as a missing file."""
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", mirror or "")
+    if scheme and scheme[1].lower() not in ("http", "https", "file"):
+        raise CnnkitError(f"mirror {mirror}: {scheme[1]}:// is not supported; give an http://, https:// or file:// "
+                          f"URL or a local folder (--mirror or {MIRROR_ENV})")
+    return mirror
 
 
 def how_to_provide(spec: DatasetSpec, paths: list[Path]) -> str:

@@ -17,6 +17,7 @@ fatal: one bad JPEG in 50k should not stop a run.
 from __future__ import annotations
 
 import hashlib
+import errno
 import os
 import warnings
 from collections import Counter
@@ -34,6 +35,7 @@ from cnnkit.data.images import (GRAYSCALE_MODES, IMAGE_EXTENSIONS, Probe, hidden
                                 walk_images)
 from cnnkit.data.parallel import choose_executor, run_chunks
 from cnnkit.errors import CnnkitError
+from cnnkit.text import printable
 
 if TYPE_CHECKING:  # not imported: decoding workers import this module, and disk.py imports torch
     from cnnkit.data.disk import DiskImages
@@ -111,7 +113,8 @@ def load_image_folder(
     entry_dir = Path(cache_dir) / "imagefolder" / cache_key(entries, image_size, channels,
                                                            auto_test=AUTO_TEST_FRACTION)
     cached = read_cache(entry_dir, on_disk=on_disk)
-    if cached is not None:
+    if cached is not None:  # written by an earlier cnnkit, or by this one before a failed check: checked again
+        _check_train_classes(root, classes, cached.splits["train"][1])
         return cached
     try:
         _decode_to_cache(root, classes, entries, request, entry_dir, progress=progress, workers=workers)
@@ -236,9 +239,44 @@ def _split_dirs(root: Path) -> dict[str, Path]:
 
 def _class_files(split_root: Path, prefix: str) -> dict[str, list[_Entry]]:
     """Images per class folder (searched recursively), sorted so the order never depends on the file system."""
-    return {
-        path.name: _images_under(str(path), f"{prefix}{path.name}") for path in _visible(split_root) if path.is_dir()
-    }
+    return {path.name: _images_under(str(path), f"{prefix}{path.name}") for path in _class_dirs(split_root)}
+
+
+def _class_dirs(split_root: Path) -> list[Path]:
+    """The class folders of `split_root`, refusing links that would give one image several labels: a link to
+    the split folder or a folder above it (every other class's images inside it), a link loop, or two class
+    names for one folder. A link to a folder elsewhere (data on another disk) is fine."""
+    root = split_root.resolve()
+    seen: dict[Path, str] = {}
+    folders = []
+    for path in _visible(split_root):
+        if path.is_symlink():
+            try:
+                target = path.resolve(strict=True)
+            except (OSError, RuntimeError):  # a loop (RuntimeError before Python 3.13) or a dangling link
+                if os.path.lexists(path) and not path.exists() and _is_loop(path):
+                    raise CnnkitError(f"{path}: a symlink loop where a class folder should be; remove it") from None
+                continue
+            if target == root or target in root.parents:
+                raise CnnkitError(f"{path}: links to {target}, which holds the other classes' images too (each "
+                                  "image would get several labels); make it a folder of its own class's images")
+        if not path.is_dir():
+            continue
+        target = path.resolve()
+        if target in seen:
+            raise CnnkitError(f"{path}: the same folder as class {seen[target]!r} ({target}): its images would have "
+                              "two labels; remove one of them")
+        seen[target] = path.name
+        folders.append(path)
+    return folders
+
+
+def _is_loop(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as error:
+        return error.errno == errno.ELOOP
+    return False
 
 
 def _images_under(folder: str, relative: str) -> list[_Entry]:
@@ -275,7 +313,7 @@ def _assign_auto_test(entries: list[_Entry]) -> list[_Entry]:
     test_paths: set[str] = set()
     for members in by_label.values():
         count = _auto_test_count(len(members))
-        ranked = sorted(members, key=lambda entry: hashlib.sha256(entry.relpath.encode()).hexdigest())
+        ranked = sorted(members, key=lambda entry: hashlib.sha256(os.fsencode(entry.relpath)).hexdigest())
         test_paths.update(entry.relpath for entry in ranked[:count])
     return [entry._replace(split="test") if entry.relpath in test_paths else entry for entry in entries]
 
@@ -298,7 +336,7 @@ def _decode_to_memory(
     sink = _ArraySink(len(entries))
     target, decoded = _decode_retrying(root, entries, request, sink, progress=progress, workers=workers)
     kept = [entry for entry, ok in zip(entries, decoded, strict=True) if ok]
-    _check_train_classes(root, kept)
+    _check_train_classes(root, classes, [entry.label for entry in kept if entry.split == "train"])
     images = sink.images if decoded.all() else sink.images[decoded]
     (height, width), channel_count = target
     return FolderData(classes=classes, splits=_split_arrays(images, kept), skipped=_skipped(entries, decoded),
@@ -313,7 +351,7 @@ def _decode_to_cache(
     with CacheWriter(entry_dir, _split_ranges(entries)) as writer:
         target, decoded = _decode_retrying(root, entries, request, writer, progress=progress, workers=workers)
         kept = [entry for entry, ok in zip(entries, decoded, strict=True) if ok]
-        _check_train_classes(root, kept)
+        _check_train_classes(root, classes, [entry.label for entry in kept if entry.split == "train"])
         labels = {split: np.array([entry.label for entry in kept if entry.split == split], dtype=np.int64)
                   for split in writer.ranges}
         meta = entry_meta(classes=classes, skipped=_skipped(entries, decoded), image_size=target[0],
@@ -382,9 +420,17 @@ def _decode_all(
     return target, decoded
 
 
-def _check_train_classes(root: Path, kept: Sequence[_Entry]) -> None:
-    if len({entry.label for entry in kept if entry.split == "train"}) < 2:
+def _check_train_classes(root: Path, classes: Sequence[str], train_labels: Sequence[int] | np.ndarray) -> None:
+    """Every class has a training image that decoded: a class whose images all failed would stay in the model
+    as an output it was never shown, and the run would end with exit 0."""
+    trained = {int(label) for label in np.unique(np.asarray(train_labels))}
+    if len(trained) < 2:
         raise CnnkitError(f"{root}: fewer than two classes have readable training images")
+    empty = [printable(name) for label, name in enumerate(classes) if label not in trained]
+    if empty:
+        raise CnnkitError(f"{root}: no training image of class(es) {', '.join(empty[:5])}"
+                          f"{' ...' if len(empty) > 5 else ''} could be decoded; fix or remove those images, or "
+                          "remove the class folder")
 
 
 def _skipped(entries: Sequence[_Entry], decoded: np.ndarray) -> list[str]:
