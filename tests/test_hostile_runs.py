@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -94,28 +94,6 @@ def killed_between_writes(process: subprocess.Popen, folder: Path, timeout: floa
             return killed(process)
         process.send_signal(signal.SIGCONT)
         time.sleep(0.05)
-
-
-@pytest.fixture
-def mount_tmpfs(tmp_path) -> Iterator[Callable[..., Path]]:
-    """`mount_tmpfs(name, size, read_only=False)`: a real tmpfs under tmp_path, unmounted afterwards."""
-    mounted: list[Path] = []
-
-    def mount(name: str, size: str, read_only: bool = False) -> Path:
-        path = tmp_path / name
-        path.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0777", "tmpfs", str(path)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): needs root")
-        mounted.append(path)
-        if read_only:
-            subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True, capture_output=True)
-        return path
-
-    yield mount
-    for path in reversed(mounted):
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -22,6 +23,7 @@ from cnnkit.data.disk import window_bytes
 from cnnkit.data.tensors import Dataset, load_dataset
 from cnnkit.engine.cpu import configure_cpu, peak_rss_mb
 from cnnkit.errors import CnnkitError, RunNotWritten, TrainingDiverged, describe_os_error
+from cnnkit.text import printable
 from cnnkit.engine.evaluate import EvalReport, evaluate
 from cnnkit.engine.callbacks import Callback, History
 from cnnkit.engine.callbacks.checkpoint import Checkpoint
@@ -296,9 +298,10 @@ def _train_process(config: TrainConfig, device: torch.device, world: World, thre
             if saved is None:
                 log(f"checkpoints go to {staging} after every epoch (if training stops: "
                     f"cnnkit train --resume {staging})")
-        if data.skipped:
-            log(f"skipped {len(data.skipped)} unreadable files: {', '.join(data.skipped[:10])}"
-                + (" ..." if len(data.skipped) > 10 else ""))
+        if data.skipped and main:  # a word about the data, on stderr whatever the verbosity (--quiet included)
+            print(f"cnnkit: warning: skipped {len(data.skipped)} unreadable file(s): "
+                  f"{printable(', '.join(data.skipped[:10]))}{' ...' if len(data.skipped) > 10 else ''}",
+                  file=sys.stderr, flush=True)
         processes = f", {world.world_size} processes" if world.distributed else ""
         log(f"{data.name}: {len(data.train):,} train / {len(data.val):,} validation ({data.val_source}) / "
             f"{len(data.test):,} test images, {data.num_classes} classes, input {data.input_shape}; "

@@ -163,7 +163,7 @@ def predict_files(run, inputs: Sequence[str | Path], top: int = 1, *, progress: 
             if arrays:
                 batch = np.stack(arrays)
                 if inputs_folder is not None:
-                    written += _write_inputs(inputs_folder, chunk, batch)
+                    _write_inputs(inputs_folder, chunk, batch, written)
                 result.predictions += _ranked(run, [str(path) for path in chunk], predict(run.model, batch), top)
             advance(len(paths[start : start + CHUNK]))
     return result
@@ -208,13 +208,13 @@ def _removed_if_interrupted(folder: Path | None) -> Iterator[list[Path]]:
         raise
 
 
-def _write_inputs(folder: Path, paths: list[Path], batch: np.ndarray) -> list[Path]:
-    """Each model input as a PNG named after its file (plus a hash of its path when two files share a name);
-    returns the files written. An existing file is replaced only if it is a regular file outside a run."""
+def _write_inputs(folder: Path, paths: list[Path], batch: np.ndarray, written: list[Path]) -> None:
+    """Each model input as a PNG named after its file (plus a hash of its path when two files share a name),
+    each added to `written` as soon as it is in place. An existing file is replaced only if it is a regular
+    file outside a run."""
     import hashlib
 
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
     for path, image in zip(paths, batch):
         target = folder / f"{path.stem}.png"
         if target.exists() or target.is_symlink():
@@ -222,10 +222,9 @@ def _write_inputs(folder: Path, paths: list[Path], batch: np.ndarray) -> list[Pa
         pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
         if os.path.lexists(target):  # a picture of an earlier prediction, or something that is not ours to replace
             output_path(target, "--show-input")
+        written.append(target)  # before it exists: an interruption after the rename must still remove it
         with atomic_path(target) as tmp:
             Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG")
-        written.append(target)
-    return written
 
 
 def write_csv(predictions: Sequence[Prediction], path: str | Path) -> None:

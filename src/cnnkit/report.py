@@ -384,7 +384,7 @@ def _config_section(config: dict[str, Any]) -> str:
 
 
 def _files_section(run_dir: Path) -> str:
-    files = sorted(p for p in run_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = sorted(p for p in run_dir.iterdir() if _regular(p) and not p.name.startswith("."))
     rows = [[p.name, _size(p.stat().st_size)] for p in files if p.name != REPORT_FILE]
     return "<h2>Files in this run</h2>" + _table(["file", "size"], rows) if rows else ""
 
