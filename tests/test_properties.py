@@ -29,6 +29,7 @@ from PIL import Image
 
 from cnnkit.data.idx import read_idx, write_idx
 from cnnkit.errors import CnnkitError
+from slices import SHARED_DATA
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -344,6 +345,87 @@ def test_config_json_broken_anywhere_is_read_back_or_refused(config_document, tm
         return
     event("resolved")
     assert isinstance(config, TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The typed records of the run files a person may edit: metrics.json, history.csv, checkpoint.json
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A real trained run (1 epoch on 256 MNIST images) with its metrics.json, history.csv and checkpoint state."""
+    import cnnkit
+
+    root = tmp_path_factory.mktemp("finished")
+    cnnkit.train(dataset="mnist", data_dir=str(SHARED_DATA), epochs=1, limit_train=256, limit_eval=128,
+                 runs_dir=str(root), name="r", progress=False, log=lambda *a, **k: None, checkpoint=False)
+    return root / "r"
+
+
+@FEW
+@given(data=st.data())
+def test_metrics_json_broken_anywhere_is_shown_by_every_reader_or_refused_in_one_line(finished_run, tmp_path, data):
+    """metrics.json broken at random or replaced by any JSON: the record reads or is refused (one line naming the
+    file), and what every reader does with it works: the report renders, /model is strict JSON, runs lists it."""
+    from cnnkit.fileio import UnreadableFile
+    from cnnkit.records import read_metrics
+    from cnnkit.report import read_run_files, render_report
+    from cnnkit.runs import summarize_run
+    from cnnkit.serve.app import model_info
+
+    run = tmp_path / "run"
+    if not run.exists():
+        shutil.copytree(finished_run, run)
+    original = json.loads((finished_run / "metrics.json").read_text())
+    document = data.draw(broken_documents(original) | JSON)
+    (run / "metrics.json").write_text(json.dumps(document))
+    summary = summarize_run(run)  # never raises: a problem is a note in the listing
+    try:
+        metrics = read_metrics(run / "metrics.json")
+    except UnreadableFile as error:
+        assert str(error).startswith(str(run / "metrics.json")) and "\n" not in str(error)
+        assert summary.problem and "metrics.json" in summary.problem
+        event("refused")
+        return
+    event("read")
+    assert "<html" in render_report(read_run_files(run), "r")
+    served = type("Served", (), {"meta": json.loads((run / "model.json").read_text()), "metrics": metrics, "path": run})
+    json.loads(json.dumps(model_info(served, 10), allow_nan=False))  # strict JSON, whatever the file held
+
+
+@SETTINGS
+@given(text=st.text(max_size=400) | st.sampled_from(["epoch,loss\n1,0.5\n2,x\n", "epoch\n1\n3\n", "a\n"]))
+def test_any_text_as_history_csv_is_a_table_or_one_line(tmp_path, text):
+    from cnnkit.comparison import read_history
+    from cnnkit.fileio import UnreadableFile
+    from cnnkit.records import parse_history
+
+    try:
+        table = parse_history(text, "history.csv")
+    except UnreadableFile as error:
+        assert str(error).startswith("history.csv: ") and "\n" not in str(error)
+    else:
+        assert table.columns[0] == "epoch" and all(len(row) == len(table.columns) for row in table.rows)
+    (tmp_path / "history.csv").write_text(text)
+    columns, note = read_history(tmp_path)  # compare's reading: columns, or a note why not
+    assert columns is not None or "\n" not in note
+
+
+@FEW
+@given(data=st.data())
+def test_checkpoint_state_broken_anywhere_is_checked_without_an_exception(finished_run, data):
+    """A fit()'s checkpoint state (as checkpoint.json holds it) broken at random: the check where it is read says
+    what is wrong in one line, or passes it on; it never raises."""
+    from cnnkit.engine.checkpoint import _state_problem
+
+    history = (finished_run / "history.csv").read_text().splitlines()[0].split(",")  # epoch, loss, ...
+    state = {"epoch": 1, "step": 8, "stop_training": False, "model": {"w": {"__tensor__": "model.w"}},
+             "optimizer": {"state": {}, "param_groups": [{"lr": 0.001, "params": [0]}]},
+             "torch_rng": {"__tensor__": "torch_rng"}, "meta": {"config": {}, "data": "0" * 64},
+             "callbacks": {"History": {"epoch": [1], "history": {key: [0.5] for key in history[1:]}, "steps": {}}}}
+    assert _state_problem(state) is None
+    problem = _state_problem(data.draw(broken_documents(state)))
+    assert problem is None or (isinstance(problem, str) and "\n" not in problem)
 
 
 @SETTINGS

@@ -685,15 +685,15 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
     run_dir = Path(run_dir)
     summary = RunSummary(name=run_dir.name, path=run_dir)
     problems: list[str] = []
-    metrics = _read_dict(run_dir / "metrics.json", problems)
+    metrics = _read_metrics_record(run_dir / "metrics.json", problems)
     config = _read_dict(run_dir / "config.json", problems)
     meta = _read_dict(run_dir / "model.json", problems)
-    summary.dataset = _first_str(metrics.get("dataset"), meta.get("dataset"), config.get("dataset"))
-    summary.model = _first_str(metrics.get("model"), config.get("model"), meta.get("architecture"))
-    summary.preset = _first_str(metrics.get("preset"), config.get("preset"))
-    summary.epochs = _number(metrics.get("epochs"), int)
-    summary.test_accuracy = _number(metrics.get("test_accuracy"), float)
-    summary.train_seconds = _number(metrics.get("train_seconds"), float)
+    summary.dataset = _first_str(metrics.dataset, meta.get("dataset"), config.get("dataset"))
+    summary.model = _first_str(metrics.model, config.get("model"), meta.get("architecture"))
+    summary.preset = _first_str(metrics.preset, config.get("preset"))
+    summary.epochs = _number(metrics.epochs, int)
+    summary.test_accuracy = _number(metrics.test_accuracy, float)
+    summary.train_seconds = _number(metrics.train_seconds, float)
     for source in (run_dir / "metrics.json", run_dir):
         try:
             stamp = source.stat().st_mtime
@@ -739,20 +739,31 @@ def summarize_unfinished(path: Path) -> RunSummary:
     return summary
 
 
+def _read_metrics_record(path: Path, problems: list[str]) -> Metrics:
+    """metrics.json as its record, or an empty one with a note in `problems` (the same words as _read_dict's)."""
+    try:
+        return read_metrics(path)
+    except (OSError, UnreadableFile) as error:
+        problems.append(_unread(path, error))
+        return Metrics()
+
+
+def _unread(path: Path, error: Exception) -> str:
+    """Why a run file could not be read, in a few words for the runs listing."""
+    if isinstance(error, FileNotFoundError):
+        return f"no {path.name}"
+    if isinstance(error, UnreadableFile):
+        reason = str(error).removeprefix(f"{path}: ")
+        return f"{path.name} is not valid JSON" if reason.startswith("not valid JSON") else f"{path.name}: {reason}"
+    return f"{path.name} is not readable"
+
+
 def _read_dict(path: Path, problems: list[str]) -> dict[str, Any]:
     """A JSON object file, or {} with a note in `problems` when it is missing or unreadable."""
     try:
         data = fileio.read_json(path)
-    except FileNotFoundError:
-        problems.append(f"no {path.name}")
-        return {}
-    except UnreadableFile as error:
-        reason = str(error).removeprefix(f"{path}: ")
-        problems.append(f"{path.name} is not valid JSON" if reason.startswith("not valid JSON") else
-                        f"{path.name}: {reason}")
-        return {}
-    except OSError:
-        problems.append(f"{path.name} is not readable")
+    except (OSError, UnreadableFile) as error:
+        problems.append(_unread(path, error))
         return {}
     if not isinstance(data, dict):
         problems.append(f"{path.name} is not a JSON object")
