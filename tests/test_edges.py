@@ -260,6 +260,10 @@ def test_runs_and_compare_survive_run_files_that_are_devices_fifos_or_garbage(tr
                       "--out", str(tmp_path / "c.png"), timeout=60)
     assert compared.returncode == 0 and "Traceback" not in compared.stderr, compared.stderr
     assert "history.csv: not UTF-8 text" in compared.stdout
+    (runs / "fifo" / "model.safetensors").unlink()
+    os.mkfifo(runs / "fifo" / "model.safetensors")  # safetensors opens it itself: checked before it may
+    digit = write_digit_pngs(tmp_path / "digit", 1)[0]
+    assert "a FIFO, not a regular file" in one_error_line(cnnkit("predict", str(runs / "fifo"), str(digit), timeout=60))
 
 
 @pytest.mark.parametrize("edit, error", [

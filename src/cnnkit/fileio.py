@@ -277,6 +277,14 @@ def read_capped(path: str | os.PathLike[str], max_bytes: int) -> bytes:
         os.close(fd)
 
 
+def require_regular_file(path: str | os.PathLike[str]) -> None:
+    """Refuse, before a library opens it, a path that is not a regular file: safetensors and onnxruntime open
+    their files themselves, and a FIFO there would block them forever. FileNotFoundError when it is missing."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise UnreadableFile(f"{path}: {_file_kind(mode)}, not a regular file: name a regular file")
+
+
 def read_text_capped(path: str | os.PathLike[str], max_bytes: int) -> str:
     """The text of `path` as strict UTF-8 (see read_capped); a byte that is not UTF-8 is named by its offset."""
     data = read_capped(path, max_bytes)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit.errors import CnnkitError
+from cnnkit.fileio import UnreadableFile, require_regular_file
 
 __all__ = ["MAX_CLASSES", "MAX_PIXELS", "MAX_SIDE", "MODEL_FORMAT", "MODEL_FORMAT_VERSION", "WeightsHeader",
            "check_model_meta", "check_recorded", "check_standardisation", "input_text", "read_weights_header",
@@ -265,11 +266,14 @@ def read_weights_header(path: Path) -> WeightsHeader:
     from safetensors import SafetensorError, safe_open
 
     try:
+        require_regular_file(path)
         with safe_open(str(path), framework="pt") as handle:
             shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
             metadata = dict(handle.metadata() or {})
     except FileNotFoundError:
         raise CnnkitError(f"{path}: file not found") from None
+    except UnreadableFile:
+        raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CnnkitError(f"{path}: cannot load weights ({first})") from None

@@ -487,9 +487,12 @@ def read_weights(path: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     try:
+        fileio.require_regular_file(path)
         return load_file(str(path))
     except FileNotFoundError:
         raise CnnkitError(f"{path}: file not found") from None
+    except UnreadableFile:
+        raise
     except (SafetensorError, OSError, ValueError) as error:
         raise CnnkitError(f"{path}: cannot load weights ({_first_line(error)})") from None
 
