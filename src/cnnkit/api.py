@@ -92,6 +92,10 @@ def model_for(config: TrainConfig, data: Dataset, user_model: Any = None, code: 
     mean = std = None
     if init is not None:  # its features were learned on inputs standardised the earlier run's way
         mean, std = init[1]["preprocessing"]["mean"], init[1]["preprocessing"]["std"]
+    elif config.pretrained is not None:  # the ImageNet weights' own normalisation, not this data's
+        from cnnkit.models.efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD
+
+        mean, std = [IMAGENET_MEAN] * data.input_shape[0], [IMAGENET_STD] * data.input_shape[0]
     elif own or model_entry(config.model).standardize:
         mean, std = data.channel_stats()
     if own:
@@ -101,6 +105,13 @@ def model_for(config: TrainConfig, data: Dataset, user_model: Any = None, code: 
                             seed=config.seed, **config.model_kwargs)
     if init is not None:
         model.weights_from = init_from_run(model, config.init, *init, data.classes)
+    elif config.pretrained is not None:
+        from cnnkit.data.download import data_root
+        from cnnkit.models.pretrained import load_pretrained
+
+        cache = data_root(config.data_dir) / "weights"  # converted weights live with the data cache
+        model.weights_from = {"kind": "pretrained", **load_pretrained(model.body, config.model, config.pretrained,
+                                                                      cache).to_dict()}
     elif config.weights is not None:
         model.weights_from = load_weights_file(model, config.weights)
     return model

