@@ -451,16 +451,22 @@ def server(trained, root):
     metrics = json.loads((run / "metrics.json").read_text())
     metrics["test_loss"] = float("nan")
     (run / "metrics.json").write_text(json.dumps(metrics))
+    port, process = start_server(run)
+    yield f"http://127.0.0.1:{port}", port, process
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def start_server(run: Path) -> tuple[int, subprocess.Popen]:
+    """`cnnkit serve RUN` on a free port of 127.0.0.1, once it says it is serving: (port, process)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen([sys.executable, "-m", "cnnkit", "serve", str(run), "--port", str(port)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert "serving" in process.stdout.readline()
-    yield f"http://127.0.0.1:{port}", port, process
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    return port, process
 
 
 def request(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None):
@@ -509,12 +515,7 @@ def test_the_server_answers_bad_requests_quietly_and_drops_stalled_clients(serve
 
 
 def test_sigterm_lets_the_requests_in_flight_finish(trained, tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "cnnkit", "serve", str(trained), "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert "serving" in process.stdout.readline()
+    port, process = start_server(trained)
     pixels = np.zeros((5000, 5000, 3), np.uint8)
     pixels[::7] = 255  # 25 MP, ~0.3 s each to decode here: requests queue on the pixel budget
     path = tmp_path / "big.png"

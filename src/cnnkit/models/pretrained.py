@@ -22,6 +22,7 @@ from torch import nn
 
 from cnnkit.errors import CnnkitError
 from cnnkit.fileio import atomic_path, require_regular_file
+from cnnkit.models.transfer import file_sha256 as sha256_of
 
 #: Where each backbone's ImageNet weights are installed: (package, file inside it).
 PACKAGE_WEIGHTS = {
@@ -47,16 +48,6 @@ class PretrainedWeights:
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
-
-
-def sha256_of(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def package_weights(architecture: str) -> Path:
