@@ -160,6 +160,7 @@ def _add_train(sub) -> None:
     add_schema_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     _add_trust_code(p)
+    _add_pixel_cap(p)
     p.set_defaults(handler=cmd_train)
 
 
@@ -683,6 +684,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args, started)
     except CnnkitError as error:
         return user_error(str(error), getattr(error, "exit_code", 1), debug)
+    except BrokenPipeError:  # `cnnkit predict ... | head`: the reader has what it wanted; not an error to report
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit cannot fail again
+        os.close(devnull)
+        return 141
     except OSError as error:
         problem = describe_os_error(error)
         if problem is None:  # not one a user can fix: a bug, with its traceback
@@ -691,9 +697,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was saved", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `cnnkit predict ... | head`: the reader has what it wanted; not an error to report
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
-        return 141
 
 
 def user_error(message: str, code: int, debug: bool) -> int:

@@ -199,7 +199,7 @@ def _output_path(run_dir: Path, format: str, out: str | Path | None) -> Path:  #
     if out is None:
         return output_path(own, "--out", own=own)
     out = expand_user_path(out, "--out")
-    path = out / DEFAULT_FILENAMES[format] if out.is_dir() and not out.is_symlink() else out
+    path = out / DEFAULT_FILENAMES[format] if out.is_dir() else out  # a folder, or a link to one
     return output_path(path, "--out", own=own)
 
 

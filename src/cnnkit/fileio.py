@@ -194,11 +194,13 @@ def pread_into(fd: int, out: np.ndarray, offset: int) -> int:
     return done
 
 
-def sweep_stale_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
+def sweep_stale_temp_files(folder: str | os.PathLike[str], final: str | None = None) -> list[Path]:
     """Remove the temporary files in `folder` that atomic_path left when its process died; return them.
 
     Only files named as atomic_path names them and whose lock no live process holds: a write going on
-    in another process right now is left alone. A folder that cannot be listed or changed is skipped.
+    in another process right now is left alone. With `final`, only the temporary files of that one file name
+    (for folders a user named, where other programs' temp files of the same pattern may live). A folder that
+    cannot be listed or changed is skipped.
     """
     try:
         entries = list(Path(folder).iterdir())
@@ -207,6 +209,8 @@ def sweep_stale_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
     removed = []
     for path in entries:
         if not TEMP_NAME.fullmatch(path.name) or path.is_symlink() or not path.is_file():
+            continue
+        if final is not None and not (path.name.startswith(f".{final}.") and len(path.name) == len(final) + 14):
             continue
         fd = try_lock(path)
         if fd is None:
@@ -370,9 +374,13 @@ def read_toml(path: str | os.PathLike[str], max_bytes: int = MAX_BYTES["config"]
 # ---------------------------------------------------------------------------------------------------------
 # The one writer's checks: every file cnnkit writes at a path a user names goes through `output_path`
 
-#: A folder holding any of these is a run directory (or its staging folder): its files are that run's, and a
-#: command writing at a path a user named may add files there but replaces none but its own artifact.
+#: A folder holding any of these is a run directory (or its staging folder).
 RUN_MARKERS = ("model.json", "metrics.json", "checkpoint.json")
+#: The files a run directory's training and commands write: a command writing at a path a user named replaces
+#: none of these but its own artifact (other files there, a predictions.csv written earlier, are the user's).
+RUN_FILES = re.compile(r"(model|metrics|config|checkpoint)\.json|model\.safetensors|checkpoint-\d+\.safetensors|"
+                       r"(history|steps)\.csv|report\.html|model_source\.py|model\.onnx|model\.torchscript\.pt|"
+                       r"(history|confusion_matrix|per_class|errors)\.png")
 
 
 def expand_user_path(text: str | os.PathLike[str], option: str) -> Path:
@@ -393,14 +401,14 @@ def is_run_directory(folder: Path) -> bool:
     return any((folder / marker).exists() for marker in RUN_MARKERS)
 
 
-def output_path(path: str | os.PathLike[str], option: str, *, own: Path | None = None) -> Path:
+def output_path(path: str | os.PathLike[str], option: str, *, own: Path | None = None, sweep: bool = True) -> Path:
     """The file a command may write at `path` (a user's `--out`, `--csv`, ...), checked before any work is done.
 
     Refuses to replace anything that is not a regular file (a link, a device, a FIFO, a folder: writing would
-    replace what the path is, not write into it) and any existing file inside a run directory unless it is
-    `own` (the command's own artifact, such as RUN/model.onnx for `export`): no command writes over another
-    run's weights. The temporary files a killed writer left in the target's folder are swept here, so every
-    command that writes cleans up after a killed predecessor.
+    replace what the path is, not write into it) and any of a run directory's own files (RUN_FILES) unless it is
+    `own` (the command's own artifact, such as RUN/model.onnx for `export`): no command writes over a run's
+    weights. The temporary files a killed writer of this same file left beside it are swept here (with
+    `sweep`), so every command that writes cleans up after a killed predecessor.
     """
     target = expand_user_path(path, option)
     try:
@@ -412,8 +420,10 @@ def output_path(path: str | os.PathLike[str], option: str, *, own: Path | None =
         raise UnreadableFile(f"{option} {target}: is {kind.removeprefix('not ')}; cnnkit replaces only regular "
                              "files: name a new file")
     folder = target.parent
-    if info is not None and is_run_directory(folder) and (own is None or target.resolve() != own.resolve()):
+    if (info is not None and RUN_FILES.fullmatch(target.name) and is_run_directory(folder)
+            and (own is None or target.resolve() != own.resolve())):
         raise UnreadableFile(f"{option} {target}: is a file of the run in {folder}, which this command must not "
                              "replace; choose another path")
-    sweep_stale_temp_files(folder)
+    if sweep:
+        sweep_stale_temp_files(folder, target.name)
     return target

@@ -151,7 +151,8 @@ def predict_files(run, inputs: Sequence[str | Path], top: int = 1, *, progress: 
     paths, problems = find_image_files(inputs)
     result = FilePredictions([], problems)
     inputs_folder = _show_input_folder(show_input) if show_input is not None else None
-    with _removed_if_interrupted(inputs_folder) as written, progress_bar("Predicting", len(paths), enabled=progress and len(paths) > CHUNK) as advance:
+    bar = progress_bar("Predicting", len(paths), enabled=progress and len(paths) > CHUNK)
+    with _removed_if_interrupted(inputs_folder) as written, bar as advance:
         for start in range(0, len(paths), CHUNK):
             chunk, arrays = [], []
             for path in paths[start : start + CHUNK]:
@@ -187,7 +188,7 @@ def _show_input_folder(folder: str | Path) -> Path:
     if is_run_directory(path):
         raise CnnkitError(f"--show-input {path}: is a run directory, whose files this command must not touch; "
                           "name another folder")
-    sweep_stale_temp_files(path)  # a killed earlier --show-input's half-written picture
+    sweep_stale_temp_files(path)  # a killed earlier --show-input's half-written picture (cnnkit's own folder)
     return path
 
 
@@ -221,7 +222,7 @@ def _write_inputs(folder: Path, paths: list[Path], batch: np.ndarray, written: l
             target = folder / f"{path.stem}-{hashlib.sha1(os.fsencode(path)).hexdigest()[:8]}.png"
         pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
         if os.path.lexists(target):  # a picture of an earlier prediction, or something that is not ours to replace
-            output_path(target, "--show-input")
+            output_path(target, "--show-input", sweep=False)
         written.append(target)  # before it exists: an interruption after the rename must still remove it
         with atomic_path(target) as tmp:
             Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG")

@@ -25,7 +25,8 @@ from cnnkit.fileio import MAX_BYTES, UnreadableFile, parse_json, read_text_cappe
 
 Fraction = Annotated[float, Field(ge=0, le=1)]
 Count = Annotated[int, Field(ge=0, le=2**62)]
-#: A metrics or history value: any float (a diverged run's loss may be NaN), but not a string or a list.
+#: A metrics value: any float (a diverged run's loss may be NaN); a list or a word is refused (a numeric string
+#: reads as its number).
 Number = float
 
 
@@ -50,6 +51,16 @@ class _Record(BaseModel):
     """Fields cnnkit reads are typed; others a newer or older version wrote are kept as they are."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
+
+    def __getitem__(self, key: str) -> Any:
+        """`record["test_accuracy"]`: what code written for the dict these files used to be read into keeps doing."""
+        values = self.model_dump()
+        if key not in values:
+            raise KeyError(key)
+        return values[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.model_dump().get(key, default)
 
 
 class Selected(_Record):

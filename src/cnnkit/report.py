@@ -126,7 +126,13 @@ def _read_figures(run_dir: Path) -> list[tuple[str, bytes]]:
     """
     names = sorted(p.name for p in run_dir.glob("*.png") if not p.name.startswith(".") and _regular(p))
     ordered = [n for n in FIGURE_CAPTIONS if n in names] + [n for n in names if n not in FIGURE_CAPTIONS]
-    return [(name, read_capped(run_dir / name, MAX_FIGURE_BYTES)) for name in ordered]
+    figures = []
+    for name in ordered:
+        try:
+            figures.append((name, read_capped(run_dir / name, MAX_FIGURE_BYTES)))
+        except (OSError, UnreadableFile):  # too large, or gone: named as left out, the page still written
+            figures.append((name, b""))
+    return figures
 
 
 def _regular(path: Path) -> bool:

@@ -397,7 +397,7 @@ class Run:
     model: Any  # ImageClassifier, in eval mode on the CPU (in a TestTimeAugmentation unless tta is "none")
     meta: dict[str, Any]
     config: dict[str, Any]
-    metrics: Metrics  # an empty record where metrics.json is missing or unreadable (see metrics_problem)
+    metrics: Metrics  # an empty record where metrics.json is missing or unreadable (`cnnkit runs` says why)
     tta: str = "none"  # the test-time augmentation `model` applies: the run's recorded one or load_run's tta
 
     @property

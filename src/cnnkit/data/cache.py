@@ -68,7 +68,8 @@ def cache_key(
     header = {"version": CACHE_VERSION, "image_size": image_size, "channels": channels, "auto_test": auto_test}
     hasher.update(json.dumps(header, sort_keys=True).encode())
     for entry in entries:
-        hasher.update(f"\n{entry.relpath}\0{entry.size}\0{entry.mtime_ns}\0{entry.split}".encode("utf-8", "surrogateescape"))  # any file name
+        line = f"\n{entry.relpath}\0{entry.size}\0{entry.mtime_ns}\0{entry.split}"
+        hasher.update(line.encode("utf-8", "surrogateescape"))  # any file name, UTF-8 or not
     return hasher.hexdigest()[:24]
 
 

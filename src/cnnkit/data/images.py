@@ -35,7 +35,9 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP", "TIFF")
 #: The default pixel cap (width x height, as stored): more than any phone photo, and a 16-bit image this size
 #: still converts in ~0.3 GB. Pillow's own bomb check starts at 89 MP (a warning) and refuses at 179 MP.
 MAX_PIXELS = 64_000_000
-_max_pixels = MAX_PIXELS
+#: The cap travels to spawned decoding workers through the environment (a module global would not).
+PIXELS_ENV = "CNNKIT_MAX_PIXELS"
+_max_pixels = int(os.environ[PIXELS_ENV]) if os.environ.get(PIXELS_ENV, "").isdigit() else MAX_PIXELS
 
 
 class ImageRefused(ValueError):
@@ -55,6 +57,7 @@ def set_max_pixels(pixels: int) -> None:
     if pixels < 1:
         raise ValueError("the pixel cap must be at least 1 pixel")
     _max_pixels = int(pixels)
+    os.environ[PIXELS_ENV] = str(_max_pixels)
 
 
 def max_pixels() -> int:

@@ -118,12 +118,16 @@ def read_checkpoint(directory: Path) -> dict[str, Any]:
     return state
 
 
+#: checkpoint.json grows ~5 kB an epoch (the History and its step points): room for 100,000 epochs.
+CHECKPOINT_JSON_BYTES = 512 << 20
+
+
 def read_checkpoint_document(directory: Path) -> dict[str, Any]:
     """checkpoint.json alone, checked (format, version, tensor file, epoch and step), tensors still as
     references: enough to learn a run's epoch and options without loading its tensors."""
     path = directory / CHECKPOINT_JSON
     try:
-        document = read_json(path)
+        document = read_json(path, CHECKPOINT_JSON_BYTES)
     except FileNotFoundError:
         raise CnnkitError(f"{directory}: no checkpoint here ({CHECKPOINT_JSON} missing)") from None
     except UnreadableFile as error:

@@ -158,7 +158,8 @@ def load_pretrained(body: nn.Module, architecture: str, source: str = "imagenet"
     own = body.state_dict()
     skipped = {key for key in HEAD_KEYS if key in state and state[key].shape != own[key].shape}
     state = {key: value for key, value in state.items() if key not in skipped}
-    check_keys(own, state, f"--pretrained {source}", ignore=skipped | {k for k in own if k.endswith("num_batches_tracked")},
+    counters = {key for key in own if key.endswith("num_batches_tracked")}  # not in converted files: not weights
+    check_keys(own, state, f"--pretrained {source}", ignore=skipped | counters,
                hint=f"these are not {architecture} weights")
     body.load_state_dict(state, strict=False)
     where = f"package:{PACKAGE_WEIGHTS[architecture][0]}" if source == "imagenet" else str(original)

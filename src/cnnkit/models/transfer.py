@@ -51,8 +51,8 @@ def init_meta(run: str | Path, architecture: str, model_kwargs: dict[str, Any]) 
 
 
 def same_architecture(meta: dict[str, Any], architecture: str) -> bool:
-    """Registry models by name; file models by their function (the file may have been edited since:
-    the weights then still have to fit, key by key); Python objects by class name."""
+    """Registry models by name; file models by their function (that the file is the very one the run recorded,
+    by SHA-256, is checked where it is run: api.model_for); Python objects by class name."""
     code = meta.get("code")
     if isinstance(code, dict):
         parsed = parse_file_spec(architecture)

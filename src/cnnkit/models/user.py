@@ -187,7 +187,8 @@ def check_classifier(model: nn.Module, input_shape: Sequence[int], num_classes: 
     model.eval()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            logits = model(torch.zeros((2, *input_shape), dtype=torch.uint8))
+            device = next(model.parameters()).device  # an API user's module may already sit on a GPU
+            logits = model(torch.zeros((2, *input_shape), dtype=torch.uint8, device=device))
     except (Exception, SystemExit) as error:  # noqa: BLE001 - the user's code: report it in one line
         raise CnnkitError(f"{label}: its forward pass on a batch of shape {(2, *input_shape)} raised "
                           f"{describe(error, path)}") from None

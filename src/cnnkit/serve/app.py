@@ -313,7 +313,8 @@ def open_image(data: bytes) -> Image.Image:
     try:
         image = image_policy.open_image(io.BytesIO(data))
     except image_policy.ImageRefused as error:
-        raise UploadError(413, f"the image is too large: {error}") from None
+        reason = str(error).split("; shrink it", 1)[0]  # the rest names a flag of the server, not of the client
+        raise UploadError(413, f"the image is too large: {reason}; send a smaller one") from None
     except UnidentifiedImageError:
         if data.startswith(MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
             raise UploadError(400, "the image is corrupt or truncated (its header cannot be read)") from None
