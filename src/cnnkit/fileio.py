@@ -251,15 +251,16 @@ def _file_kind(mode: int) -> str:
     return "not a regular file"
 
 
-def read_capped(path: str | os.PathLike[str], max_bytes: int) -> bytes:
+def read_capped(path: str | os.PathLike[str], max_bytes: int, *, follow_links: bool = True) -> bytes:
     """The bytes of the regular file `path`, at most `max_bytes` of them.
 
     Opened non-blocking (a FIFO opens at once instead of waiting for a writer) and checked with fstat before a
     byte is read, so a FIFO, a device or a folder is refused rather than read forever; the read itself is capped
-    too, for files that grow while read. Raises FileNotFoundError (the caller knows what a missing file means),
-    OSError the user can fix, or UnreadableFile.
+    too, for files that grow while read. `follow_links=False` refuses a link (ELOOP) for a file that must be the
+    folder's own. Raises FileNotFoundError (the caller knows what a missing file means), OSError the user can fix,
+    or UnreadableFile.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW))
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

@@ -129,7 +129,7 @@ def _read_figures(run_dir: Path) -> list[tuple[str, bytes]]:
     figures = []
     for name in ordered:
         try:
-            figures.append((name, read_capped(run_dir / name, MAX_FIGURE_BYTES)))
+            figures.append((name, read_capped(run_dir / name, MAX_FIGURE_BYTES, follow_links=False)))
         except (OSError, UnreadableFile):  # too large, or gone: named as left out, the page still written
             figures.append((name, b""))
     return figures
