@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -201,11 +202,10 @@ def _removed_if_interrupted(folder: Path | None) -> Iterator[list[Path]]:
     try:
         yield written
     except KeyboardInterrupt:
+        if made:  # everything in it is this command's, a temp file the signal caught half-made included
+            shutil.rmtree(folder, ignore_errors=True)
         for path in written:
             path.unlink(missing_ok=True)
-        if made:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
         raise
 
 
