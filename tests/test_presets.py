@@ -58,8 +58,12 @@ def test_preset_model_builds_for_its_dataset(name):
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_trains_one_step_on_real_data(name, shared_data, tmp_path, request):
     config = resolve_config(preset=name)
+    writable = tmp_path / "data"  # what a run writes under DATA_DIR (converted ImageNet weights) stays out of shared/
+    writable.mkdir()
+    for folder in shared_data.iterdir():
+        (writable / folder.name).symlink_to(folder)
     data = ({"dataset": f"imagefolder:{request.getfixturevalue('cifar_folder')}"} if config.dataset == "cifar10"
-            else {"data_dir": str(shared_data)})
+            else {"data_dir": str(writable)})
     result = api.train(preset=name, epochs=1, batch_size=STEP_IMAGES, limit_train=STEP_IMAGES, limit_eval=64,
                        threads=1, progress=False, runs_dir=str(tmp_path), name="step", **data)
     metrics = result.metrics

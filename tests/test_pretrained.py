@@ -197,13 +197,17 @@ def test_a_pretrained_backbone_trains_on_a_small_folder_and_its_run_predicts_and
 
 
 def test_mnist_trains_on_a_pretrained_backbone_through_its_grayscale_input(tmp_path):
-    result = cnnkit("train", "--dataset", "mnist", "--data-dir", str(SHARED_DATA), "--limit-train", "256",
+    data = tmp_path / "data"  # the converted weights go to DATA_DIR/weights: never into the shared read-only data
+    data.mkdir()
+    (data / "mnist").symlink_to(SHARED_DATA / "mnist")
+    result = cnnkit("train", "--dataset", "mnist", "--data-dir", str(data), "--limit-train", "256",
                     "--limit-eval", "128", "--epochs", "1", "--model", "efficientnet_lite0", "--pretrained",
                     "imagenet", "--model-kwargs", '{"resolution": 64}', "--freeze-bn", "--quiet", "--no-checkpoint",
                     "--runs-dir", str(tmp_path / "runs"))
     assert result.returncode == 0, result.stderr
     meta = json.loads((tmp_path / "runs" / "train" / "model.json").read_text())
     assert meta["input"]["channels"] == 1 and meta["preprocessing"]["mean"] == [127.5]
+    assert (data / "weights").is_dir() and not (SHARED_DATA / "weights").exists()
 
 
 @pytest.mark.parametrize("flags, error", [
