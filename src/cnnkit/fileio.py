@@ -290,6 +290,36 @@ def require_regular_file(path: str | os.PathLike[str]) -> None:
         raise UnreadableFile(f"{path}: {_file_kind(mode)}, not a regular file: name a regular file")
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks: how runs record where their weights came from."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_weights(path: str | os.PathLike[str]) -> dict:
+    """A safetensors file's tensors (never pickle: reading weights runs no code). The one reader of weights: runs,
+    checkpoints, `--init`, `--weights` and pretrained backbones all read through here (safetensors imported
+    only when called, so `cnnkit --help` stays free of torch)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        require_regular_file(path)
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CnnkitError(f"{path}: file not found") from None
+    except UnreadableFile:
+        raise
+    except (SafetensorError, OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CnnkitError(f"{path}: cannot load weights ({first})") from None
+
+
 def read_text_capped(path: str | os.PathLike[str], max_bytes: int) -> str:
     """The text of `path` as strict UTF-8 (see read_capped); a byte that is not UTF-8 is named by its offset."""
     data = read_capped(path, max_bytes)

@@ -29,8 +29,8 @@ from typing import Any
 
 from cnnkit.errors import CnnkitError, describe_os_error, os_error_fix
 from cnnkit import fileio
-from cnnkit.fileio import (UnreadableFile, atomic_path, current_umask, lock_fd, sweep_stale_temp_files, try_lock,
-                           write_text)
+from cnnkit.fileio import (UnreadableFile, atomic_path, current_umask, lock_fd, read_weights,  # noqa: F401 (re-exported)
+                           sweep_stale_temp_files, try_lock, write_text)
 from cnnkit.records import Metrics, read_metrics
 
 from cnnkit.model_meta import MODEL_FORMAT, MODEL_FORMAT_VERSION, weights_record  # noqa: F401 (re-exported)
@@ -479,22 +479,6 @@ def read_model_meta(run_dir: Path) -> dict[str, Any]:
     from cnnkit.model_meta import check_model_meta
 
     return check_model_meta(read_json(run_dir / "model.json"), run_dir / "model.json")
-
-
-def read_weights(path: Path) -> dict[str, Any]:
-    """A safetensors file's tensors (never pickle: reading weights runs no code)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        fileio.require_regular_file(path)
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise CnnkitError(f"{path}: file not found") from None
-    except UnreadableFile:
-        raise
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CnnkitError(f"{path}: cannot load weights ({_first_line(error)})") from None
 
 
 def _first_line(error: BaseException) -> str:

@@ -23,8 +23,7 @@ import torch
 
 from cnnkit.data.disk import DiskImages
 from cnnkit.errors import CnnkitError
-from cnnkit.fileio import UnreadableFile, atomic_path, read_json, write_text
-from cnnkit.runs import read_weights
+from cnnkit.fileio import UnreadableFile, atomic_path, read_json, read_weights, write_text
 
 CHECKPOINT_JSON = "checkpoint.json"
 CHECKPOINT_FORMAT = "cnnkit.checkpoint"

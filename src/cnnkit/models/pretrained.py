@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from cnnkit.errors import CnnkitError
-from cnnkit.fileio import atomic_path, require_regular_file
-from cnnkit.models.transfer import file_sha256 as sha256_of
+from cnnkit.fileio import atomic_path, read_weights, require_regular_file
+from cnnkit.fileio import file_sha256 as sha256_of
 
 #: Where each backbone's ImageNet weights are installed: (package, file inside it).
 PACKAGE_WEIGHTS = {
@@ -147,7 +147,6 @@ def load_pretrained(body: nn.Module, architecture: str, source: str = "imagenet"
     """Load ImageNet weights into `body` (an EfficientNetLite of `architecture`); the classifier too when it has
     ImageNet's 1000 classes, else it keeps its fresh initialisation. Returns the weights' provenance."""
     from cnnkit.models.transfer import check_keys
-    from cnnkit.runs import read_weights
 
     original = package_weights(architecture) if source == "imagenet" else Path(os.path.expanduser(source))
     if source != "imagenet" and not original.is_file():

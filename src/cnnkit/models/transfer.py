@@ -9,7 +9,6 @@ architecture exactly. Both read safetensors only (never pickle) and run none of 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,18 +18,11 @@ import torch
 from cnnkit.errors import CnnkitError
 from cnnkit.models.classifier import ImageClassifier, Rescaling, head_state_keys
 from cnnkit.models.user import parse_file_spec
-from cnnkit.runs import read_model_meta, read_weights, resolve_run_dir
+from cnnkit.fileio import file_sha256, read_weights
+from cnnkit.runs import read_model_meta, resolve_run_dir
 
 #: How many offending keys a mismatch error names.
 SHOWN_KEYS = 3
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------
