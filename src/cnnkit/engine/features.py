@@ -1,0 +1,179 @@
+"""A frozen backbone's features: computed once per image, kept on disk, and what the head then trains on.
+
+With `--freeze backbone` only the head learns, so the backbone maps an image to the same vector in every epoch.
+Computing the vectors once turns each epoch's backbone passes into one small matrix product, and keeping them
+on disk (DATA_DIR/features/KEY.safetensors) lets a later run on the same data, with other head options, skip
+the backbone altogether. A vector is decided by the image's pixels and by the network before its head (its
+architecture and options, every weight, BatchNorm statistic and normalisation constant), so the key hashes
+exactly those: anything that could change a vector changes the key, and nothing else does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cnnkit.data.tensors import Dataset, Split
+from cnnkit.engine.checkpoint import data_fingerprint
+from cnnkit.engine.inference import predict_logits
+from cnnkit.errors import CnnkitError
+from cnnkit.fileio import UnreadableFile, atomic_path, read_weights
+from cnnkit.models.classifier import ImageClassifier
+
+#: Part of every key: a change in how cnnkit computes features retires the old files.
+FORMAT = "cnnkit.features/1"
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class FeatureSummary:
+    """What the feature step did, for the log and metrics.json."""
+
+    cached_images: int  # read from the cache
+    computed_images: int  # passed through the backbone
+    fit_images: int  # of those, train + validation: their backbone pass is part of training's cost
+    seconds: float  # computing (and writing) the vectors
+    fit_seconds: float  # the share spent on train + validation images
+    folder: str
+
+    def describe(self) -> str:
+        total = self.cached_images + self.computed_images
+        if not self.computed_images:
+            return (f"frozen backbone: the features of all {total:,} images came from the cache ({self.folder}): "
+                    "no backbone pass")
+        cached = f"; {self.cached_images:,} came from the cache" if self.cached_images else ""
+        return (f"frozen backbone: features of {self.computed_images:,} images computed in {self.seconds:.1f} s"
+                f"{cached} (kept in {self.folder}: a later run on the same images skips the backbone)")
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return {"cached_images": self.cached_images, "computed_images": self.computed_images,
+                "seconds": round(self.seconds, 3), "folder": self.folder}
+
+
+class PooledFeatures(nn.Module):
+    """The classifier up to its pooled feature vector: the model's own rescaling, then its backbone."""
+
+    def __init__(self, model: ImageClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        body = self.model.body
+        images = images.contiguous(memory_format=torch.channels_last)  # as fit() trains: faster convolutions on CPU
+        return body.forward_head(body.forward_features(self.model.rescale(images)), pre_logits=True)
+
+
+def check_frozen_backbone(model: nn.Module) -> None:
+    """Refuse a model whose backbone does not say where its features end and its head begins."""
+    body = getattr(model, "body", None)
+    if not isinstance(model, ImageClassifier) or not all(
+            callable(getattr(body, name, None)) for name in ("forward_features", "forward_head", "head_module")):
+        from cnnkit.models.pretrained import pretrained_names
+
+        name = getattr(model, "architecture", None) or type(model).__name__
+        raise CnnkitError(f"--freeze backbone needs a backbone with pooled features and a separate head "
+                          f"({', '.join(pretrained_names())}); {name} has none: train it whole, or freeze its "
+                          "backbone for the first epochs only (--freeze-epochs N)")
+
+
+def backbone_key(model: ImageClassifier, head: nn.Module) -> str:
+    """SHA-256 of everything in `model` that decides a feature vector: the architecture and its options, and
+    every tensor of its state but the head's."""
+    from cnnkit import __version__
+
+    digest = hashlib.sha256()
+    described = [FORMAT, __version__, model.architecture, model.model_kwargs, list(model.input_shape or ())]
+    digest.update(json.dumps(described, sort_keys=True, default=str).encode())
+    head_tensors = {id(tensor) for tensor in [*head.parameters(), *head.buffers()]}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in head_tensors:
+            continue
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def features_folder(data_dir: str | None) -> Path:
+    from cnnkit.data.download import data_root
+
+    return data_root(data_dir) / "features"
+
+
+def frozen_features(model: ImageClassifier, data: Dataset, *, device: torch.device, batch_size: int,
+                    folder: Path, log=print) -> tuple[nn.Module, Dataset, FeatureSummary]:
+    """The head of `model` (sharing its parameters) and `data` as the backbone's pooled feature vectors.
+
+    Each split's vectors are read from `folder` when a file of their key is there, else computed in fp32 on
+    `device` and written there. Training the returned head trains `model`'s own head, so the run saves
+    `model` whole, and predict, export and serve see an ordinary network.
+    """
+    check_frozen_backbone(model)
+    model.to(device)
+    head = model.body.head_module()
+    key = backbone_key(model, head)
+    pooled = PooledFeatures(model)
+    splits, cached, computed, fit_images, seconds, fit_seconds = {}, 0, 0, 0, 0.0, 0.0
+    for name in SPLITS:
+        split: Split = getattr(data, name)
+        path = folder / f"{split_key(key, split)}.safetensors"
+        vectors = read_cached(path, len(split), model.body.num_features)
+        if vectors is None:
+            started = time.perf_counter()
+            vectors = compute(pooled, split, batch_size, model.body.num_features)
+            keep(path, vectors, log)
+            spent = time.perf_counter() - started
+            computed, seconds = computed + len(split), seconds + spent
+            if name != "test":
+                fit_images, fit_seconds = fit_images + len(split), fit_seconds + spent
+        else:
+            cached += len(split)
+        splits[name] = Split(vectors.to(device), split.labels.to(device))
+    features = Dataset(data.name, data.classes, splits["train"], splits["val"], splits["test"],
+                       val_source=data.val_source, skipped=data.skipped)
+    return head, features, FeatureSummary(cached, computed, fit_images, seconds, fit_seconds, str(folder))
+
+
+def split_key(backbone: str, split: Split) -> str:
+    """The file name of a split's vectors: the backbone's key and the split's pixels (labels play no part)."""
+    return hashlib.sha256(f"{backbone}:{data_fingerprint(split.images)}".encode()).hexdigest()[:40]
+
+
+@torch.no_grad()
+def compute(pooled: PooledFeatures, split: Split, batch_size: int, width: int) -> torch.Tensor:
+    """The pooled vectors of every image of `split`, float32 (N, width), on the CPU."""
+    if not len(split):
+        return torch.empty((0, width))
+    return predict_logits(pooled, split.images, batch_size=batch_size).float().cpu().contiguous()
+
+
+def read_cached(path: Path, count: int, width: int) -> torch.Tensor | None:
+    """The vectors kept at `path` when they are there and of the expected shape; else None (computed anew)."""
+    if not path.is_file():
+        return None
+    try:
+        vectors = read_weights(path).get("features")
+    except (CnnkitError, UnreadableFile):
+        return None  # a damaged or foreign file: computed again and replaced
+    if not isinstance(vectors, torch.Tensor) or vectors.dtype != torch.float32 or tuple(vectors.shape) != (count, width):
+        return None
+    return vectors
+
+
+def keep(path: Path, vectors: torch.Tensor, log) -> None:
+    """Write `vectors` to the cache (atomically); a cache that cannot be written costs only the next run's time."""
+    from safetensors.torch import save_file
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            save_file({"features": vectors}, str(tmp), metadata={"format": FORMAT})
+    except OSError as error:
+        log(f"frozen backbone: could not keep the features in {path.parent} ({error.strerror or error}); "
+            "the next run computes them again")
