@@ -87,3 +87,12 @@ def test_reprs_are_short_and_say_what_matters():
     assert text.startswith(f"EvalReport(accuracy={report.accuracy:.4f} (95% CI ") and len(text) < 200
     low, high = report.accuracy_ci95
     assert low < report.accuracy < high and high - low > 0.05  # 200 images: a wide interval
+
+
+def test_keywords_given_with_a_config_refine_it_instead_of_being_dropped(tmp_path):
+    config = cnnkit.resolve_config(preset="seed", dataset="mnist", data_dir=str(SHARED_DATA), limit_train=256,
+                                   limit_eval=64, runs_dir=str(tmp_path))
+    result = cnnkit.train(config, model="fast", epochs=2, name="refined", progress=False, log=lambda *_: None)
+    assert result.run_dir == tmp_path / "refined" and result.metrics["epochs"] == 2
+    assert result.metrics["model"] == "fast" and result.metrics["preset"] == "seed"
+    assert result.metrics["num_train"] == 256 and result.metrics["num_test"] == 64  # the config's own options stay

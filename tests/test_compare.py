@@ -115,15 +115,16 @@ def test_python_api_returns_the_rows_and_the_figure_draws_one_line_per_run(runs,
     assert [text.get_text() for text in figure.legends[0].get_texts()] == ["alpha", "zeta"]
 
 
-def test_default_output_is_compare_png_in_the_current_folder(runs, tmp_path, monkeypatch):
+def test_default_output_is_compare_png_beside_the_runs_it_compares(runs, tmp_path, monkeypatch):
     result = cnnkit_cli("compare", str(runs / "zeta"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "compare.png").read_bytes().startswith(PNG_SIGNATURE)
-    assert result.stdout.strip().splitlines()[-1] == "validation curves of 1 run: compare.png"
+    assert (runs / "compare.png").read_bytes().startswith(PNG_SIGNATURE) and not (tmp_path / "compare.png").exists()
+    assert result.stdout.strip().splitlines()[-1] == f"validation curves of 1 run: {runs / 'compare.png'}"
+    (runs / "compare.png").unlink()  # the runs fixture is shared
 
     monkeypatch.chdir(tmp_path)
     rows = cnnkit.compare([runs / "zeta"])  # the Python API writes a figure only when asked to
-    assert len(rows) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["compare.png"]
+    assert len(rows) == 1 and not any(p.name == "compare.png" for p in tmp_path.iterdir())
     assert [row.name for row in cnnkit.compare(runs / "zeta")] == ["zeta"]  # one path, or any iterable of them
     assert [row.name for row in cnnkit.compare(runs / name for name in ("alpha", "zeta"))] == ["alpha", "zeta"]
 

@@ -222,6 +222,24 @@ def test_an_image_over_the_pixel_cap_is_refused_from_its_header(trained, tmp_pat
     assert allowed.returncode == 0, allowed.stderr
 
 
+def test_the_folder_cache_follows_the_pixel_cap(tmp_path):
+    """An image refused under one --max-megapixels is decoded under a larger one: the cap is part of the cache
+    key, so a cached folder made under another cap is not reused."""
+    folder = tmp_path / "folder"
+    for label in range(3):
+        write_digit_pngs(folder / f"c{label}", 12, seed=label)
+    Image.fromarray(np.full((3000, 3000), 200, np.uint8)).save(folder / "c0" / "big.png")  # 9 MP
+    common = ["train", "--dataset", f"imagefolder:{folder}", "--epochs", "1", "--quiet", "--no-checkpoint",
+              "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "d")]
+    capped = cnnkit(*common, "--max-megapixels", "8", "--name", "capped")
+    assert capped.returncode == 0 and "c0/big.png" in capped.stderr, capped.stderr
+    uncapped = cnnkit(*common, "--name", "uncapped")
+    assert uncapped.returncode == 0 and "big.png" not in uncapped.stderr, uncapped.stderr
+    counts = [json.loads((tmp_path / "runs" / name / "metrics.json").read_text()) for name in ("capped", "uncapped")]
+    assert sum(run["num_train"] + run["num_val"] + run["num_test"] for run in counts[1:]) == \
+        sum(run["num_train"] + run["num_val"] + run["num_test"] for run in counts[:1]) + 1
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The one reader: no unbounded read, no hang, no traceback from a hand-edited file
 

@@ -173,7 +173,8 @@ def test_predict_on_a_folder_predicts_the_readable_files_and_names_the_rest(runs
     line = one_error_line(result)
     predicted = [row.split("\t")[0] for row in result.stdout.strip().splitlines()]
     assert sorted(predicted) == sorted(str(p) for p in [*good, *(tmp_path / "in" / "sub").iterdir()])
-    assert line.startswith(f"cnnkit: error: skipped {len(bad) + 1} unreadable file(s), predicted the other 6: ")
+    assert line.startswith(f"cnnkit: error: skipped {len(bad) + 1} unreadable file(s), predicted the other 6 "
+                           f"(written to {tmp_path / 'out.csv'}): ")
     for name, why in [("x.png", "is a symlink loop"), ("dangling.png", "is a dangling symlink"),
                       ("fifo.png", "is not a regular file"), ("folder.png", "is a folder"),
                       ("garbage.png", "not a readable image")]:
@@ -203,7 +204,7 @@ def test_predict_names_an_unlistable_folder_and_an_unreadable_file(runs, tmp_pat
 def test_predict_with_nothing_readable_exits_non_zero_with_one_line(runs, tmp_path):
     (tmp_path / "empty").mkdir()
     result = cnnkit("predict", str(runs["seed"]), str(tmp_path / "empty"), timeout=120)
-    assert one_error_line(result) == (f"cnnkit: error: skipped 1 unreadable file(s), predicted the other 0: "
+    assert one_error_line(result) == (f"cnnkit: error: nothing to predict: "
                                       f"{tmp_path / 'empty'}: no image files in this directory")
     assert result.stdout == ""
 

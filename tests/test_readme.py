@@ -61,4 +61,4 @@ def test_the_readme_tour_runs_in_order_as_written(tmp_path, http_mirror):
     correct = sum(Path(path).parent.name == label for path, label, *_ in predictions)
     assert len(predictions) == 200 and correct >= 180  # one epoch of the tutorial's model: ~98% on test digits
     assert (work / "runs" / "tour" / "report.html").is_file() and (work / "runs" / "folder" / "model.json").is_file()
-    assert (work / "compare.png").is_file() and "│ tour " in outputs[-1] and "│ folder " in outputs[-1]
+    assert (work / "runs" / "compare.png").is_file() and "│ tour " in outputs[-1] and "│ folder " in outputs[-1]

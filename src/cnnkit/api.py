@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import math
 import os
 import shutil
@@ -187,7 +188,8 @@ def train(config: TrainConfig | None = None, *, progress: bool = True, started: 
           **overrides: Any) -> TrainResult:
     """Load data, build, fit, evaluate on the test set once, and write the run directory.
 
-    `overrides` are TrainConfig options (e.g. `preset="fast", epochs=3`); `callbacks` go to fit().
+    `overrides` are TrainConfig options (e.g. `preset="fast", epochs=3`), applied over `config` when both are
+    given; `callbacks` go to fit().
     `model` is a registered name or FILE.py:FUNCTION (TrainConfig.model), or your own network: an
     nn.Module, or a callable (input_shape, num_classes) -> nn.Module (called with the seed set). It is
     wrapped in an ImageClassifier that standardises its input with the training set's statistics, and
@@ -200,6 +202,8 @@ def train(config: TrainConfig | None = None, *, progress: bool = True, started: 
         overrides["model"] = model
     elif model is not None:
         user_model = model
+    if config is not None and overrides:  # keywords refine a given config, as they refine a preset
+        config = resolve_config(**{**config.to_dict(), **overrides})
     config = config or resolve_config(**overrides)
     if user_model is not None:
         architecture, kwargs = user_model_name(user_model)
@@ -253,13 +257,26 @@ def resumable_dir(path: str | Path) -> Path:
     path = Path(path)
     directory = path.parent if path.name == CHECKPOINT_JSON else path
     if not directory.is_dir():
-        raise CnnkitError(f"{path}: no such run directory (resume takes the directory an interrupted training named)")
+        directory = unfinished_run_named(path)
     if not has_checkpoint(directory):
         if (directory / "metrics.json").is_file():
             raise CnnkitError(f"{directory} is a finished run: nothing to resume (to train further from its weights, "
                               f"start a new run with --init {directory})")
         raise CnnkitError(f"{directory}: no checkpoint to resume from ({CHECKPOINT_JSON} missing)")
     return directory
+
+
+def unfinished_run_named(path: Path) -> Path:
+    """The one interrupted training of run name `path.name` (`.NAME.partial-*` beside it, with a checkpoint):
+    after a crash `--resume runs/cut` finds it. None or several: a clear error listing what there is."""
+    candidates = sorted(found for found in path.parent.glob(f".{glob.escape(path.name)}.partial-*")
+                        if found.is_dir() and not found.is_symlink() and has_checkpoint(found))
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates:
+        raise CnnkitError(f"{path}: {len(candidates)} interrupted trainings of that name; resume one of them: "
+                          f"{', '.join(str(found) for found in candidates)}")
+    raise CnnkitError(f"{path}: no such run directory (resume takes the directory an interrupted training named)")
 
 
 def _train_run(config: TrainConfig, device: torch.device, *, progress: bool, started: float, log,
@@ -310,10 +327,9 @@ def _train_process(config: TrainConfig, device: torch.device, world: World, thre
             if saved is None:
                 log(f"checkpoints go to {staging} after every epoch (if training stops: "
                     f"cnnkit train --resume {staging})")
-        if data.skipped and main:  # a word about the data, on stderr whatever the verbosity (--quiet included)
-            print(f"cnnkit: warning: skipped {len(data.skipped)} unreadable file(s): "
-                  f"{printable(', '.join(data.skipped[:10]))}{' ...' if len(data.skipped) > 10 else ''}",
-                  file=sys.stderr, flush=True)
+        if main:
+            for warning in data_warnings(config, data):
+                warn(warning)
         processes = f", {world.world_size} processes" if world.distributed else ""
         log(f"{data.name}: {len(data.train):,} train / {len(data.val):,} validation ({data.val_source}) / "
             f"{len(data.test):,} test images, {data.num_classes} classes, input {data.input_shape}; "
@@ -333,16 +349,50 @@ def _train_process(config: TrainConfig, device: torch.device, world: World, thre
         if not main:
             return TrainResult(None, history, {}, model)
         check_finite_result(report)
+        if warning := small_test_warning(report):
+            warn(warning)
         metrics = train_metrics(config, data, history, report, device, threads, started)
         metrics["processes"] = world.world_size
         if features is not None:  # the backbone's pass over train and validation images is part of training
             metrics["train_seconds"] += features.fit_seconds
             metrics["frozen_features"] = features.to_dict()
+            metrics["flip"] = False  # fixed vectors: no image was mirrored, whatever --flip auto would do
         write_or_rescue(staging, config.name or DEFAULT_RUN_NAME,
                         lambda folder: write_run_files(folder, config, data, model, history, report, metrics))
     run_dir = final[0]
     write_final_report(run_dir)  # after the rename, so the page carries the run's final name
     return TrainResult(run_dir, history, metrics, model)
+
+
+def warn(message: str) -> None:
+    """A word about the data: on stderr, whatever the verbosity (--quiet included)."""
+    print(f"cnnkit: warning: {message}", file=sys.stderr, flush=True)
+
+
+def data_warnings(config: TrainConfig, data: Dataset) -> list[str]:
+    """What is wrong with the data for this run that training would not say: skipped files, and a batch larger
+    than the training set (a preset made for 50,000 images takes one step an epoch on a few hundred)."""
+    warnings = []
+    if data.skipped:
+        warnings.append(f"skipped {len(data.skipped)} unreadable file(s): "
+                        f"{printable(', '.join(data.skipped[:10]))}{' ...' if len(data.skipped) > 10 else ''}")
+    if config.batch_size > len(data.train) > 0:
+        warnings.append(f"--batch-size {config.batch_size} is more than the {len(data.train):,} training images: "
+                        "one step an epoch; for a small set try --batch-size 32 or 64")
+    return warnings
+
+
+#: A test accuracy known to worse than +-5 points (95% interval) says little: said after the run.
+WIDE_INTERVAL = 0.05
+
+
+def small_test_warning(report: EvalReport) -> str | None:
+    low, high = report.accuracy_ci95
+    if (high - low) / 2 <= WIDE_INTERVAL:
+        return None
+    total = int(report.confusion.sum())
+    return (f"only {total:,} test images: the test accuracy {100 * report.accuracy:.1f}% is known only to "
+            f"{100 * low:.0f}-{100 * high:.0f}% (95% interval); more test images narrow it")
 
 
 def frozen_stage(config: TrainConfig, model: torch.nn.Module, data: Dataset, device: torch.device, world: World,

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from collections.abc import Sequence
 
 from cnnkit.errors import CnnkitError, describe_os_error
@@ -119,15 +120,39 @@ def _default_text(value) -> str | None:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
+#: How `cnnkit train --help` groups the schema's options: the few most runs set first, then by subject.
+#: Every option is in exactly one group (tests/test_cli.py checks it, so a new option gets a place).
+OPTION_GROUPS = {
+    "the usual options": ("preset", "dataset", "model", "epochs", "batch_size", "lr", "seed", "name"),
+    "data": ("data_dir", "val", "image_size", "channels", "stream", "limit_train", "limit_eval"),
+    "model and starting weights": ("model_kwargs", "pretrained", "freeze", "freeze_epochs", "freeze_bn",
+                                   "backbone_lr_scale", "init", "weights"),
+    "optimisation": ("optimizer", "weight_decay", "schedule", "warmup", "label_smoothing", "head_lr_scale",
+                     "bias_lr_scale", "budget", "patience", "monitor", "keep", "ema"),
+    "augmentation": ("augment", "flip", "mix", "mix_alpha", "tta"),
+    "runs": ("runs_dir", "checkpoint", "tensorboard"),
+    "speed and devices": ("device", "precision", "threads", "devices", "scale_lr", "sync_bn", "micro_batch",
+                          "channels_last", "compile", "eval_batch_size"),
+}
+
+
 def add_schema_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, with the schema's type, choices, help and default.
+    """One flag per TrainConfig field, with the schema's type, choices, help and default, in OPTION_GROUPS.
 
     Flags default to SUPPRESS, so the namespace holds only what the user typed and presets or config files
     fill in the rest.
     """
-    from cnnkit.config import LazyChoices, base_type, cli_flag, default_of, field_types, schema
+    from cnnkit.config import schema
 
-    for field in schema():
+    fields = {field.name: field for field in schema()}
+    for title, names in OPTION_GROUPS.items():
+        _add_schema_group(parser.add_argument_group(title), [fields[name] for name in names])
+
+
+def _add_schema_group(group, fields) -> None:
+    from cnnkit.config import LazyChoices, base_type, cli_flag, default_of, field_types
+
+    for field in fields:
         rule = field.metadata["option"]
         base, _ = base_type(field_types()[field.name])
         origin = getattr(base, "__origin__", base)
@@ -145,7 +170,7 @@ def add_schema_options(parser: argparse.ArgumentParser) -> None:
                 # parser; %(choices)s lists them only when the help is printed.
                 kwargs["metavar"] = field.name.upper()
                 kwargs["help"] = f"{help_text}; one of %(choices)s"
-        parser.add_argument(cli_flag(field.name), **kwargs)
+        group.add_argument(cli_flag(field.name), **kwargs)
 
 
 def _add_train(sub) -> None:
@@ -158,6 +183,8 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint (the "
                                                    "directory the interruption named), with its own options")
     add_schema_options(p)
+    p.usage = "%(prog)s [--preset NAME] [--dataset NAME] [--model NAME] [--epochs N] [OPTION ...]\n" \
+              "       %(prog)s --resume RUN"  # the whole list of flags is the groups below
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     _add_trust_code(p)
     _add_pixel_cap(p)
@@ -363,8 +390,8 @@ def _add_compare(sub) -> None:
                                  "their validation curves per epoch.",
                  "cnnkit compare runs/train runs/train2 --out compare.png")
     p.add_argument("runs", metavar="RUN", nargs="+", help="run directories")
-    p.add_argument("--out", metavar="FILE.png", default="compare.png",
-                   help="where to write the figure (default: compare.png in the current folder)")
+    p.add_argument("--out", metavar="FILE.png",
+                   help="where to write the figure (default: compare.png beside the first run, in its runs folder)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     p.set_defaults(handler=cmd_compare)
 
@@ -372,7 +399,8 @@ def _add_compare(sub) -> None:
 def cmd_compare(args: argparse.Namespace, started: float) -> int:
     from cnnkit.comparison import compare
 
-    rows = compare(args.runs, out=args.out)
+    out = args.out if args.out is not None else Path(args.runs[0]).expanduser().parent / "compare.png"
+    rows = compare(args.runs, out=out)
     if args.json:
         print(json.dumps([row.to_dict() for row in rows], indent=2))
         return 0
@@ -431,6 +459,8 @@ def cmd_predict(args: argparse.Namespace, started: float) -> int:
     result = predict_files(run, args.images, top=args.top, progress=not args.json, show_input=args.show_input)
     if csv_path:
         write_csv(result.predictions, csv_path)
+        if not result.skipped:  # else the error line says it
+            print(f"wrote {len(result.predictions):,} prediction(s) to {printable(str(csv_path))}", file=sys.stderr)
     if args.json:
         print(json.dumps([p.to_dict() for p in result.predictions], indent=2))
     else:
@@ -440,8 +470,10 @@ def cmd_predict(args: argparse.Namespace, started: float) -> int:
     if result.skipped:
         shown = "; ".join(result.skipped[:SHOWN_SKIPPED])
         more = f"; and {len(result.skipped) - SHOWN_SKIPPED} more" if len(result.skipped) > SHOWN_SKIPPED else ""
-        print(f"{PROG}: error: skipped {len(result.skipped)} unreadable file(s), predicted the other "
-              f"{len(result.predictions)}: {one_line(shown)}{more}", file=sys.stderr)
+        written = f" (written to {printable(str(csv_path))})" if csv_path and result.predictions else ""
+        what = (f"skipped {len(result.skipped)} unreadable file(s), predicted the other {len(result.predictions):,}"
+                f"{written}" if result.predictions else "nothing to predict")
+        print(f"{PROG}: error: {what}: {one_line(shown)}{more}", file=sys.stderr)
         return 1
     return 0
 
@@ -517,7 +549,6 @@ def _add_report(sub) -> None:
 
 
 def cmd_report(args: argparse.Namespace, started: float) -> int:
-    from pathlib import Path
 
     from cnnkit.report import write_report
 
@@ -540,7 +571,7 @@ def _add_datasets(sub) -> None:
 
 
 def cmd_datasets(args: argparse.Namespace, started: float) -> int:
-    from cnnkit.data.download import data_root, dataset_present, fetch_dataset
+    from cnnkit.data.download import DATA_ENV, data_root, dataset_present, fetch_dataset
     from cnnkit.data.registry import DATASETS, get_spec
 
     root = data_root(args.data_dir)
@@ -562,6 +593,7 @@ def cmd_datasets(args: argparse.Namespace, started: float) -> int:
         table.add_row(spec.name, "yes" if dataset_present(spec, root) else "no", str(len(spec.classes)),
                       "x".join(map(str, spec.shape)), spec.description)
     Console().print(table)
+    print(f"looked in {root} (--data-dir DIR or {DATA_ENV}=DIR to look elsewhere)")
     print("also: imagefolder:PATH (class subfolders of images, optionally under train/ val/ test/)")
     return 0
 

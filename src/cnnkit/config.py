@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit.errors import CnnkitError
-from cnnkit.fileio import MAX_BYTES, UnreadableFile, expand_user_path, parse_json, parse_toml, read_text_capped
+from cnnkit.fileio import MAX_BYTES, UnreadableFile, expand_user_path, parse_json, parse_toml, read_text_capped, run_name_problem
 from cnnkit.registry import did_you_mean
 
 Spell = Callable[[str], str]
@@ -154,11 +154,7 @@ def _check_path(value: str) -> str | None:
 
 
 def _check_run_name(value: str) -> str | None:
-    if value in ("", ".", "..") or value.startswith(".") or "/" in value or "\0" in value:
-        return f"{value!r} is not a valid run directory name (no '/', not starting with '.')"
-    if len(value.encode()) > 200:  # the hidden staging directory adds ~20 bytes; names stop at 255
-        return f"is {len(value.encode())} bytes long; use at most 200"
-    return None
+    return run_name_problem(value)
 
 
 def _check_augment(value: str) -> str | None:

@@ -326,15 +326,6 @@ def load_torchscript_metadata(path: str | Path) -> dict[str, Any]:
     return _decode(json.loads(files[TORCHSCRIPT_METADATA]))
 
 
-def load_onnx_metadata(path: str | Path) -> dict[str, Any]:
-    """The metadata_props of a cnnkit ONNX export, JSON values decoded (classes, input, ...)."""
-    require_onnx()
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return _decode({prop.key: prop.value for prop in model.metadata_props})
-
-
 def _decode(props: dict[str, str]) -> dict[str, Any]:
     decoded: dict[str, Any] = {}
     for key, value in props.items():

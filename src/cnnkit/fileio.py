@@ -428,6 +428,16 @@ def expand_user_path(text: str | os.PathLike[str], option: str) -> Path:
     return Path(expanded)
 
 
+def run_name_problem(name: str) -> str | None:
+    """What is wrong with `name` as a run directory's name, else None: the one rule `--name` and every writer of a
+    run follow (the hidden staging directory `.NAME.partial-*` adds ~20 bytes; names stop at 255)."""
+    if name in ("", ".", "..") or name.startswith(".") or "/" in name or "\0" in name:
+        return f"{name!r} is not a valid run directory name (no '/', not starting with '.')"
+    if len(name.encode("utf-8", "surrogateescape")) > 200:
+        return f"is {len(name.encode('utf-8', 'surrogateescape'))} bytes long; use at most 200"
+    return None
+
+
 def is_run_directory(folder: Path) -> bool:
     return any((folder / marker).exists() for marker in RUN_MARKERS)
 

@@ -360,3 +360,33 @@ def check_standardisation(meta: dict[str, Any], scale: Any, offset: Any, meta_pa
                           f"{_cut(str(meta['preprocessing']['mean']))} std {_cut(str(meta['preprocessing']['std']))}, "
                           f"the weights standardise with mean {_cut(str(stored_mean))} std {_cut(str(stored_std))}; "
                           "model.json was edited, or the weights belong to another run")
+
+
+def resolve_run_dir(path: str | Path) -> Path:
+    """A run directory, or a model.json inside one."""
+    path = Path(path)
+    if path.is_file() and path.name == "model.json":
+        path = path.parent
+    if not (path / "model.json").is_file():
+        raise CnnkitError(f"{path}: not a cnnkit run directory (no model.json){similar_run(path)}")
+    return path
+
+
+def similar_run(path: Path) -> str:
+    """"; did you mean runs/tour?" when a run directory beside `path` has a close name, else ""."""
+    import difflib
+
+    try:
+        names = [entry.name for entry in path.parent.iterdir()
+                 if not entry.name.startswith(".") and (entry / "model.json").is_file()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
+    return f"; did you mean {path.parent / close[0]}?" if close and close[0] != path.name else ""
+
+
+def read_model_meta(run_dir: Path) -> dict[str, Any]:
+    """model.json, checked against its schema (types, bounds, the dataset's shape)."""
+    from cnnkit.fileio import read_json
+
+    return check_model_meta(read_json(run_dir / "model.json"), run_dir / "model.json")

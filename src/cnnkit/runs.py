@@ -34,6 +34,7 @@ from cnnkit.fileio import (UnreadableFile, atomic_path, current_umask, lock_fd, 
 from cnnkit.records import Metrics, read_metrics
 
 from cnnkit.model_meta import MODEL_FORMAT, MODEL_FORMAT_VERSION, weights_record  # noqa: F401 (re-exported)
+from cnnkit.model_meta import read_model_meta, resolve_run_dir  # noqa: F401 (re-exported)
 DEFAULT_RUN_NAME = "train"
 
 
@@ -46,15 +47,9 @@ def next_run_name(runs_dir: Path, base: str = DEFAULT_RUN_NAME) -> str:
     return f"{base}{max([1, *numbers]) + 1}"
 
 
-def check_run_name(runs_dir: Path, name: str) -> None:
-    check_name_syntax(name)
-    if (runs_dir / name).exists():
-        raise CnnkitError(f"run directory {runs_dir / name} already exists; choose another --name")
-
-
 def check_name_syntax(name: str) -> None:
-    if name.startswith(".") or "/" in name or name in ("", ".."):
-        raise CnnkitError(f"--name {name!r} is not a valid run name")
+    if problem := fileio.run_name_problem(name):
+        raise CnnkitError(f"--name {problem}" if problem.startswith("'") else f"--name {name!r} {problem}")
 
 
 @contextlib.contextmanager
@@ -322,17 +317,9 @@ def format_size(size: float) -> str:
     return f"{size:.1f} TB"
 
 
-def checkpoint_epoch(staging: Path) -> int | None:
-    """The epoch of the staging directory's checkpoint, or None if it has none or it cannot be read."""
-    from cnnkit.engine.checkpoint import read_checkpoint_document
-
-    try:
-        return read_checkpoint_document(staging)["state"]["epoch"]
-    except CnnkitError:
-        return None
-
-
 def resume_hint(staging: Path) -> str:
+    from cnnkit.engine.checkpoint import checkpoint_epoch  # torch: runs stays importable without it (cnnkit --help)
+
     return (f"the checkpoint of epoch {checkpoint_epoch(staging)} is kept in {staging}; "
             f"continue with: cnnkit train --resume {staging}")
 
@@ -428,16 +415,6 @@ def read_run_metrics(run_dir: Path) -> Metrics:
         return Metrics()
 
 
-def resolve_run_dir(path: str | Path) -> Path:
-    """A run directory, or a model.json inside one."""
-    path = Path(path)
-    if path.is_file() and path.name == "model.json":
-        path = path.parent
-    if not (path / "model.json").is_file():
-        raise CnnkitError(f"{path}: not a cnnkit run directory (no model.json)")
-    return path
-
-
 def load_run(path: str | Path, *, tta: str | None = None, trust_code: bool = False, model: Any = None) -> Run:
     """Rebuild a trained model from a run directory (safetensors + JSON, nothing executed).
 
@@ -472,13 +449,6 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 
     path = run_dir / "config.json"
     return check_run_config(read_json(path), path) if path.is_file() else {}
-
-
-def read_model_meta(run_dir: Path) -> dict[str, Any]:
-    """model.json, checked against its schema (types, bounds, the dataset's shape: cnnkit.model_meta)."""
-    from cnnkit.model_meta import check_model_meta
-
-    return check_model_meta(read_json(run_dir / "model.json"), run_dir / "model.json")
 
 
 def _first_line(error: BaseException) -> str:

@@ -23,18 +23,19 @@ import os
 import shutil
 import struct
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from cnnkit.data.images import max_pixels
 from cnnkit.fileio import atomic_path, atomic_write, pread_into, read_json, sweep_stale_temp_files, write_text
 
 if TYPE_CHECKING:
     from cnnkit.data.disk import DiskImages
-    from cnnkit.data.folder import FolderData
 
-__all__ = ["CACHE_VERSION", "CacheWriter", "ListedFile", "cache_key", "entry_meta", "read_cache",
+__all__ = ["CACHE_VERSION", "CacheWriter", "FolderData", "ListedFile", "cache_key", "entry_meta", "read_cache",
            "remove_stale_entries"]
 
 CACHE_VERSION = 1
@@ -56,16 +57,32 @@ class ListedFile(Protocol):
     def split(self) -> str: ...
 
 
+@dataclass
+class FolderData:
+    """A decoded image folder (what data/folder.py decodes and this cache keeps): uint8 (N, C, H, W) images (arrays, or DiskImages when left on disk) and int64
+    labels per split."""
+
+    classes: list[str]
+    splits: dict[str, tuple[np.ndarray | DiskImages, np.ndarray]]  # "train" always; "val" / "test" when present
+    skipped: list[str] = field(default_factory=list)  # unreadable files, relative to the folder
+    image_size: tuple[int, int] = (0, 0)  # (height, width)
+    channels: int = 0
+    from_cache: bool = False
+
+
 def cache_key(
     entries: Sequence[ListedFile], image_size: tuple[int, int] | None, channels: int | None, *, auto_test: float
 ) -> str:
     """Hash of everything the decoded arrays depend on: the listing (path, size, mtime, split) and the request.
 
     `auto_test` is the share of each class moved to "test" when a folder has no split folders: changing
-    that rule changes which images land in which split, so it must change the key too.
+    that rule changes which images land in which split, so it must change the key too. So does the pixel cap
+    (`--max-megapixels`): it decides which images are refused, and a cached entry made under another cap would
+    keep or drop images the current one does not.
     """
     hasher = hashlib.sha256()
-    header = {"version": CACHE_VERSION, "image_size": image_size, "channels": channels, "auto_test": auto_test}
+    header = {"version": CACHE_VERSION, "image_size": image_size, "channels": channels, "auto_test": auto_test,
+              "max_pixels": max_pixels()}
     hasher.update(json.dumps(header, sort_keys=True).encode())
     for entry in entries:
         line = f"\n{entry.relpath}\0{entry.size}\0{entry.mtime_ns}\0{entry.split}"
@@ -78,8 +95,6 @@ def read_cache(entry_dir: Path, *, on_disk: bool = False) -> FolderData | None:
 
     `on_disk` leaves the images in their files (DiskImages views, nothing read yet); labels always load.
     """
-    from cnnkit.data.folder import FolderData  # here, not at the top: folder imports this module
-
     meta_path = entry_dir / "meta.json"
     if not meta_path.is_file():
         return None

@@ -105,6 +105,9 @@ def fetch_dataset(
     missing = [file for file in _files(spec, roles) if not (folder / file.filename).is_file()]
     if not missing:
         return folder
+    if Path(root).name == spec.name and all((Path(root) / file.filename).is_file() for file in missing):
+        raise CnnkitError(f"{root} is the {spec.name} folder itself; --data-dir names the folder that holds "
+                          f"{spec.name}/: --data-dir {Path(root).parent}")  # before any download into it
     mirror = check_mirror(mirror or os.environ.get(MIRROR_ENV, "").strip() or None)
     try:
         with removing_new_dirs_on_failure(folder):
@@ -129,6 +132,10 @@ def check_mirror(mirror: str | None) -> str | None:
 def how_to_provide(spec: DatasetSpec, paths: list[Path]) -> str:
     """One line naming the missing files and the three ways to provide them."""
     names = " and ".join(str(path) for path in paths) if len(paths) <= 2 else ", ".join(map(str, paths))
+    root = paths[0].parent.parent if paths else None
+    if root is not None and root.name == spec.name:  # --data-dir named the dataset's own folder, not its parent
+        return (f"missing {names}: --data-dir names the folder that holds {spec.name}/, not {spec.name}/ itself; "
+                f"try --data-dir {root.parent}")
     return (
         f"missing {names}; provide {'it' if len(paths) == 1 else 'them'} with --data-dir DIR or {DATA_ENV}=DIR "
         f"(a folder holding {spec.name}/ with {'this file' if len(paths) == 1 else 'these files'}), or "

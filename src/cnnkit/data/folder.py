@@ -24,21 +24,17 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
-from cnnkit.data.cache import CacheWriter, cache_key, entry_meta, read_cache, remove_stale_entries
+from cnnkit.data.cache import CacheWriter, FolderData, cache_key, entry_meta, read_cache, remove_stale_entries
 from cnnkit.data.images import (GRAYSCALE_MODES, IMAGE_EXTENSIONS, Probe, hidden_name, open_image, probe, to_array,
                                 walk_images)
 from cnnkit.data.parallel import choose_executor, run_chunks
 from cnnkit.errors import CnnkitError
 from cnnkit.text import printable
-
-if TYPE_CHECKING:  # not imported: decoding workers import this module, and disk.py imports torch
-    from cnnkit.data.disk import DiskImages
 
 __all__ = ["FolderData", "check_class_folders", "load_image_folder"]
 
@@ -56,19 +52,6 @@ UNREADABLE = ""
 #: so this bounds decoding's memory (a few chunks in flight) whatever the folder's size; 8 MiB is still
 #: hundreds of small images (2048, the chunk cap, for CIFAR-sized ones), so pickling costs stay negligible.
 DECODE_CHUNK_BYTES = 8 << 20
-
-
-@dataclass
-class FolderData:
-    """A decoded image folder: uint8 (N, C, H, W) images (arrays, or DiskImages when left on disk) and int64
-    labels per split."""
-
-    classes: list[str]
-    splits: dict[str, tuple[np.ndarray | DiskImages, np.ndarray]]  # "train" always; "val" / "test" when present
-    skipped: list[str] = field(default_factory=list)  # unreadable files, relative to the folder
-    image_size: tuple[int, int] = (0, 0)  # (height, width)
-    channels: int = 0
-    from_cache: bool = False
 
 
 class _Entry(NamedTuple):

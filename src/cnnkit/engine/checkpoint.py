@@ -323,3 +323,11 @@ def restore_training(state: Any, saved: dict[str, Any]) -> None:
     for name, callback in named_callbacks(state.callbacks).items():
         if name in states:
             callback.load_state_dict(states[name])
+
+
+def checkpoint_epoch(staging: Path) -> int | None:
+    """The epoch of the staging directory's checkpoint, or None if it has none or it cannot be read."""
+    try:
+        return read_checkpoint_document(staging)["state"]["epoch"]
+    except CnnkitError:
+        return None

@@ -19,7 +19,7 @@ from cnnkit.errors import CnnkitError
 from cnnkit.models.classifier import ImageClassifier, Rescaling, head_state_keys
 from cnnkit.models.user import parse_file_spec
 from cnnkit.fileio import file_sha256, read_weights
-from cnnkit.runs import read_model_meta, resolve_run_dir
+from cnnkit.model_meta import read_model_meta, resolve_run_dir
 
 #: How many offending keys a mismatch error names.
 SHOWN_KEYS = 3

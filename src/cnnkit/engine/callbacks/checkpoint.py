@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit.engine.callbacks.base import Callback
-from cnnkit.engine.checkpoint import capture_training, write_checkpoint
+from cnnkit.engine.checkpoint import capture_training, checkpoint_epoch, write_checkpoint
 from cnnkit.errors import describe_os_error
-from cnnkit.runs import checkpoint_epoch
 
 
 def _to_stderr(message: str) -> None:
