@@ -269,9 +269,8 @@ class TrainConfig:
                                         "count)",
                                   scope="fit", low=1, high=10_000_000, metavar="SECONDS")
     batch_size: int = option(32, "images per training step", scope="fit", low=1, high=1 << 20)
-    # CPU caches favour small batches: the airbench94-width net measured 132 s per 50k images at 128 images
-    # per pass, 150 s at 500 and 243 s at 1000 (fp32, 2 cores, no AMX), so a 2000-image step runs fastest
-    # as 8 micro-batches of 250.
+    # CPU caches favour small passes: a 2000-image step runs fastest as 8 micro-batches of 250 (measured:
+    # benchmarks/RESULTS.md, "Fast math").
     micro_batch: int | None = option(None, "run each step's forward and backward passes on micro-batches of at "
                                            "most N images, summing their gradients (the same step, less memory "
                                            "and cache; BatchNorm sees each micro-batch)", scope="fit", low=1,
@@ -322,13 +321,12 @@ class TrainConfig:
                                     check=_check_val, parse=str)
     device: str = option("auto", "auto, cpu, cuda or cuda:N", scope="fit", check=_check_device)
     # auto: bf16 autocast where the device runs bf16 natively (CUDA, CPUs with AMX: engine.inference.native_bf16),
-    # else fp32. On a 2-core CPU with AMX, the seed recipe: 4.3 s/epoch vs 5.25 s in fp32, accuracy within the
-    # seed spread; without AMX bf16 convolutions ran 1.4-1.9x slower than fp32.
+    # else fp32, where bf16 convolutions ran slower (benchmarks/RESULTS.md, "Fast math").
     precision: str = option("auto", "auto (bf16 autocast where the device runs it natively), fp32 or bf16",
                             scope="fit", choices=("auto", "fp32", "bf16"))
-    # channels_last measured 5.9 vs 8.0 s per 60k images (seed model, 2 cores).
+    # On by default: faster on CPU (benchmarks/RESULTS.md, "Fast math").
     channels_last: bool = option(True, "NHWC memory layout", scope="fit")
-    # torch.compile measured 14.2 s to compile, then 7.1 ms/step vs 3.2 ms eager (seed model, 2 cores).
+    # Off by default: its compile time outweighed the steps it saved here (benchmarks/RESULTS.md, "Fast math").
     compile: bool = option(False, "torch.compile the model (compile time counts as training time)", scope="fit")
     threads: int | None = option(None, "CPU threads (default: one per core; under torchrun, OMP_NUM_THREADS)", low=1,
                                  check=_check_threads)
@@ -346,8 +344,7 @@ class TrainConfig:
                                           check=_check_image_size, metavar="HxW", parse=_image_size)
     channels: int | None = option(None, "image folders: 1 (grayscale) or 3 (RGB) (default: 1 if all are grayscale)",
                                   choices=(1, 3))
-    # Measured (benchmarks/stream_memory.py): a 3 GB folder peaked at 624 MiB streamed, 6,869 MiB loaded, with
-    # the same epoch time (55 vs 57 s); 1 GB: 662 vs 5,188 MiB.
+    # Measured by benchmarks/stream_memory.py (benchmarks/RESULTS.md, "Image folders larger than memory").
     stream: str = option("auto", "image folders: train from the decoded images on disk, read in shuffled chunks, "
                                  "instead of loading them: auto (when they would not fit in memory), yes, or no",
                          choices=("auto", "yes", "no"))
@@ -357,7 +354,7 @@ class TrainConfig:
                                         "~/.cache/cnnkit)", metavar="DIR", check=_check_path)
     runs_dir: str = option("runs", "where run directories go", metavar="DIR", check=_check_path)
     name: str | None = option(None, "run directory name (default: train, train2, ...)", check=_check_run_name)
-    # Measured: the cifar10-fast net (1.2M parameters) writes a 14 MB checkpoint in 0.05 s, against ~54 s epochs.
+    # On by default: a checkpoint costs a fraction of a percent of an epoch (benchmarks/RESULTS.md, "Fast math").
     checkpoint: bool = option(True, "write a resumable checkpoint after every epoch into the unfinished run "
                                     "(`cnnkit train --resume` continues it; deleted when the run finishes)")
     tensorboard: bool = option(False, "also log every epoch's values (loss, accuracy, val_loss, val_accuracy, lr, "

@@ -1,8 +1,8 @@
 """A time budget: after the first epoch, cut the run's epoch count to what fits in the seconds it was given.
 
-A recipe tuned on one machine runs 1.5-2.3x slower on another (the same 2-core Xeon kind with and without
-AMX; hosts of one kind differ by 10-20% from day to day), so a preset that promises "15 minutes" cannot be a
-fixed epoch count. Timing the first epoch (training and validation) and planning the rest once keeps the
+A recipe tuned on one machine runs far slower on another (hosts of one kind differ in instruction sets and from
+day to day; benchmarks/RESULTS.md has the figures), so a preset that promises "15 minutes" cannot be a fixed
+epoch count. Timing the first epoch (training and validation) and planning the rest once keeps the
 schedule a pure function of the step: the learning-rate curve is
 re-drawn over the new length at that point, never again, so the run is as reproducible as a plain
 `--epochs N` run of the chosen N (which the run records). Planning again later would bend the decay
