@@ -259,3 +259,28 @@ def test_the_readme_callback_example_works_as_written():
     data = mnist_dataset(limit_train=2000, limit_eval=500)
     history = fit(seed_model(data), data, epochs=5, callbacks=[namespace["StopAtTarget"](0.5)], progress=False)
     assert history.epoch == [1] and history.history["gap"][0] <= 0  # past 50% after one epoch, so it stopped
+
+
+def test_phases_name_the_order_and_a_user_callback_sees_the_epochs_figures_and_is_recorded():
+    from cnnkit.engine.callbacks import (FreezeBackbone, Phase, ProgressBar, TerminateOnNaN, TimeBudget,
+                                         WeightSelection, show_order)
+
+    class Seen(Callback):
+        def __init__(self):
+            self.keys = []
+
+        def on_epoch_end(self, epoch, logs):
+            self.keys.append(sorted(logs))
+            logs["mine"] = float(epoch)
+
+    seen = Seen()
+    callbacks = [ProgressBar(), History(), seen, TimeBudget(1000), WeightSelection("val_accuracy", "best"),
+                 EarlyStopping("val_accuracy", 5), TerminateOnNaN(), EMA(0.9), FreezeBackbone(1)]
+    names = [line.split()[-1] for line in show_order(callbacks).splitlines()]
+    assert names == ["FreezeBackbone", "EMA", "TerminateOnNaN", "EarlyStopping", "WeightSelection", "Seen",
+                     "TimeBudget", "History", "ProgressBar"]
+    assert show_order([seen]).split() == [str(int(Phase.USER)), "user", "Seen"]
+    data = small_data()
+    history = fit(seed_model(data), data, epochs=2, batch_size=64, ema=0.9, progress=False, callbacks=[seen])
+    assert "ema_val_accuracy" in seen.keys[0] and "val_accuracy" in seen.keys[0] and "seconds" not in seen.keys[0]
+    assert history.history["mine"] == [1.0, 2.0]  # what it added is recorded: it runs before History

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from enum import IntEnum
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,14 +70,37 @@ class TrainState:
         return time.perf_counter() - self.epoch_started
 
 
+class Phase(IntEnum):
+    """Where a callback runs within each hook; callbacks run in this order (ties: in the order given).
+
+    prepare -> measure -> guard -> decide -> select -> user -> plan -> record -> save -> report: a callback that
+    changes the model for the epoch runs first; the ones that add figures to `logs` (EMA) before any that read
+    them; a NaN stops the run before anything decides on it; a user's callback sees every figure of the epoch
+    (but `seconds`, which History adds as it records: `self.state.seconds_in_epoch()` has it) and what it adds
+    is recorded; the checkpoint saves what all of them did; the progress line prints last.
+    `cnnkit.engine.callbacks.show_order(callbacks)` prints a fit()'s order.
+    """
+
+    PREPARE = -20  # change the model for the coming epoch (FreezeBackbone)
+    MEASURE = -10  # add figures to the logs (EMA's ema_val_loss / ema_val_accuracy)
+    GUARD = 5  # refuse a broken epoch (TerminateOnNaN)
+    DECIDE = 10  # decide from the logs whether to go on (EarlyStopping)
+    SELECT = 20  # choose the weights to keep (WeightSelection)
+    USER = 50  # a user's callback, unless it says otherwise: the epoch's figures are in the logs
+    PLAN = 80  # re-plan the run from the epoch's cost (TimeBudget: after the evaluating callbacks are timed)
+    RECORD = 90  # record the epoch (History: adds `seconds`)
+    SAVE = 95  # write what the epoch did (Checkpoint, TensorBoard)
+    REPORT = 100  # print it (the progress line)
+
+
 class Callback:
     """Base class: override the hooks you need. `self.state` (and `self.model`) are set before training.
 
-    `order` sorts callbacks within each hook: producers of logs (EMA, -10) run before the callbacks that
-    read them (early stopping and weight selection, 10), then History (90) and the progress line (100).
+    `order` (a Phase, or any number) sorts callbacks within each hook; a user's callback runs at Phase.USER
+    unless it sets another: after the guard against NaN and the weight selection, before History records.
     """
 
-    order: int = 0
+    order: int = Phase.USER
     state: TrainState
 
     def set_state(self, state: TrainState) -> None:
@@ -110,6 +134,15 @@ class Callback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what state_dict() returned; called after on_train_begin of a resumed fit()."""
+
+
+def show_order(callbacks: Iterable[Callback]) -> str:
+    """The order fit() calls `callbacks` in, one per line with its phase (fastai's show_training_loop)."""
+    rows = []
+    for callback in sorted(callbacks, key=lambda callback: callback.order):
+        phase = next((p.name.lower() for p in Phase if p == callback.order), f"{callback.order}")
+        rows.append(f"{int(callback.order):>5}  {phase:<8} {type(callback).__name__}")
+    return "\n".join(rows)
 
 
 class CallbackList:

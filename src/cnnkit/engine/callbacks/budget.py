@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from cnnkit.engine.callbacks.base import Callback
+from cnnkit.engine.callbacks.base import Callback, Phase
 
 
 def epochs_that_fit(budget: float, spent: float, epoch: int, epoch_seconds: float, most: int) -> int:
@@ -29,7 +29,7 @@ def epochs_that_fit(budget: float, spent: float, epoch: int, epoch_seconds: floa
 class TimeBudget(Callback):
     """Sets `state.epochs` (the schedule's length and the loop's end) after the first epoch of the run."""
 
-    order = 80  # after the callbacks that evaluate (EMA) so their cost is timed; before the checkpoint saves it
+    order = Phase.PLAN  # after the callbacks that evaluate (EMA) so their cost is timed; before the checkpoint saves it
 
     def __init__(self, seconds: float) -> None:
         if not seconds > 0:

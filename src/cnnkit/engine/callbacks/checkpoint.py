@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cnnkit.engine.callbacks.base import Callback
+from cnnkit.engine.callbacks.base import Callback, Phase
 from cnnkit.engine.checkpoint import capture_training, checkpoint_epoch, write_checkpoint
 from cnnkit.errors import describe_os_error
 
@@ -28,7 +28,7 @@ def _to_stderr(message: str) -> None:
 
 
 class Checkpoint(Callback):
-    order = 95  # after History (90) has recorded the epoch, so the checkpoint's history includes it
+    order = Phase.SAVE  # after History (Phase.RECORD) has recorded the epoch, so the checkpoint's history includes it
 
     def __init__(self, directory: str | Path, meta: dict[str, Any] | None = None,
                  log: Callable[[str], None] = _to_stderr) -> None:

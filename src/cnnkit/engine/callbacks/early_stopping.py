@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cnnkit.engine.callbacks.base import Callback, is_better, mode_for, monitored
+from cnnkit.engine.callbacks.base import Callback, Phase, is_better, mode_for, monitored
 
 
 class EarlyStopping(Callback):
@@ -13,7 +13,7 @@ class EarlyStopping(Callback):
     It only stops; which weights the run keeps is WeightSelection's job (`--keep best` restores the best).
     """
 
-    order = 10
+    order = Phase.DECIDE
 
     def __init__(self, monitor: str = "val_loss", patience: int = 5, min_delta: float = 0.0) -> None:
         self.monitor, self.patience, self.min_delta = monitor, patience, min_delta

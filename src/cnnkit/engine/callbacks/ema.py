@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from cnnkit.engine.callbacks.base import Callback, StateDict
+from cnnkit.engine.callbacks.base import Callback, Phase, StateDict
 
 
 def ema_decay(decay: float, updates: int) -> float:
@@ -25,7 +25,7 @@ def ema_decay(decay: float, updates: int) -> float:
 
 
 class EMA(Callback):
-    order = -10  # adds ema_val_loss / ema_val_accuracy to the logs before anything reads them
+    order = Phase.MEASURE  # adds ema_val_loss / ema_val_accuracy to the logs before anything reads them
 
     def __init__(self, decay: float = 0.999) -> None:
         if not 0 < decay < 1:

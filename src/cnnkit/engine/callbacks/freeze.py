@@ -13,14 +13,14 @@ from typing import Any
 
 from torch import nn
 
-from cnnkit.engine.callbacks.base import Callback
+from cnnkit.engine.callbacks.base import Callback, Phase
 from cnnkit.models.classifier import head_parameters
 
 
 class FreezeBackbone(Callback):
     """requires_grad False on every parameter but the head's for epochs 1..`epochs`; restored afterwards."""
 
-    order = -20  # before anything else looks at the model at the start of an epoch
+    order = Phase.PREPARE  # before anything else looks at the model at the start of an epoch
 
     def __init__(self, epochs: int) -> None:
         if epochs < 0:

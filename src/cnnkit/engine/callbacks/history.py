@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from cnnkit.engine.callbacks.base import Callback
+from cnnkit.engine.callbacks.base import Callback, Phase
 
 
 #: Per-step points recorded per epoch: enough for a smooth curve of a one-epoch run, few enough to be free.
@@ -25,7 +25,7 @@ class History(Callback):
     once per epoch: recording them adds no per-step sync.
     """
 
-    order = 90  # after every callback that adds to the logs; before the progress line prints them
+    order = Phase.RECORD  # after every callback that adds to the logs; before the progress line prints them
 
     def __init__(self) -> None:
         self.history: dict[str, list[float]] = {}

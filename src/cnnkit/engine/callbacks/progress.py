@@ -13,7 +13,7 @@ from typing import Any
 
 from rich.console import Console
 
-from cnnkit.engine.callbacks.base import Callback
+from cnnkit.engine.callbacks.base import Callback, Phase
 from cnnkit.progress import make_progress
 
 REFRESH_SECONDS = 0.25
@@ -32,7 +32,7 @@ def format_logs(logs: Mapping[str, Any]) -> str:
 
 
 class ProgressBar(Callback):
-    order = 100  # last: prints the logs once History has timed the epoch
+    order = Phase.REPORT  # last: prints the logs once History has timed the epoch
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console()

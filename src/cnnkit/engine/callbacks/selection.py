@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cnnkit.engine.callbacks.base import Callback, StateDict, is_better, mode_for, monitored
+from cnnkit.engine.callbacks.base import Callback, Phase, StateDict, is_better, mode_for, monitored
 
 
 def logs_key(source: str, monitor: str) -> str:
@@ -18,7 +18,7 @@ def logs_key(source: str, monitor: str) -> str:
 
 
 class WeightSelection(Callback):
-    order = 20
+    order = Phase.SELECT
 
     def __init__(self, monitor: str = "val_accuracy", keep: str = "best") -> None:
         if keep not in ("best", "last"):

@@ -12,7 +12,7 @@ import numbers
 from pathlib import Path
 from typing import Any
 
-from cnnkit.engine.callbacks.base import Callback
+from cnnkit.engine.callbacks.base import Callback, Phase
 from cnnkit.errors import CnnkitError
 
 INSTALL_HINT = 'pip install "cnnkit[tensorboard]"'
@@ -21,11 +21,11 @@ INSTALL_HINT = 'pip install "cnnkit[tensorboard]"'
 class TensorBoardLogger(Callback):
     """Write each epoch's logs (loss, accuracy, val_loss, val_accuracy, lr, seconds, ema_*, ...) to `log_dir`.
 
-    It runs after History (order 90), so it sees every value the other callbacks added, History's
+    It runs after History (Phase.RECORD), so it sees every value the other callbacks added, History's
     `seconds` among them. The event file is flushed every epoch, so a live TensorBoard follows training.
     """
 
-    order = 95
+    order = Phase.SAVE
 
     def __init__(self, log_dir: str | Path) -> None:
         try:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from cnnkit.engine.callbacks.base import Callback
+from cnnkit.engine.callbacks.base import Callback, Phase
 from cnnkit.errors import TrainingDiverged
 
 #: Steps between two looks at the running loss: one device sync per this many steps.
@@ -36,7 +36,7 @@ ADVICE = "lower the learning rate (--lr), or train in fp32 (--precision fp32)"
 class TerminateOnNaN(Callback):
     """Raise TrainingDiverged naming the epoch and step where the loss first became NaN or infinite."""
 
-    order = 5  # after EMA (-10) has added its figures; before early stopping, selection, History, checkpoint
+    order = Phase.GUARD  # after EMA (Phase.MEASURE) has added its figures; before early stopping, selection, History, checkpoint
 
     def __init__(self, check_every: int = CHECK_EVERY) -> None:
         if check_every < 1:
