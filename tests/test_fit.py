@@ -100,3 +100,25 @@ def test_random_shift_translates_each_image_within_bounds():
         assert candidates, "output is not a translation of its input"
         moved += (2, 2) not in candidates
     assert moved >= 8  # most images really moved
+
+
+def test_fit_shows_every_option_in_its_signature_and_takes_a_whole_config():
+    import inspect
+
+    from cnnkit.config import FIT_FIELDS
+
+    parameters = inspect.signature(fit).parameters
+    assert FIT_FIELDS <= set(parameters) and parameters["lr"].default == 1e-3  # what help() and an IDE show
+    assert parameters["lr"].kind is inspect.Parameter.KEYWORD_ONLY
+    data = mnist_dataset(limit_train=128, limit_eval=64)
+    config = resolve_config(preset="fast", epochs=1, batch_size=64, lr=0.01)
+    torch.manual_seed(0)
+    given = build_model(config.model, data.input_shape, data.num_classes, **config.model_kwargs)
+    torch.manual_seed(0)
+    spelled = build_model(config.model, data.input_shape, data.num_classes, **config.model_kwargs)
+    fit(given, data, config=config, progress=False)
+    fit(spelled, data, progress=False, **config.fit_options())
+    assert all(torch.equal(a, b) for a, b in zip(given.state_dict().values(), spelled.state_dict().values()))
+    overridden = fit(build_model(config.model, data.input_shape, data.num_classes, **config.model_kwargs), data,
+                     config=config, epochs=2, progress=False)
+    assert overridden.epoch == [1, 2]  # a keyword beside the config wins

@@ -177,8 +177,7 @@ def _train_process(config: TrainConfig, device: torch.device, world: World, thre
             callbacks += checkpoint_callbacks(config, staging, fingerprint, code, saved, log)
             check_room(staging, model, config, resuming=saved is not None)  # before training, not after it
         trained, fit_data, features = frozen_stage(config, model, data, device, world, log)            # 4. fit
-        history = fit(trained, fit_data, callbacks=callbacks, progress=progress and main, resume=saved,
-                      **config.fit_options())
+        history = fit(trained, fit_data, callbacks=callbacks, progress=progress and main, resume=saved, config=config)
         report = score_test_set(config, trained, fit_data, data.classes, device, world)                # 5. test
         if not main:
             return TrainResult(None, history, {}, model)

@@ -8,6 +8,7 @@ user's own hooks) is a callback (engine/callbacks/), and every option comes from
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -60,6 +61,7 @@ def fit(
     rank: int | None = None,
     world_size: int | None = None,
     resume: dict[str, Any] | None = None,
+    config: TrainConfig | None = None,
     **options: Any,
 ) -> History:
     """Train `model` on `data.train`, validating on `data.val` after every epoch; returns the History.
@@ -75,8 +77,13 @@ def fit(
     whole split; `rank`/`world_size`, when given, must be the process group's.
     `resume` is a state read from a checkpoint (engine.checkpoint.read_checkpoint) of a fit() with the same
     model, data and options: training goes on after its epoch as if it had never stopped.
+    `config`, a resolved TrainConfig (what `cnnkit.train` passes), gives every option at once; keywords given
+    beside it override its values. `inspect.signature(fit)` (and an IDE's help) lists every option.
     """
-    config = fit_config(epochs=epochs, batch_size=batch_size, **options)
+    if config is None or options or epochs is not None or batch_size is not None:
+        base = config.fit_options() if config is not None else {}
+        config = fit_config(**{**base, **options, "epochs": epochs or base.get("epochs"),
+                               "batch_size": batch_size or base.get("batch_size")})
     world = check_world(rank, world_size)
     device = process_device(resolve_device(config.device), world)
     precision = resolve_precision(config.precision, device)
@@ -172,6 +179,20 @@ def batch_transforms(config: TrainConfig, data: Dataset) -> tuple[Any, Any]:
     return training_augmentation("none", False), make_mix("none", config.mix_alpha)
 
 
+def _signature() -> inspect.Signature:
+    """fit()'s own parameters, then every fit option of the schema by name with its default (for help() and IDEs:
+    the options stay one schema, config.TrainConfig, instead of a second list here)."""
+    from cnnkit.config import default_of, field_types, schema
+
+    own = [parameter for parameter in inspect.signature(fit).parameters.values()
+           if parameter.kind is not inspect.Parameter.VAR_KEYWORD]
+    named = {parameter.name for parameter in own}
+    options = [inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default_of(field),
+                                 annotation=field_types()[field.name])
+               for field in schema() if field.metadata["option"].scope == "fit" and field.name not in named]
+    return inspect.signature(fit).replace(parameters=[*own, *options])
+
+
 def data_init_sample(model: nn.Module, train: Split) -> torch.Tensor:
     """The first DATA_INIT_IMAGES training images, for layers set from data (init_from_data); for a split on
     disk an empty batch unless such a layer waits for them, as reading them would cost 2,000 images of memory."""
@@ -244,3 +265,6 @@ def validation_scorer(val: Split, world: World, batch_size: int):
         return total_loss / count, correct / count
 
     return score
+
+
+fit.__signature__ = _signature()
