@@ -605,7 +605,9 @@ def _sample_dataset(args: argparse.Namespace) -> int:
     if not args.name or not args.out:
         raise CnnkitError("`cnnkit datasets sample` needs a dataset and a new folder, e.g. mnist digits")
     data = load_dataset(args.name, args.data_dir, limit_eval=args.count, progress=True)
-    prefix = args.name.removeprefix("imagefolder:").rstrip("/").rsplit("/", 1)[-1]
+    from cnnkit.data.registry import image_folder
+
+    prefix = (image_folder(args.name) or args.name).rstrip("/").rsplit("/", 1)[-1]
     folder = write_samples(data.test.images.numpy(), data.test.labels.numpy(), data.classes, args.out, prefix)
     print(f"wrote {len(data.test):,} {data.name} test images to {folder}/<class>/")
     return 0
@@ -639,9 +641,9 @@ def cmd_summary(args: argparse.Namespace, started: float) -> int:
 
 def _dataset_shape(name: str) -> tuple[tuple[int, int, int], int]:
     """Input shape and class count: from the registry, or by loading an image folder (cached after once)."""
-    from cnnkit.data.registry import get_spec
+    from cnnkit.data.registry import get_spec, image_folder
 
-    if not name.startswith("imagefolder:"):
+    if image_folder(name) is None:
         spec = get_spec(name)
         return spec.shape, len(spec.classes)
     from cnnkit.data.tensors import load_dataset

@@ -131,9 +131,10 @@ def _check_threads(value: int) -> str | None:
 
 
 def _check_dataset(value: str) -> str | None:
-    if value.startswith("imagefolder:"):
-        return None if value != "imagefolder:" else "imagefolder: needs a folder, e.g. imagefolder:photos/"
-    from cnnkit.data.registry import DATASETS
+    from cnnkit.data.registry import DATASETS, image_folder
+
+    if (folder := image_folder(value)) is not None:
+        return None if folder else "imagefolder: needs a folder, e.g. imagefolder:photos/"
 
     if value in DATASETS:
         return None
@@ -667,9 +668,10 @@ def data_shape_conflict(config: TrainConfig, spell: Spell = python_name) -> str 
     They apply to image folders only: a built-in dataset comes in its published shape, and ignoring the
     request without a word would train on other images than the user asked for. Its own shape is accepted.
     """
-    if config.dataset.startswith("imagefolder:") or (config.image_size is None and config.channels is None):
+    from cnnkit.data.registry import DATASETS, image_folder
+
+    if image_folder(config.dataset) is not None or (config.image_size is None and config.channels is None):
         return None
-    from cnnkit.data.registry import DATASETS
 
     spec = DATASETS.get(config.dataset)
     if spec is None:

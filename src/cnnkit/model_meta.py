@@ -200,7 +200,7 @@ def _preprocessing(spec: _Fields, shape: dict[str, Any]) -> dict[str, Any]:
 
 def _check_dataset(fields: _Fields, dataset: str, classes: list[str], shape: tuple[int, int, int]) -> None:
     """A built-in dataset fixes the input shape and the classes; an image folder needs a path."""
-    from cnnkit.data.registry import DATASETS
+    from cnnkit.data.registry import DATASETS, image_folder
 
     spec = DATASETS.get(dataset)
     if spec is not None:
@@ -210,7 +210,7 @@ def _check_dataset(fields: _Fields, dataset: str, classes: list[str], shape: tup
         if list(classes) != list(spec.classes):
             raise fields.error("classes", f"are not dataset {dataset}'s {len(spec.classes)} classes in order "
                                           f"({_class_difference(classes, list(spec.classes))})")
-    elif dataset.startswith("imagefolder:") and not dataset.removeprefix("imagefolder:").strip():
+    elif (folder := image_folder(dataset)) is not None and not folder.strip():
         raise fields.error("dataset", "is 'imagefolder:' without a folder")
 
 

@@ -32,6 +32,7 @@ import numpy as np
 from cnnkit.data.cache import CacheWriter, FolderData, cache_key, entry_meta, read_cache, remove_stale_entries
 from cnnkit.data.images import (GRAYSCALE_MODES, IMAGE_EXTENSIONS, Probe, hidden_name, open_image, probe, to_array,
                                 walk_images)
+from cnnkit.data.registry import image_folder
 from cnnkit.data.parallel import choose_executor, run_chunks
 from cnnkit.errors import CnnkitError
 from cnnkit.text import printable
@@ -167,9 +168,9 @@ def check_class_folders(dataset: str, classes: Sequence[str]) -> None:
     only to be refused afterwards. The top-level listing answers most cases at once; the full scan (file
     names only, nothing decoded) runs only when every class has a folder. Other dataset names pass.
     """
-    if not dataset.startswith("imagefolder:"):
+    if (folder := image_folder(dataset)) is None:
         return
-    root = Path(dataset.removeprefix("imagefolder:")).expanduser().resolve()
+    root = Path(folder).expanduser().resolve()
     if not root.is_dir():
         raise CnnkitError(f"{root}: not a folder (imagefolder:PATH needs a folder of class subfolders)")
     split_dirs = _split_dirs(root)

@@ -13,7 +13,16 @@ from typing import Literal
 
 from cnnkit.errors import CnnkitError
 
-__all__ = ["DATASETS", "DatasetSpec", "FileSpec", "get_spec", "mirror_ok"]
+__all__ = ["DATASETS", "IMAGEFOLDER_PREFIX", "DatasetSpec", "FileSpec", "get_spec", "image_folder", "mirror_ok"]
+
+#: `--dataset imagefolder:PATH`: a folder of the user's own images instead of a registered dataset.
+IMAGEFOLDER_PREFIX = "imagefolder:"
+
+
+def image_folder(name: str) -> str | None:
+    """The PATH of a dataset name `imagefolder:PATH` (possibly empty), or None for any other name: the one place
+    that knows how an image folder is spelled."""
+    return name[len(IMAGEFOLDER_PREFIX):] if name.startswith(IMAGEFOLDER_PREFIX) else None
 
 DatasetKind = Literal["idx", "cifar10", "cifar100"]
 
@@ -215,4 +224,4 @@ def mirror_ok(name: str, channels: int) -> bool:
     spec = DATASETS.get(name.strip().lower())
     if spec is not None:
         return spec.mirror_ok
-    return name.startswith("imagefolder:") and channels == 3
+    return image_folder(name) is not None and channels == 3

@@ -17,12 +17,11 @@ import numpy as np
 from cnnkit.data.cifar import read_cifar10, read_cifar100
 from cnnkit.data.download import DATA_ENV, data_root, dataset_dir, fetch_dataset, missing_files, split_roles
 from cnnkit.data.idx import read_idx
-from cnnkit.data.registry import DatasetSpec, get_spec
+from cnnkit.data.registry import IMAGEFOLDER_PREFIX, DatasetSpec, get_spec, image_folder
 from cnnkit.errors import CnnkitError
 
 __all__ = ["IMAGEFOLDER_PREFIX", "DataLocation", "RawData", "default_location", "load_raw", "load_test_raw"]
 
-IMAGEFOLDER_PREFIX = "imagefolder:"
 SPLITS = ("train", "test")
 Split = tuple[np.ndarray, np.ndarray]
 
@@ -64,8 +63,8 @@ def load_raw(
     if unknown or not splits:
         raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {splits}")
     root = data_root(data_dir)
-    if name.startswith(IMAGEFOLDER_PREFIX):
-        return _load_folder(name.removeprefix(IMAGEFOLDER_PREFIX), root, image_size, channels, progress, on_disk)
+    if (folder := image_folder(name)) is not None:
+        return _load_folder(folder, root, image_size, channels, progress, on_disk)
     spec = get_spec(name)
     roles = split_roles(spec, splits)
     missing = missing_files(spec, root, roles)
@@ -123,7 +122,7 @@ def load_test_raw(
     locations = _unique(locations)
     options = dict(download=download, mirror=mirror, image_size=image_size, channels=channels, progress=progress,
                    on_disk=on_disk)
-    if name.startswith(IMAGEFOLDER_PREFIX):
+    if image_folder(name) is not None:
         chosen = next((loc for loc in locations if loc.path.is_dir()), locations[-1])
         return load_raw(name, chosen.path, **options)
     spec = get_spec(name)

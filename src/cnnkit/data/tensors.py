@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cnnkit.data.registry import image_folder
 from cnnkit.data.disk import ChunkWindow, DiskImages, chunked_order, fits_in_memory
 from cnnkit.errors import CnnkitError
 
@@ -215,7 +216,7 @@ def _placed(splits: dict[str, Split], stream: str, name: str, processes: int) ->
     would not fit comfortably in the available memory, see cnnkit.data.disk), else loaded into memory."""
     on_disk = [split for split in splits.values() if split.on_disk]
     if stream == "yes" and not on_disk:
-        if name.startswith("imagefolder:"):
+        if image_folder(name) is not None:
             raise CnnkitError(f"--stream yes: the decoded images of {name} could not be written to the cache (see "
                               "the warning above), so they are in memory; pass --data-dir DIR with room for them")
         raise CnnkitError(f"--stream yes: dataset {name} is read into memory from its files; only imagefolder: "

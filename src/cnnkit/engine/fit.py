@@ -82,8 +82,8 @@ def fit(
     """
     if config is None or options or epochs is not None or batch_size is not None:
         base = config.fit_options() if config is not None else {}
-        config = fit_config(**{**base, **options, "epochs": epochs or base.get("epochs"),
-                               "batch_size": batch_size or base.get("batch_size")})
+        given = {key: value for key, value in (("epochs", epochs), ("batch_size", batch_size)) if value is not None}
+        config = fit_config(**{**base, **options, **given})
     world = check_world(rank, world_size)
     device = process_device(resolve_device(config.device), world)
     precision = resolve_precision(config.precision, device)

@@ -12,6 +12,7 @@ import torch
 from cnnkit.config import TrainConfig
 from cnnkit.data.augment import resolve_flip
 from cnnkit.data.disk import window_bytes
+from cnnkit.data.registry import image_folder
 from cnnkit.data.tensors import Dataset, load_dataset
 from cnnkit.errors import CnnkitError
 from cnnkit.text import printable
@@ -92,7 +93,7 @@ def load_data(config: TrainConfig, world: World, saved: dict[str, Any] | None, *
     """The run's data (loaded rank by rank), the config with `stream` resolved to what ran (a resume does the
     same), and the data's fingerprint when a checkpoint records it or a resume checks it."""
     data = load_in_turn(config, progress, world)
-    if config.stream == "auto" and data.name.startswith("imagefolder:"):
+    if config.stream == "auto" and image_folder(data.name) is not None:
         config = dataclasses.replace(config, stream="yes" if data.streamed else "no")
     fingerprint = dataset_fingerprint(data) if config.checkpoint or saved is not None else None
     if saved is not None and saved["meta"].get("data") != fingerprint:
