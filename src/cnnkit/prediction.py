@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cnnkit.data.images import not_a_file, walk_images
+from cnnkit.data.images import not_a_file, to_image, walk_images
 from cnnkit.errors import CnnkitError
 from cnnkit.fileio import (atomic_path, expand_user_path, is_run_directory, output_path, sweep_stale_temp_files,
                            write_text)
@@ -220,12 +220,11 @@ def _write_inputs(folder: Path, paths: list[Path], batch: np.ndarray, written: l
         target = folder / f"{path.stem}.png"
         if target.exists() or target.is_symlink():
             target = folder / f"{path.stem}-{hashlib.sha1(os.fsencode(path)).hexdigest()[:8]}.png"
-        pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
         if os.path.lexists(target):  # a picture of an earlier prediction, or something that is not ours to replace
             output_path(target, "--show-input", sweep=False)
         written.append(target)  # before it exists: an interruption after the rename must still remove it
         with atomic_path(target) as tmp:
-            Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG")
+            to_image(image).save(tmp, format="PNG")
 
 
 def write_csv(predictions: Sequence[Prediction], path: str | Path) -> None:

@@ -215,6 +215,11 @@ def to_array(image: Image.Image, image_size: tuple[int, int], channels: int) -> 
     return array[None] if channels == 1 else array.transpose(2, 0, 1).copy()
 
 
+def to_image(array: np.ndarray) -> Image.Image:
+    """The Pillow image of uint8 (C, H, W) pixels, grayscale or RGB: to_array's inverse, for writing them out."""
+    return Image.fromarray(np.ascontiguousarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)))
+
+
 def _orientation(image: Image.Image) -> int | None:
     """The EXIF orientation tag, read only for formats that carry EXIF (cheap for the rest)."""
     if image.format not in ("JPEG", "MPO", "TIFF", "WEBP", "PNG") or not (

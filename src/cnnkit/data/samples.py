@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from cnnkit.data.images import to_image
 from cnnkit.errors import CnnkitError
 from cnnkit.fileio import current_umask
 
@@ -31,8 +31,7 @@ def write_samples(images: np.ndarray, labels: np.ndarray, classes: list[str], fo
         for index, (image, label) in enumerate(zip(images, labels)):
             target = staging / classes[int(label)].replace("/", "-") / f"{prefix}-{index:05d}.png"
             target.parent.mkdir(exist_ok=True)
-            pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
-            Image.fromarray(np.ascontiguousarray(pixels)).save(target)
+            to_image(image).save(target)
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700
         if folder.exists():
             folder.rmdir()  # the empty folder the user named

@@ -123,3 +123,10 @@ def all_reduce_sum(values: torch.Tensor, world: World) -> torch.Tensor:
     if world.distributed:
         torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
     return values
+
+
+def all_reduce_min(values: torch.Tensor, world: World) -> torch.Tensor:
+    """The minimum of `values` over ranks (in place and returned); unchanged for one process."""
+    if world.distributed:
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MIN)
+    return values

@@ -362,9 +362,8 @@ def convert(image: Image.Image, meta: dict) -> tuple[np.ndarray, str]:
 
 
 def png_base64(array: np.ndarray) -> str:
-    pixels = array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG", compress_level=1)
+    image_policy.to_image(array).save(buffer, format="PNG", compress_level=1)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from cnnkit.engine.distributed import all_reduce_sum, current_world
 from cnnkit.engine.callbacks.base import Callback, Phase
 
 
@@ -58,8 +59,8 @@ class TimeBudget(Callback):
 
     def agreed_seconds(self, seconds: float) -> float:
         """The ranks' mean epoch time, so that data-parallel processes plan the same epoch count."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        world = current_world()
+        if not world.distributed:
             return seconds
         value = torch.tensor([seconds], dtype=torch.float64, device=self.state.device)  # NCCL wants CUDA
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.SUM)
-        return float(value.item()) / torch.distributed.get_world_size()
+        return float(all_reduce_sum(value, world).item()) / world.world_size

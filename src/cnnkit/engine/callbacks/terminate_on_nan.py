@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from cnnkit.engine.distributed import all_reduce_min, current_world
 from cnnkit.engine.callbacks.base import Callback, Phase
 from cnnkit.errors import TrainingDiverged
 
@@ -81,10 +82,7 @@ class TerminateOnNaN(Callback):
 
 def _least_over_ranks(value: torch.Tensor) -> int:
     """`value` on one process; its minimum over all processes under torchrun, so every rank stops together."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        value = value.clone()
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    return int(value.item())
+    return int(all_reduce_min(value.clone(), current_world()).item())
 
 
 def _not_finite(value: Any) -> bool:
