@@ -425,8 +425,8 @@ def cmd_compare(args: argparse.Namespace, started: float) -> int:
         if row.note:
             console.print(f"{markup(row.label)}: left out of the figure ({markup(row.note)})", highlight=False)
     plotted = sum(row.plotted for row in rows)
-    print(f"validation curves of {plotted} run{'s' if plotted != 1 else ''}: {args.out}" if plotted
-          else f"no run has validation history; {args.out} not written")
+    print(f"validation curves of {plotted} run{'s' if plotted != 1 else ''}: {printable(str(out))}" if plotted
+          else f"no run has validation history; {printable(str(out))} not written")
     return 0
 
 
