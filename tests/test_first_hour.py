@@ -114,3 +114,14 @@ def test_a_mistyped_run_gets_the_close_name(tmp_path):
     assert trained.returncode == 0, trained.stderr
     result = cnnkit("evaluate", str(tmp_path / "runs" / "tuor"))
     assert result.returncode != 0 and result.stderr.strip().endswith(f"did you mean {tmp_path / 'runs' / 'tour'}?")
+
+
+def test_tables_in_a_pipe_are_not_cut_at_80_columns(tmp_path):
+    folder = small_folder(tmp_path / ("a-folder-with-a-long-descriptive-name-" + "x" * 40), per_class=4)
+    trained = cnnkit("train", "--dataset", f"imagefolder:{folder}", "--epochs", "1", "--quiet", "--no-checkpoint",
+                     "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "d"), "--name", "long")
+    assert trained.returncode == 0, trained.stderr
+    env = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
+    listed = subprocess.run([sys.executable, "-m", "cnnkit", "runs", str(tmp_path / "runs")], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert listed.returncode == 0 and f"imagefolder:{folder}" in listed.stdout, listed.stdout

@@ -99,6 +99,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+#: Columns for a table printed into a pipe or file: rich would wrap and cut it at 80, which no terminal set.
+PIPE_WIDTH = 240
+
+
+def table_console():
+    """A rich console for stdout: the terminal's width, or PIPE_WIDTH when stdout is a pipe or a file (tables are
+    as wide as their content, never padded to it) unless COLUMNS says otherwise."""
+    from rich.console import Console
+
+    piped = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
+    return Console(width=PIPE_WIDTH) if piped else Console()
+
+
 def _cli_type(parse):
     """An argparse type from a schema parser: its ValueError becomes argparse's one-line usage error."""
 
@@ -318,7 +331,6 @@ def cmd_evaluate(args: argparse.Namespace, started: float) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{markup(args.run)}: test accuracy {report.accuracy:.4f}, loss {report.loss:.4f}")
@@ -326,7 +338,7 @@ def cmd_evaluate(args: argparse.Namespace, started: float) -> int:
         table.add_column(column, justify="left" if column == "class" else "right")
     for name, p, r, f, s in zip(report.classes, report.precision, report.recall, report.f1, report.support):
         table.add_row(markup(name), f"{p:.4f}", f"{r:.4f}", f"{f:.4f}", str(s))
-    Console().print(table)
+    table_console().print(table)
     print(f"accuracy {report.accuracy:.4f}  loss {report.loss:.4f}")
     return 0
 
@@ -365,7 +377,6 @@ def cmd_runs(args: argparse.Namespace, started: float) -> int:
     if not runs:
         print(f"no runs in {args.runs_dir}")
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"runs in {markup(str(args.runs_dir))}, newest first")
@@ -377,7 +388,7 @@ def cmd_runs(args: argparse.Namespace, started: float) -> int:
                       _shown(run.test_accuracy, "{:.4f}"),
                       _duration(run.train_seconds),
                       "?" if run.date is None else run.date.strftime("%Y-%m-%d %H:%M"))
-    console = Console()
+    console = table_console()
     console.print(table)
     for run in runs:
         if run.problem:
@@ -404,7 +415,6 @@ def cmd_compare(args: argparse.Namespace, started: float) -> int:
     if args.json:
         print(json.dumps([row.to_dict() for row in rows], indent=2))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{len(rows)} run{'s' if len(rows) > 1 else ''} compared")
@@ -417,7 +427,7 @@ def cmd_compare(args: argparse.Namespace, started: float) -> int:
                       _shown(run.epochs), _duration(run.train_seconds),
                       "-" if best is None else f"{best:.4f} (epoch {row.best_val_epoch})",
                       _shown(run.test_accuracy, "{:.4f}"))
-    console = Console()
+    console = table_console()
     console.print(table)
     for row in rows:
         if row.summary.problem:
@@ -583,7 +593,6 @@ def cmd_datasets(args: argparse.Namespace, started: float) -> int:
         return 0
     if args.action == "sample":
         return _sample_dataset(args)
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"datasets in {root}")
@@ -592,7 +601,7 @@ def cmd_datasets(args: argparse.Namespace, started: float) -> int:
     for spec in DATASETS.values():
         table.add_row(spec.name, "yes" if dataset_present(spec, root) else "no", str(len(spec.classes)),
                       "x".join(map(str, spec.shape)), spec.description)
-    Console().print(table)
+    table_console().print(table)
     print(f"looked in {root} (--data-dir DIR or {DATA_ENV}=DIR to look elsewhere)")
     print("also: imagefolder:PATH (class subfolders of images, optionally under train/ val/ test/)")
     return 0
@@ -623,12 +632,11 @@ def _add_summary(sub) -> None:
 
 
 def cmd_summary(args: argparse.Namespace, started: float) -> int:
-    from rich.console import Console
 
     from cnnkit.models import build_model, list_models
     from cnnkit.models.summary import summary_table
 
-    console = Console()
+    console = table_console()
     if args.list or not args.model:
         for entry in list_models():
             console.print(f"{entry.name:10s} {entry.description}", highlight=False)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +82,8 @@ def prepare_run(config: TrainConfig, staging: Path | None, main: bool, log) -> I
     runs_dir = staging.parent if staging else expand_user_path(config.runs_dir, "--runs-dir")
     if main and (swept := sweep_debris(runs_dir, config)):
         log(swept)
-    with (staged_run(config.runs_dir, config.name, staging=staging) if main else nullcontext((None, []))) as made:
+    staged = staged_run(config.runs_dir, config.name, staging=staging) if main else contextlib.nullcontext((None, []))
+    with staged as made:
         yield made
 
 

@@ -3,7 +3,6 @@ the backbone's cached features (engine/features.py)."""
 
 from __future__ import annotations
 
-
 import torch
 
 from cnnkit.config import TrainConfig

@@ -23,7 +23,7 @@ from cnnkit.engine.callbacks import History
 from cnnkit.engine.callbacks.selection import logs_key
 from cnnkit.engine.distributed import World
 from cnnkit.engine.features import FeatureSummary
-from cnnkit.models.user import (SOURCE_COPY)
+from cnnkit.models.user import SOURCE_COPY
 from cnnkit.plots import plot_confusion_matrix, plot_errors, plot_history, plot_per_class
 from cnnkit.preprocess import preprocessing_meta
 from cnnkit.report import write_report
