@@ -29,6 +29,7 @@ _EXPORTS = {
     "TensorBoardLogger": "cnnkit.engine.callbacks",
     "evaluate": "cnnkit.engine.evaluate",
     "predict": "cnnkit.prediction",
+    "explain": "cnnkit.explain",
     "predict_files": "cnnkit.prediction",
     "predict_images": "cnnkit.prediction",
     "load_run": "cnnkit.runs",

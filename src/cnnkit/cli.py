@@ -451,6 +451,9 @@ def _add_predict(sub) -> None:
     p.add_argument("--csv", metavar="FILE", help="also write file,label,confidence,top to this CSV file")
     p.add_argument("--show-input", metavar="DIR", help="write each image as the model saw it (after "
                                                         "preprocessing) as a PNG in DIR")
+    p.add_argument("--explain", metavar="DIR", help="write each image with a heatmap of where the evidence for its "
+                                                     "predicted class lies (Grad-CAM) as a PNG in DIR; needs "
+                                                     'pip install "cnnkit[insight]"')
     _add_tta(p)
     _add_trust_code(p)
     p.set_defaults(handler=cmd_predict)
@@ -466,7 +469,8 @@ def cmd_predict(args: argparse.Namespace, started: float) -> int:
 
     run = load_run(args.run, tta=args.tta, trust_code=args.trust_code)
     csv_path = output_path(args.csv, "--csv") if args.csv else None  # refused before any prediction is made
-    result = predict_files(run, args.images, top=args.top, progress=not args.json, show_input=args.show_input)
+    result = predict_files(run, args.images, top=args.top, progress=not args.json, show_input=args.show_input,
+                           explain=args.explain)
     if csv_path:
         write_csv(result.predictions, csv_path)
         if not result.skipped:  # else the error line says it

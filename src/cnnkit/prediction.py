@@ -23,7 +23,7 @@ from cnnkit.data.images import not_a_file, to_image, walk_images
 from cnnkit.errors import CnnkitError
 from cnnkit.fileio import (atomic_path, expand_user_path, is_run_directory, output_path, sweep_stale_temp_files,
                            write_text)
-from cnnkit.text import portable_name
+from cnnkit.text import printable, portable_name
 from cnnkit.preprocess import load_image
 from cnnkit.progress import progress_bar
 
@@ -142,18 +142,21 @@ def predict_images(run, images: Iterable[ImageLike], top: int = 1) -> list[Predi
 
 
 def predict_files(run, inputs: Sequence[str | Path], top: int = 1, *, progress: bool = False,
-                  show_input: str | Path | None = None) -> FilePredictions:
+                  show_input: str | Path | None = None, explain: str | Path | None = None) -> FilePredictions:
     """Predictions for image files and directories with a loaded run (see runs.load_run).
 
     An unreadable file is skipped and reported, not fatal: one bad photo in a folder should not cost the
     rest their answers. `show_input` writes each image as the model saw it (after preprocessing) to that
-    folder, to see why an answer is wrong.
+    folder, to see why an answer is wrong; `explain` writes each with its Grad-CAM heatmap for the predicted
+    class over it (cnnkit.explain).
     """
     paths, problems = find_image_files(inputs)
     result = FilePredictions([], problems)
-    inputs_folder = _show_input_folder(show_input) if show_input is not None else None
+    inputs_folder = _show_input_folder(show_input, "--show-input") if show_input is not None else None
+    explain_folder = _show_input_folder(explain, "--explain") if explain is not None else None
     bar = progress_bar("Predicting", len(paths), enabled=progress and len(paths) > CHUNK)
-    with _removed_if_interrupted(inputs_folder) as written, bar as advance:
+    with _removed_if_interrupted(inputs_folder) as written, _removed_if_interrupted(explain_folder) as explained, \
+            bar as advance:
         for start in range(0, len(paths), CHUNK):
             chunk, arrays = [], []
             for path in paths[start : start + CHUNK]:
@@ -165,8 +168,11 @@ def predict_files(run, inputs: Sequence[str | Path], top: int = 1, *, progress: 
             if arrays:
                 batch = np.stack(arrays)
                 if inputs_folder is not None:
-                    _write_inputs(inputs_folder, chunk, batch, written)
-                result.predictions += _ranked(run, [str(path) for path in chunk], predict(run.model, batch), top)
+                    _write_pictures(inputs_folder, chunk, [to_image(image) for image in batch], written, "--show-input")
+                ranked = _ranked(run, [str(path) for path in chunk], predict(run.model, batch), top)
+                if explain_folder is not None:
+                    _write_pictures(explain_folder, chunk, _explained(run, batch, ranked), explained, "--explain")
+                result.predictions += ranked
             advance(len(paths[start : start + CHUNK]))
     return result
 
@@ -181,13 +187,14 @@ def _ranked(run, names: list[str], probabilities: torch.Tensor, top: int) -> lis
     return results
 
 
-def _show_input_folder(folder: str | Path) -> Path:
-    """--show-input's folder, checked before any image is read: a folder (or a new one), not a run directory."""
-    path = expand_user_path(folder, "--show-input")
+def _show_input_folder(folder: str | Path, option: str) -> Path:
+    """A folder of pictures (--show-input, --explain), checked before any image is read: a folder (or a new one),
+    not a run directory."""
+    path = expand_user_path(folder, option)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise CnnkitError(f"--show-input {path}: is not a folder; name a new or existing folder")
+        raise CnnkitError(f"{option} {path}: is not a folder; name a new or existing folder")
     if is_run_directory(path):
-        raise CnnkitError(f"--show-input {path}: is a run directory, whose files this command must not touch; "
+        raise CnnkitError(f"{option} {path}: is a run directory, whose files this command must not touch; "
                           "name another folder")
     sweep_stale_temp_files(path)  # a killed earlier --show-input's half-written picture (cnnkit's own folder)
     return path
@@ -209,22 +216,32 @@ def _removed_if_interrupted(folder: Path | None) -> Iterator[list[Path]]:
         raise
 
 
-def _write_inputs(folder: Path, paths: list[Path], batch: np.ndarray, written: list[Path]) -> None:
-    """Each model input as a PNG named after its file (plus a hash of its path when two files share a name),
+def _explained(run, batch: np.ndarray, ranked: list[Prediction]) -> list:
+    """Each image with the Grad-CAM heatmap of its predicted class over it, titled with label and confidence."""
+    from cnnkit.explain import explain, overlay
+
+    targets = [run.classes.index(prediction.label) for prediction in ranked]
+    maps = explain(run.model, batch, targets)
+    return [overlay(image, heatmap, f"{printable(p.label)}: {p.confidence:.1%}")
+            for image, heatmap, p in zip(batch, maps, ranked)]
+
+
+def _write_pictures(folder: Path, paths: list[Path], pictures: list, written: list[Path], option: str) -> None:
+    """Each picture as a PNG named after its image file (plus a hash of its path when two files share a name),
     each added to `written` as soon as it is in place. An existing file is replaced only if it is a regular
     file outside a run."""
     import hashlib
 
     folder.mkdir(parents=True, exist_ok=True)
-    for path, image in zip(paths, batch):
+    for path, picture in zip(paths, pictures):
         target = folder / f"{path.stem}.png"
         if target.exists() or target.is_symlink():
             target = folder / f"{path.stem}-{hashlib.sha1(os.fsencode(path)).hexdigest()[:8]}.png"
         if os.path.lexists(target):  # a picture of an earlier prediction, or something that is not ours to replace
-            output_path(target, "--show-input", sweep=False)
+            output_path(target, option, sweep=False)
         written.append(target)  # before it exists: an interruption after the rename must still remove it
         with atomic_path(target) as tmp:
-            to_image(image).save(tmp, format="PNG")
+            picture.save(tmp, format="PNG")
 
 
 def write_csv(predictions: Sequence[Prediction], path: str | Path) -> None:

@@ -1,0 +1,108 @@
+"""Why a model decided: class activation maps (Grad-CAM) over what it saw, through Captum's LayerGradCam.
+
+Grad-CAM weighs a layer's feature maps by the gradient of the class score and keeps the positive evidence; on
+the last layer that still has a spatial grid it shows where in the image the evidence for a class lies, for any
+network (cnnkit's, a pretrained backbone or a user's), with no change to it. Captum is the well-kept
+implementation (`pip install "cnnkit[insight]"`); cnnkit picks the layer and turns the maps into pictures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from cnnkit.errors import CnnkitError
+
+INSTALL_HINT = 'pip install "cnnkit[insight]"'
+
+
+def spatial_layer(model: nn.Module, sample: torch.Tensor) -> nn.Module:
+    """The last layer, in the order a forward pass runs them, whose output is a feature map larger than 1x1: the
+    layer Grad-CAM reads when none is named (found by running `sample` once, so any architecture works)."""
+    seen: list[nn.Module] = []
+
+    def record(module: nn.Module, _inputs, output) -> None:
+        if isinstance(output, torch.Tensor) and output.ndim == 4 and output.shape[-1] * output.shape[-2] > 1:
+            seen.append(module)
+
+    leaves = [module for module in model.modules() if not list(module.children())]
+    handles = [module.register_forward_hook(record) for module in leaves]
+    try:
+        with torch.no_grad():
+            model(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not seen:
+        raise CnnkitError("this model has no layer with a spatial feature map to explain")
+    return seen[-1]
+
+
+def explain(model: nn.Module, images: np.ndarray | torch.Tensor, target: Sequence[int] | int | None = None, *,
+            layer: nn.Module | None = None, batch_size: int = 64) -> np.ndarray:
+    """One map per image, float32 (N, H, W) in [0, 1] at the images' size: where the evidence for `target` lies
+    (class indices, one or one per image; None: each image's predicted class). Images as `cnnkit.predict` takes
+    them: uint8 (N, C, H, W)."""
+    try:
+        from captum.attr import LayerAttribution, LayerGradCam
+    except ImportError:
+        raise CnnkitError(f"explaining a prediction needs Captum, which is not installed: {INSTALL_HINT}") from None
+    from cnnkit.engine.inference import model_device
+
+    images = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise CnnkitError(f"explain takes uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        chosen = layer or spatial_layer(model, images[:1].float().to(device))
+        cam = LayerGradCam(model, chosen)
+        maps = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size].float().to(device)
+            with torch.no_grad():
+                predicted = model(batch).argmax(1)
+            classes = _targets(target, predicted, start)
+            attribution = cam.attribute(batch, target=classes, relu_attributions=True)
+            upsampled = LayerAttribution.interpolate(attribution, tuple(batch.shape[-2:]), "bilinear")
+            maps.append(_normalised(upsampled[:, 0].detach().cpu()))
+    finally:
+        model.train(was_training)
+    return torch.cat(maps).numpy() if maps else np.zeros((0, *images.shape[-2:]), np.float32)
+
+
+def _targets(target: Sequence[int] | int | None, predicted: torch.Tensor, start: int) -> torch.Tensor:
+    if target is None:
+        return predicted
+    if isinstance(target, int):
+        return torch.full_like(predicted, target)
+    return torch.as_tensor(list(target)[start : start + len(predicted)], device=predicted.device)
+
+
+def _normalised(maps: torch.Tensor) -> torch.Tensor:
+    """Each map scaled to [0, 1] by its own maximum (an all-zero map stays zero: no positive evidence)."""
+    peak = maps.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+    return (maps.clamp_min(0) / peak).float()
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, title: str, side: int = 224):
+    """A PNG-ready picture: the image as the model saw it, enlarged to `side` px, with the heatmap over it."""
+    from PIL import Image
+    import matplotlib
+
+    from cnnkit.data.images import to_image
+
+    base = to_image(image).convert("RGB").resize((side, side), Image.NEAREST)
+    colours = matplotlib.colormaps["jet"](heatmap)[..., :3]
+    heat = Image.fromarray((colours * 255).astype(np.uint8)).resize((side, side), Image.BILINEAR)
+    picture = Image.blend(base, heat, 0.4)
+    canvas = Image.new("RGB", (side, side + 20), "white")
+    canvas.paste(picture, (0, 20))
+    from PIL import ImageDraw
+
+    ImageDraw.Draw(canvas).text((4, 4), title, fill="black")
+    return canvas
