@@ -37,6 +37,9 @@ def test_explain_gives_a_map_per_image_that_follows_the_weights_and_the_class(ru
     assert maps.shape == (16, 28, 28) and maps.dtype == np.float32
     assert maps.min() >= 0 and np.allclose(maps.reshape(16, -1).max(1)[maps.reshape(16, -1).max(1) > 0], 1.0)
     assert np.array_equal(maps, cnnkit.explain(loaded.model, images))  # the same model and images, the same maps
+    from cnnkit.models.tta import with_tta
+
+    assert np.array_equal(maps, cnnkit.explain(with_tta(loaded.model, "flip"), images))  # the image, not its mirror
     predicted = cnnkit.predict(loaded.model, images).argmax(1)
     other = [(int(label) + 1) % 10 for label in predicted]
     assert np.abs(cnnkit.explain(loaded.model, images, other) - maps).mean() > 0.05  # another class, other evidence

@@ -55,6 +55,10 @@ def explain(model: nn.Module, images: np.ndarray | torch.Tensor, target: Sequenc
     images = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise CnnkitError(f"explain takes uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    from cnnkit.models.tta import TestTimeAugmentation
+
+    if isinstance(model, TestTimeAugmentation):  # its views run the layer twice: explain the image as it is
+        model = model.model
     device = model_device(model)
     was_training = model.training
     model.eval()
