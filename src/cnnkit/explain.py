@@ -68,9 +68,7 @@ def explain(model: nn.Module, images: np.ndarray | torch.Tensor, target: Sequenc
         maps = []
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size].float().to(device)
-            with torch.no_grad():
-                predicted = model(batch).argmax(1)
-            classes = _targets(target, predicted, start)
+            classes = _targets(target, model, batch, start)
             attribution = cam.attribute(batch, target=classes, relu_attributions=True)
             upsampled = LayerAttribution.interpolate(attribution, tuple(batch.shape[-2:]), "bilinear")
             maps.append(_normalised(upsampled[:, 0].detach().cpu()))
@@ -79,12 +77,14 @@ def explain(model: nn.Module, images: np.ndarray | torch.Tensor, target: Sequenc
     return torch.cat(maps).numpy() if maps else np.zeros((0, *images.shape[-2:]), np.float32)
 
 
-def _targets(target: Sequence[int] | int | None, predicted: torch.Tensor, start: int) -> torch.Tensor:
+def _targets(target: Sequence[int] | int | None, model: nn.Module, batch: torch.Tensor, start: int) -> torch.Tensor:
+    """The class each image of `batch` is explained for: `target`'s, or the model's prediction when None."""
     if target is None:
-        return predicted
+        with torch.no_grad():
+            return model(batch).argmax(1)
     if isinstance(target, int):
-        return torch.full_like(predicted, target)
-    return torch.as_tensor(list(target)[start : start + len(predicted)], device=predicted.device)
+        return torch.full((len(batch),), target, dtype=torch.long, device=batch.device)
+    return torch.as_tensor(list(target)[start : start + len(batch)], device=batch.device)
 
 
 def _normalised(maps: torch.Tensor) -> torch.Tensor:
@@ -95,8 +95,8 @@ def _normalised(maps: torch.Tensor) -> torch.Tensor:
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, title: str, side: int = 224):
     """A PNG-ready picture: the image as the model saw it, enlarged to `side` px, with the heatmap over it."""
-    from PIL import Image
     import matplotlib
+    from PIL import Image, ImageDraw
 
     from cnnkit.data.images import to_image
 
@@ -106,7 +106,5 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, title: str, side: int = 224)
     picture = Image.blend(base, heat, 0.4)
     canvas = Image.new("RGB", (side, side + 20), "white")
     canvas.paste(picture, (0, 20))
-    from PIL import ImageDraw
-
     ImageDraw.Draw(canvas).text((4, 4), title, fill="black")
     return canvas

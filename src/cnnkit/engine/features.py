@@ -145,9 +145,8 @@ def split_key(backbone: str, split: Split) -> str:
     return hashlib.sha256(f"{backbone}:{data_fingerprint(split.images)}".encode()).hexdigest()[:40]
 
 
-@torch.no_grad()
 def compute(pooled: PooledFeatures, split: Split, batch_size: int, width: int) -> torch.Tensor:
-    """The pooled vectors of every image of `split`, float32 (N, width), on the CPU."""
+    """The pooled vectors of every image of `split`, float32 (N, width), on the CPU (predict_logits: no gradients)."""
     if not len(split):
         return torch.empty((0, width))
     return predict_logits(pooled, split.images, batch_size=batch_size).float().cpu().contiguous()

@@ -155,10 +155,9 @@ def hub_weights(architecture: str, name: str, known: Backbone) -> FoundWeights:
     config = hub_config(hub_file(repo, "config.json", revision or None, label), label)
     found = config.get("architecture")
     if found != architecture:
-        raise CnnkitError(f"{label}: the repository holds {found!r} weights, not {architecture}: "
-                          f"--model {found}" if isinstance(found, str) and found in BACKBONES else
-                          f"{label}: the repository holds {found!r} weights, not {architecture}; cnnkit's "
-                          f"pretrained models: {', '.join(BACKBONES)}")
+        fix = (f"--model {found}" if isinstance(found, str) and found in BACKBONES
+               else f"cnnkit's pretrained models: {', '.join(BACKBONES)}")
+        raise CnnkitError(f"{label}: the repository holds {found!r} weights, not {architecture}: {fix}")
     verify_blob(weights, label)
     mean, std = hub_normalisation(config, known, label)
     commit = weights.parent.name if weights.parent.parent.name == "snapshots" else (revision or "")
