@@ -136,7 +136,7 @@ def test_keep_restores_the_chosen_epochs_weights_bit_for_bit(keep, expected_epoc
     model, recorder = seed_model(data), WeightRecorder()
     history = fit(model, data, epochs=3, batch_size=64, keep=keep, callbacks=[Scripted(val_accuracy=[0.5, 0.9, 0.7]),
                                                                                recorder], progress=False)
-    assert history.selected == {"keep": keep, "epoch": expected_epoch, "weights": "raw", "monitor": "val_accuracy",
+    assert history.selected.to_dict() == {"keep": keep, "epoch": expected_epoch, "weights": "raw", "monitor": "val_accuracy",
                                 "value": [0.5, 0.9, 0.7][expected_epoch - 1]}
     assert same_weights(model.state_dict(), recorder.by_epoch[expected_epoch])
     other = 3 if expected_epoch == 2 else 2
@@ -148,7 +148,7 @@ def test_keep_best_by_val_loss_picks_the_lowest():
     model, recorder = seed_model(data), WeightRecorder()
     history = fit(model, data, epochs=3, batch_size=64, monitor="val_loss",
                   callbacks=[Scripted(val_loss=[0.3, 0.4, 0.2]), recorder], progress=False)
-    assert history.selected["epoch"] == 3 and history.selected["monitor"] == "val_loss"
+    assert history.selected.epoch == 3 and history.selected.monitor == "val_loss"
     assert same_weights(model.state_dict(), recorder.by_epoch[3])
 
 
@@ -199,14 +199,14 @@ def test_ema_is_kept_only_when_validation_says_it_is_better():
     # Scripted runs after EMA (order -5 > -10): the averaged weights score better in epoch 2.
     scripted = Scripted(order=-5, val_accuracy=[0.6, 0.7], ema_val_accuracy=[0.5, 0.8])
     history = fit(model, data, epochs=2, batch_size=64, callbacks=[ema, scripted], progress=False)
-    assert history.selected["weights"] == "ema" and history.selected["epoch"] == 2
+    assert history.selected.weights == "ema" and history.selected.epoch == 2
     assert same_weights(model.state_dict(), ema.average.state_dict())
 
     model = seed_model(data)
     ema = EMA(0.9)
     scripted = Scripted(order=-5, val_accuracy=[0.6, 0.9], ema_val_accuracy=[0.5, 0.8])
     history = fit(model, data, epochs=2, batch_size=64, callbacks=[ema, scripted], progress=False)
-    assert history.selected["weights"] == "raw"
+    assert history.selected.weights == "raw"
     assert not same_weights(model.state_dict(), ema.average.state_dict())
 
 
@@ -218,7 +218,7 @@ def test_weights_are_never_chosen_by_the_test_set():
     with pytest.raises(CnnkitError, match="ema"):
         fit(seed_model(data), tutorial, epochs=1, ema=0.99, progress=False)
     history = fit(seed_model(data), tutorial, epochs=1, progress=False)  # keep auto -> last
-    assert history.selected["keep"] == "last"
+    assert history.selected.keep == "last"
 
 
 def test_history_records_any_key_and_fills_gaps_with_nan():

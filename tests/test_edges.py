@@ -213,6 +213,20 @@ def test_an_eps_file_named_png_runs_no_program_in_predict_or_training(trained, t
     assert not ran.exists(), ran.read_text()
 
 
+#: A one-pixel TIFF whose StripOffsets (tag 0x111) is a RATIONAL: Pillow raises TypeError while decoding it
+#: (found by the server's property test: a 500 before every image reader caught data.images.DECODE_ERRORS).
+RATIONAL_TIFF = bytes.fromhex(
+    "49492a000800000009000001040001000000010000000101040001000000080000000201030001000000080000000301"
+    "0300010000000100000006010300010000000100000011010500010000007a0000001601040001000000080000001701"
+    "040001000000080000001c0103000100000001000000000000007fcaa1bbd7659d54")
+
+
+def test_an_image_whose_decoder_raises_type_error_is_one_line_in_predict(trained, tmp_path):
+    (tmp_path / "odd.tif").write_bytes(RATIONAL_TIFF)
+    result = cnnkit("predict", str(trained), str(tmp_path / "odd.tif"))
+    assert result.returncode == 1 and "odd.tif: not a readable image (TypeError" in one_error_line(result)
+
+
 def test_an_image_over_the_pixel_cap_is_refused_from_its_header(trained, tmp_path):
     big = tmp_path / "big16.png"
     Image.fromarray(np.full((3000, 3000), 40000, np.uint16)).save(big)  # 16-bit, 9 MP, a few kB
@@ -232,7 +246,8 @@ def test_the_folder_cache_follows_the_pixel_cap(tmp_path):
     common = ["train", "--dataset", f"imagefolder:{folder}", "--epochs", "1", "--quiet", "--no-checkpoint",
               "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "d")]
     capped = cnnkit(*common, "--max-megapixels", "8", "--name", "capped")
-    assert capped.returncode == 0 and "c0/big.png" in capped.stderr, capped.stderr
+    assert capped.returncode == 0 and "c0/big.png (3000x3000 is 9.0 megapixels, over the cap of 8)" in capped.stderr
+    assert "raise the pixel cap with --max-megapixels" in capped.stderr, capped.stderr  # the reason and the fix
     uncapped = cnnkit(*common, "--name", "uncapped")
     assert uncapped.returncode == 0 and "big.png" not in uncapped.stderr, uncapped.stderr
     counts = [json.loads((tmp_path / "runs" / name / "metrics.json").read_text()) for name in ("capped", "uncapped")]
@@ -501,6 +516,13 @@ def strict_json(data: bytes):
         raise ValueError(f"{constant} is not JSON")
 
     return json.loads(data, parse_constant=refuse)
+
+
+def test_an_upload_whose_decoder_raises_type_error_is_a_400(server):
+    url, _, process = server
+    status, body = request(url + "/predict", "POST", RATIONAL_TIFF, {"Content-Type": "image/tiff"})
+    assert status == 400 and "corrupt or truncated" in json.loads(body)["detail"], body
+    assert process.poll() is None
 
 
 def test_the_server_answers_bad_requests_quietly_and_drops_stalled_clients(server, tmp_path):

@@ -17,6 +17,7 @@ LAYERS: list[set[str]] = [
     # the base: errors, escaping, the one reader and writer, registries, process lifetime
     {"cnnkit.errors", "cnnkit.text", "cnnkit.fileio", "cnnkit.lifetime", "cnnkit.registry", "cnnkit.progress"},
     {"cnnkit.records"},  # typed run files
+    {"cnnkit.inputs"},  # what a model takes (records of model.json's input and preprocessing)
     {"cnnkit.data", "cnnkit.models", "cnnkit.preprocess"},  # datasets, architectures
     # what a run is made from: the option schema (checked against the data and model registries), model.json,
     # and starting weights (a run's, a file's, ImageNet's)

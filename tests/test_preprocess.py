@@ -12,10 +12,12 @@ import pytest
 from PIL import Image
 
 from cnnkit.errors import CnnkitError
+from cnnkit.inputs import InputSpec, Preprocessing
 from cnnkit.preprocess import load_image, preprocessing_meta
 from slices import mnist_dataset
 
-DIGIT_META = {"input": {"channels": 1, "height": 28, "width": 28}, "preprocessing": {"background": "dark"}}
+DIGIT_INPUT = InputSpec(1, 28, 28)
+DIGIT_STEPS = Preprocessing(mean=(33.3,), std=(78.6,), background="dark")
 
 
 def _digits() -> np.ndarray:
@@ -35,19 +37,19 @@ def test_preprocessing_meta_records_the_dark_background_of_digits() -> None:
 def test_ink_on_paper_photo_is_inverted_to_match_the_training_digits(tmp_path: Path) -> None:
     digit = _digits()[0, 0]
     Image.fromarray(255 - digit, "L").save(tmp_path / "paper.png")
-    np.testing.assert_array_equal(load_image(tmp_path / "paper.png", DIGIT_META), digit[None])
+    np.testing.assert_array_equal(load_image(tmp_path / "paper.png", DIGIT_INPUT, DIGIT_STEPS), digit[None])
     # Same background as training, or a model with no recorded background: the pixels are left alone.
     Image.fromarray(digit, "L").save(tmp_path / "screen.png")
-    np.testing.assert_array_equal(load_image(tmp_path / "screen.png", DIGIT_META), digit[None])
-    no_background = {"input": DIGIT_META["input"], "preprocessing": {"background": None}}
-    np.testing.assert_array_equal(load_image(tmp_path / "paper.png", no_background), 255 - digit[None])
+    np.testing.assert_array_equal(load_image(tmp_path / "screen.png", DIGIT_INPUT, DIGIT_STEPS), digit[None])
+    no_background = Preprocessing(mean=(33.3,), std=(78.6,), background=None)
+    np.testing.assert_array_equal(load_image(tmp_path / "paper.png", DIGIT_INPUT, no_background), 255 - digit[None])
 
 
 def test_unreadable_file_names_the_file(tmp_path: Path) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.raises(CnnkitError, match="broken.png: not a readable image"):
-        load_image(broken, DIGIT_META)
+        load_image(broken, DIGIT_INPUT, DIGIT_STEPS)
 
 
 def test_preprocess_and_progress_do_not_import_torch() -> None:

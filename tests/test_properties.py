@@ -133,10 +133,10 @@ def test_a_gzip_bomb_is_refused_without_inflating_it(tmp_path):
 FORMATS = {"PNG": ("L", "RGB", "RGBA", "P", "I;16", "1"), "JPEG": ("L", "RGB"), "GIF": ("L", "P"),
            "BMP": ("L", "RGB", "1"), "TIFF": ("L", "RGB", "RGBA", "I;16"), "WEBP": ("RGB", "RGBA")}
 #: What prediction converts images to: a digit model (MNIST layout), a colour photo model, a grayscale one.
-METAS = [
-    {"input": {"channels": 1, "height": 28, "width": 28}, "preprocessing": {"background": "dark", "layout": "mnist"}},
-    {"input": {"channels": 3, "height": 32, "width": 32}, "preprocessing": {"background": None, "layout": None}},
-    {"input": {"channels": 1, "height": 9, "width": 40}, "preprocessing": {"background": "light", "layout": None}},
+METAS = [  # (model input, preprocessing) as model.json records them
+    ((1, 28, 28), {"background": "dark", "layout": "mnist"}),
+    ((3, 32, 32), {"background": None, "layout": None}),
+    ((1, 9, 40), {"background": "light", "layout": None}),
 ]
 
 
@@ -167,11 +167,15 @@ def encoded_images(draw) -> tuple[bytes, bool]:
     return bytes(data), damage == "none"
 
 
-def _load(data: bytes, meta: dict) -> np.ndarray | None:
+def _load(data: bytes, meta: tuple) -> np.ndarray | None:
+    from cnnkit.inputs import InputSpec, Preprocessing
     from cnnkit.preprocess import load_image
 
+    shape, steps = meta
+    channels = shape[0]
     try:
-        return load_image(io.BytesIO(data), meta, name="upload")
+        return load_image(io.BytesIO(data), InputSpec(*shape), Preprocessing((0.5,) * channels, (0.25,) * channels,
+                                                                             **steps), name="upload")
     except CnnkitError as error:
         assert str(error).startswith("upload: ") and "\n" not in str(error)
         return None
@@ -184,11 +188,10 @@ def test_any_image_file_decodes_to_the_models_input_or_is_a_cnnkit_error(encoded
     data, intact = encoded
     array = _load(data, meta)
     event("decoded" if array is not None else "refused")
-    spec = meta["input"]
     if intact:
         assert array is not None
     if array is not None:
-        assert array.dtype == np.uint8 and array.shape == (spec["channels"], spec["height"], spec["width"])
+        assert array.dtype == np.uint8 and array.shape == meta[0]
 
 
 @SETTINGS
@@ -308,14 +311,16 @@ def test_model_json_broken_anywhere_loads_a_working_run_or_is_refused(mutable_ru
 @SETTINGS
 @given(document=JSON)
 def test_any_json_as_model_json_is_checked_or_refused(tmp_path, document):
-    from cnnkit.model_meta import check_model_meta
+    from cnnkit.model_meta import MAX_PIXELS, ModelMeta, check_model_meta
 
     try:
         meta = check_model_meta(document, tmp_path / "model.json")
     except CnnkitError as error:
         assert str(error).startswith(str(tmp_path / "model.json"))
         return
-    assert isinstance(meta, dict)
+    assert isinstance(meta, ModelMeta) and meta.input.height * meta.input.width <= MAX_PIXELS
+    assert len(meta.preprocessing.mean) == len(meta.preprocessing.std) == meta.input.channels
+    assert len(set(meta.classes)) == len(meta.classes) >= 1 and all(isinstance(name, str) for name in meta.classes)
 
 
 @pytest.fixture(scope="module")
@@ -330,13 +335,20 @@ def config_document() -> dict:
 def test_config_json_broken_anywhere_is_read_back_or_refused(config_document, tmp_path, data):
     """A run's config.json broken at random (or any JSON), read back as loading a run does and repeated
     with --config: a dict / TrainConfig, or a one-line CnnkitError."""
-    from cnnkit.config import TrainConfig, check_run_config, resolve_config
+    from cnnkit.config import RunConfig, TrainConfig, read_run_config, resolve_config
 
     document = data.draw(broken_documents(config_document) | JSON)
     path = tmp_path / "config.json"
     path.write_text(json.dumps(document))
-    with contextlib.suppress(CnnkitError):
-        assert isinstance(check_run_config(json.loads(path.read_text()), path), dict)
+    try:
+        record = read_run_config(path)
+    except CnnkitError as error:
+        assert str(error).startswith(str(path)) and "\n" not in str(error)
+    else:  # every typed property is of its type, whatever the file held
+        assert isinstance(record, RunConfig)
+        assert all(getattr(record, name) is None or isinstance(getattr(record, name), str)
+                   for name in ("name", "dataset", "model", "preset", "data_dir", "runs_dir"))
+        assert record.epochs is None or type(record.epochs) is int
     try:
         config = resolve_config(config_file=path)
     except CnnkitError as error:
@@ -371,6 +383,7 @@ def test_metrics_json_broken_anywhere_is_shown_by_every_reader_or_refused_in_one
     from cnnkit.records import read_metrics
     from cnnkit.report import read_run_files, render_report
     from cnnkit.runs import summarize_run
+    from cnnkit.model_meta import read_model_meta
     from cnnkit.serve.app import model_info
 
     run = tmp_path / "run"
@@ -389,7 +402,7 @@ def test_metrics_json_broken_anywhere_is_shown_by_every_reader_or_refused_in_one
         return
     event("read")
     assert "<html" in render_report(read_run_files(run), "r")
-    served = type("Served", (), {"meta": json.loads((run / "model.json").read_text()), "metrics": metrics, "path": run})
+    served = type("Served", (), {"meta": read_model_meta(run), "metrics": metrics, "path": run})
     json.loads(json.dumps(model_info(served, 10), allow_nan=False))  # strict JSON, whatever the file held
 
 

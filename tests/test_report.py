@@ -151,7 +151,9 @@ def odd_run(tmp_path) -> Path:
         "test_report": {"loss": 0.41, "accuracy": 0.85, "macro_f1": 0.84, "per_class": {
             name: {"precision": 0.8 + 0.05 * i, "recall": 0.9 - 0.05 * i, "f1": 0.84, "support": 100}
             for i, name in enumerate(classes)}, "confusion_matrix": [[90, 7, 3], [5, 93, 2], [10, 8, 82]]}}))
-    (run / "model.json").write_text(json.dumps({"classes": classes, "architecture": "seed"}))
+    (run / "model.json").write_text(json.dumps({
+        "format": "cnnkit.model", "architecture": "seed", "classes": classes, "dataset": "imagefolder:photos",
+        "input": {"channels": 1, "height": 28, "width": 28}, "preprocessing": {"mean": [0.1], "std": [0.3]}}))
     (run / "history.csv").write_text(
         "epoch,loss,accuracy,val_loss,val_accuracy,lr,seconds,ema_val_loss,ema_val_accuracy\n"
         "1,0.9,0.7,0.8,0.75,0.001,1.5,nan,nan\n2,0.5,0.82,0.45,0.84,0.001,1.4,0.44,0.86\n"

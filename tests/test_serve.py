@@ -232,7 +232,7 @@ def digits(run_dir) -> dict:
         paths.append(folder / f"{index:03d}.png")
         paths[-1].write_bytes(png_bytes(image))
     run = load_run(run_dir)
-    probabilities = predict(run.model, np.stack([load_image(path, run.meta) for path in paths])).numpy()
+    probabilities = predict(run.model, np.stack([load_image(path, run.meta.input, run.meta.preprocessing) for path in paths])).numpy()
     offline = [Offline(run.classes[row.argmax()], float(row.max()), [run.classes[i] for i in np.argsort(-row)[:3]])
                for row in probabilities]
     return {"png": [p.read_bytes() for p in paths], "labels": labels, "offline": offline}
@@ -260,6 +260,7 @@ def good_digit(digits) -> int:
 
 
 def test_multipart_png_of_a_real_digit_is_predicted_correctly(server, digits, run_dir):
+    from cnnkit.model_meta import read_model_meta
     from cnnkit.preprocess import load_image
 
     index = good_digit(digits)
@@ -274,8 +275,9 @@ def test_multipart_png_of_a_real_digit_is_predicted_correctly(server, digits, ru
     # "input" is the 28x28 image the model saw: exactly what load_image makes of the upload
     seen = Image.open(io.BytesIO(base64.b64decode(answer["input"])))
     assert seen.format == "PNG" and seen.size == (28, 28) and seen.mode == "L"
-    meta = json.loads((run_dir / "model.json").read_text())
-    np.testing.assert_array_equal(np.asarray(seen), load_image(io.BytesIO(digits["png"][index]), meta)[0])
+    meta = read_model_meta(run_dir)
+    np.testing.assert_array_equal(np.asarray(seen), load_image(io.BytesIO(digits["png"][index]), meta.input,
+                                                               meta.preprocessing)[0])
 
 
 def test_json_base64_and_raw_bodies_give_the_same_answer(server, digits):

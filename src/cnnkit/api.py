@@ -255,8 +255,8 @@ def evaluate_run(run: str | Path | Run, data_dir: str | None = None, *, limit: i
     else:
         locations = [DataLocation(path, origin) for path, origin in recorded_data_dirs(run.path, run.config)]
         locations.append(default_location())
-    check_class_folders(run.meta["dataset"], run.classes)  # before a wrong folder is decoded and cached
-    data = load_test_split(run.meta["dataset"], locations=locations, limit=limit, mirror=mirror,
+    check_class_folders(run.meta.dataset, run.classes)  # before a wrong folder is decoded and cached
+    data = load_test_split(run.meta.dataset, locations=locations, limit=limit, mirror=mirror,
                            image_size=(height, width), channels=channels, progress=progress)
     if data.classes != run.classes:
         raise CnnkitError(f"{run.path}: the model's classes do not match dataset {data.name}'s")

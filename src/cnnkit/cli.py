@@ -226,7 +226,7 @@ def cmd_train(args: argparse.Namespace, started: float) -> int:
         result = train(config, progress=not args.quiet, started=started, log=log, trust_code=args.trust_code)
     if result.run_dir is None:  # another rank of a data-parallel run: rank 0 reports
         return 0
-    for line in training_summary(result.metrics, result.history.history, result.run_dir):
+    for line in training_summary(result.metrics, result.history, result.run_dir):
         print(printable(line))  # class names and paths come from the user's folders
     print(printable(result.run_dir))
     return 0
@@ -269,17 +269,16 @@ def launch_processes(devices: int, argv: list[str]) -> int:
     return 0
 
 
-def training_summary(metrics: dict, history: dict, run_dir) -> list[str]:
+def training_summary(metrics: dict, history, run_dir) -> list[str]:
     """What a person wants to know when training ends: the kept epoch, the test result and its
-    uncertainty, the commonest mistakes, and where everything went (the run directory follows)."""
-    m, lines = metrics, []
-    selected = m.get("selected") or {}
-    if selected:
-        prefix = "" if selected["weights"] == "raw" else f"{selected['weights']}_"
-        index = selected["epoch"] - 1
-        figures = "  ".join(f"{key} {history[prefix + key][index]:.4f}" for key in ("val_accuracy", "val_loss")
-                            if prefix + key in history)
-        lines.append(f"kept epoch {selected['epoch']}/{m['epochs']} ({selected['keep']}, {selected['weights']} "
+    uncertainty, the commonest mistakes, and where everything went (the run directory follows).
+    `history` is the run's History callback (its `selected` record says which weights were kept)."""
+    m, lines, selected = metrics, [], history.selected
+    if selected is not None:
+        row = history.epoch.index(selected.epoch)
+        figures = "  ".join(f"{key} {history.history[selected.key(key)][row]:.4f}"
+                            for key in ("val_accuracy", "val_loss") if selected.key(key) in history.history)
+        lines.append(f"kept epoch {selected.epoch}/{m['epochs']} ({selected.keep}, {selected.weights} "
                      f"weights): {figures}")
     low, high = m["test_accuracy_ci95"]
     tta = f" with {m['tta']} test-time augmentation" if m.get("tta", "none") != "none" else ""

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit.errors import CnnkitError
-from cnnkit.fileio import MAX_BYTES, UnreadableFile, expand_user_path, parse_json, parse_toml, read_text_capped, run_name_problem
+from cnnkit.fileio import (MAX_BYTES, UnreadableFile, expand_user_path, parse_json, parse_toml, read_json,
+                           read_text_capped, run_name_problem)
 from cnnkit.registry import did_you_mean
 
 Spell = Callable[[str], str]
@@ -525,6 +526,60 @@ def read_config_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str 
     check_names(values, FIELD_NAMES, spell, "a training option")
     values = {key: coerce(key, value, spell) for key, value in values.items()}
     return values, extends, {key: data[key] for key in ("description", "measured") if key in data}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A run's config.json as read back (check_run_config): every option it records, each known one of the
+    schema's type. The options later code reads are typed properties; `options` keeps them all, in the
+    recorded order, for the report's table. Empty for a run saved without a config.json."""
+
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def _text(self, name: str) -> str | None:
+        value = self.options.get(name)
+        return value if isinstance(value, str) and value else None
+
+    @property
+    def name(self) -> str | None:
+        return self._text("name")
+
+    @property
+    def dataset(self) -> str | None:
+        return self._text("dataset")
+
+    @property
+    def model(self) -> str | None:
+        return self._text("model")
+
+    @property
+    def preset(self) -> str | None:
+        return self._text("preset")
+
+    @property
+    def data_dir(self) -> str | None:
+        return self._text("data_dir")
+
+    @property
+    def runs_dir(self) -> str | None:
+        return self._text("runs_dir")
+
+    @property
+    def epochs(self) -> int | None:
+        value = self.options.get("epochs")
+        return value if type(value) is int else None
+
+
+def read_run_config(path: str | os.PathLike[str]) -> RunConfig:
+    """A run's config.json through the one reader (size cap, strict UTF-8, bounded nesting), checked;
+    an empty RunConfig when there is none. CnnkitError naming the file and the option when it is wrong."""
+    path = Path(path)
+    if not path.exists():
+        return RunConfig()
+    try:
+        return RunConfig(check_run_config(read_json(path), path))
+    except UnreadableFile as error:
+        raise CnnkitError(str(error)) from None
 
 
 def check_run_config(data: Any, path: str | os.PathLike[str]) -> dict[str, Any]:

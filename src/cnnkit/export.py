@@ -133,12 +133,12 @@ def export_metadata(run) -> dict[str, str]:
     classes = run.classes
     return {
         "classes": json.dumps(classes),
-        "input": json.dumps({"name": INPUT_NAME, **run.meta["input"]}),
+        "input": json.dumps({"name": INPUT_NAME, **run.meta.document["input"]}),
         "output": json.dumps({"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", len(classes)],
                               "meaning": "softmax probabilities, in the order of 'classes'"}),
-        "preprocessing": json.dumps(run.meta.get("preprocessing", {})),
-        "architecture": str(run.meta.get("architecture", "")),
-        "dataset": str(run.meta.get("dataset", "")),
+        "preprocessing": json.dumps(run.meta.document["preprocessing"]),
+        "architecture": run.meta.architecture,
+        "dataset": run.meta.dataset,
         "tta": str(getattr(run, "tta", "none")),  # the graph averages the logits over these test-time views
         "cnnkit_version": __version__,
     }
@@ -215,7 +215,7 @@ def parity_data(run, count: int, data_dir: str | Path | None = None) -> tuple[to
     from cnnkit.runs import recorded_data_dirs
 
     channels, height, width = run.input_shape
-    dataset = run.meta.get("dataset")
+    dataset = run.meta.dataset
     if data_dir:
         locations = [DataLocation(Path(data_dir).expanduser(), "data_dir")]
     else:
@@ -286,7 +286,7 @@ def _write_onnx(wrapper: ExportModule, run, tmp: Path) -> Callable[[np.ndarray],
     program.model.metadata_props.update(export_metadata(run))
     channels, height, width = run.input_shape
     program.model.doc_string = (
-        f"cnnkit {run.meta.get('architecture')} classifier of {run.meta.get('dataset')}: input '{INPUT_NAME}' is "
+        f"cnnkit {run.meta.architecture} classifier of {run.meta.dataset}: input '{INPUT_NAME}' is "
         f"uint8 (batch, {channels}, {height}, {width}) pixel values 0-255, scaled inside the graph; output "
         f"'{OUTPUT_NAME}' is float32 (batch, {len(run.classes)}) softmax probabilities in the order of the "
         f"'classes' metadata")

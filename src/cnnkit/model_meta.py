@@ -6,9 +6,11 @@ input size that no longer matches the weights, or an `imagefolder:` dataset poin
 that loading, preprocessing or evaluation reads is checked here first, and a bad one is a CnnkitError
 naming model.json, the field and what was found.
 
-A hand-written loader rather than pydantic: pydantic comes only with the `serve` extra, and loading a run
-(predict, evaluate, export) must work with the core dependencies; the schema is small enough that each
-rule reads as one line.
+The checks are hand-written rather than a pydantic model (as metrics.json's are, in `records`): every rule
+here needs a message that says what to do (which `--model` the weights fit, which dataset's classes differ
+where), the cross-field rules outnumber the type rules, and loading a run for `predict` stays free of
+pydantic's import. What comes out is a typed record, `ModelMeta`, not a dict: the rest of cnnkit reads
+`meta.input.height`, never `meta["input"]["height"]`.
 
 The weights are checked without reading them: safetensors headers give every tensor's name and shape, and
 a registry model is first built on PyTorch's "meta" device (shapes only, no memory), so a tampered
@@ -22,15 +24,16 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cnnkit.errors import CnnkitError
 from cnnkit.fileio import UnreadableFile, require_regular_file
+from cnnkit.inputs import InputSpec, Preprocessing
 
-__all__ = ["MAX_CLASSES", "MAX_PIXELS", "MAX_SIDE", "MODEL_FORMAT", "MODEL_FORMAT_VERSION", "WeightsHeader",
-           "check_model_meta", "check_recorded", "check_standardisation", "input_text", "read_weights_header",
+__all__ = ["MAX_CLASSES", "MAX_PIXELS", "MAX_SIDE", "MODEL_FORMAT", "MODEL_FORMAT_VERSION", "InputSpec",
+           "ModelMeta", "Preprocessing", "WeightsHeader", "check_model_meta", "check_recorded", "check_standardisation", "input_text", "read_weights_header",
            "skeleton_state", "weights_record"]
 
 MODEL_FORMAT = "cnnkit.model"
@@ -44,6 +47,29 @@ MAX_NAME = 1000  # characters of a class name or an architecture
 TTA_NAMES = ("none", "flip", "shift", "flip-shift")
 #: Keys of the safetensors header metadata that record what model.json said when the weights were saved.
 RECORDED = ("cnnkit.architecture", "cnnkit.model_kwargs", "cnnkit.classes", "cnnkit.input")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The record
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """model.json of a run, checked (check_model_meta): what to build, what it takes, what its outputs mean."""
+
+    architecture: str  # a registry name, custom:<class>, or the FILE.py:FUNCTION a user model came from
+    model_kwargs: dict[str, Any]
+    classes: tuple[str, ...]  # the outputs, in order
+    dataset: str  # a registered dataset name or imagefolder:PATH
+    input: InputSpec
+    preprocessing: Preprocessing
+    tta: str = "none"  # the test-time augmentation the run was tested with (one of TTA_NAMES)
+    flip: bool | None = None  # trained with mirrored images (None: a run from before this was recorded)
+    mirror_ok: bool | None = None  # the dataset's classes survive mirroring (None: not recorded)
+    code: dict[str, Any] | None = None  # a user model's file: path, sha256, function (checked where it is run)
+    #: model.json as read, with defaults filled in: what an export's metadata and the server's /model repeat,
+    #: unknown fields of a later version included.
+    document: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -118,8 +144,8 @@ class _Fields:
         return _Fields(self.get(name), self.path, f"{self.prefix}{name}.")
 
 
-def check_model_meta(data: Any, path: Path) -> dict[str, Any]:
-    """model.json's content, checked field by field; returns it with defaults filled in (a new dict).
+def check_model_meta(data: Any, path: Path) -> ModelMeta:
+    """model.json's content, checked field by field, as a ModelMeta record.
 
     Raises CnnkitError naming `path` and the first bad field. Fields this version does not know are kept
     and ignored (a later format version would say so in `format_version`).
@@ -148,7 +174,13 @@ def check_model_meta(data: Any, path: Path) -> dict[str, Any]:
     meta["code"] = fields.table("code", required=False)
     _check_dataset(fields, meta["dataset"], meta["classes"], (channels, meta["input"]["height"],
                                                              meta["input"]["width"]))
-    return meta
+    spec, steps = meta["input"], meta["preprocessing"]
+    return ModelMeta(
+        architecture=meta["architecture"], model_kwargs=meta["model_kwargs"], classes=tuple(meta["classes"]),
+        dataset=meta["dataset"], input=InputSpec(spec["channels"], spec["height"], spec["width"]),
+        preprocessing=Preprocessing(tuple(steps["mean"]), tuple(steps["std"]), steps["background"],
+                                    steps["layout"]),
+        tta=meta["tta"], flip=meta.get("flip"), mirror_ok=meta.get("mirror_ok"), code=meta["code"], document=meta)
 
 
 def _classes(fields: _Fields) -> list[str]:
@@ -290,13 +322,13 @@ def weights_record(meta: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def check_recorded(meta: dict[str, Any], header: WeightsHeader, meta_path: Path) -> None:
+def check_recorded(meta: ModelMeta, header: WeightsHeader, meta_path: Path) -> None:
     """Refuse a model.json that no longer says what it said when the weights were saved (runs saved by
     earlier versions record nothing, and are checked by tensor shapes alone)."""
     recorded = {key: header.metadata[key] for key in RECORDED if key in header.metadata}
     if not recorded:
         return
-    ours = weights_record(meta)
+    ours = weights_record(meta.document)
     for key, theirs in recorded.items():
         if _normalised(key, ours[key]) != _normalised(key, theirs):
             raise CnnkitError(f"{meta_path} does not match {header.path.name}: "
@@ -325,17 +357,16 @@ def _cut(text: str) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def skeleton_state(meta: dict[str, Any], meta_path: Path) -> dict[str, Any]:
+def skeleton_state(meta: ModelMeta, meta_path: Path) -> dict[str, Any]:
     """The state dict (names and shapes, on the meta device: no memory) of the registry model `meta`
     describes: what its weights file must hold. Refuses model_kwargs the architecture cannot be built with."""
     import torch
 
     from cnnkit.models.builder import skeleton
 
-    spec = meta["input"]
-    shape = (spec["channels"], spec["height"], spec["width"])
+    shape = meta.input.shape
     try:
-        body = skeleton(meta["architecture"], shape, len(meta["classes"]), **meta["model_kwargs"])
+        body = skeleton(meta.architecture, shape, len(meta.classes), **meta.model_kwargs)
     except CnnkitError as error:
         raise CnnkitError(f"{meta_path}: {error}; the file was edited or damaged") from None
     standardisation = torch.empty((1, shape[0], 1, 1), device="meta")
@@ -343,21 +374,21 @@ def skeleton_state(meta: dict[str, Any], meta_path: Path) -> dict[str, Any]:
             **{f"body.{key}": value for key, value in body.state_dict().items()}}
 
 
-def check_standardisation(meta: dict[str, Any], scale: Any, offset: Any, meta_path: Path, weights: Path) -> None:
+def check_standardisation(meta: ModelMeta, scale: Any, offset: Any, meta_path: Path, weights: Path) -> None:
     """model.json's preprocessing mean/std must be the standardisation stored in the weights (rescale.*),
     which is what the model applies: a mismatch means model.json lies about how inputs are treated."""
     import torch
 
     scale, offset = scale.flatten().double(), offset.flatten().double()
-    expected_scale = 1.0 / torch.tensor(meta["preprocessing"]["std"], dtype=torch.float64)
-    expected_offset = -torch.tensor(meta["preprocessing"]["mean"], dtype=torch.float64) * expected_scale
+    expected_scale = 1.0 / torch.tensor(meta.preprocessing.std, dtype=torch.float64)
+    expected_offset = -torch.tensor(meta.preprocessing.mean, dtype=torch.float64) * expected_scale
     if scale.shape != expected_scale.shape or not (
             torch.allclose(scale, expected_scale, rtol=1e-5, atol=1e-12)
             and torch.allclose(offset, expected_offset, rtol=1e-5, atol=1e-6)):
         stored_std = [round(float(v), 4) for v in (1.0 / scale).tolist()] if scale.numel() else []
         stored_mean = [round(float(v), 4) for v in (-offset / scale).tolist()] if scale.numel() else []
         raise CnnkitError(f"{meta_path} does not match {weights.name}: model.json says preprocessing mean "
-                          f"{_cut(str(meta['preprocessing']['mean']))} std {_cut(str(meta['preprocessing']['std']))}, "
+                          f"{_cut(str(list(meta.preprocessing.mean)))} std {_cut(str(list(meta.preprocessing.std)))}, "
                           f"the weights standardise with mean {_cut(str(stored_mean))} std {_cut(str(stored_std))}; "
                           "model.json was edited, or the weights belong to another run")
 
@@ -385,7 +416,7 @@ def similar_run(path: Path) -> str:
     return f"; did you mean {path.parent / close[0]}?" if close and close[0] != path.name else ""
 
 
-def read_model_meta(run_dir: Path) -> dict[str, Any]:
+def read_model_meta(run_dir: Path) -> ModelMeta:
     """model.json, checked against its schema (types, bounds, the dataset's shape)."""
     from cnnkit.fileio import read_json
 

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 from matplotlib.transforms import Bbox, blended_transform_factory
 
+from cnnkit.engine.logs import EMA_WEIGHTS, logs_key
 from cnnkit.fileio import atomic_path
 
 DPI = 110
@@ -132,7 +133,7 @@ def _plot_training(ax, epochs: np.ndarray, history: dict[str, Sequence[float]], 
 def _plot_validation(ax, epochs: np.ndarray, history: dict[str, Sequence[float]], metric: str) -> None:
     ax.plot(epochs, history[f"val_{metric}"], "s-", color="C1", label="validation (end of epoch)",
             gid=f"val-{metric}")
-    ema = history.get(f"ema_val_{metric}")
+    ema = history.get(logs_key(EMA_WEIGHTS, f"val_{metric}"))
     if ema is not None and _finite(ema):
         ax.plot(epochs, ema, "D--", color="C2", label="EMA weights, validation", gid=f"ema-val-{metric}")
 

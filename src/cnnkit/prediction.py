@@ -24,6 +24,7 @@ from cnnkit.errors import CnnkitError
 from cnnkit.fileio import (atomic_path, expand_user_path, is_run_directory, output_path, sweep_stale_temp_files,
                            write_text)
 from cnnkit.text import printable, portable_name
+from cnnkit.model_meta import ModelMeta
 from cnnkit.preprocess import load_image
 from cnnkit.progress import progress_bar
 
@@ -123,14 +124,14 @@ class FilePredictions:
     skipped: list[str]
 
 
-def prepare(item: ImageLike, meta: dict, name: str | None = None) -> np.ndarray:
+def prepare(item: ImageLike, meta: ModelMeta, name: str | None = None) -> np.ndarray:
     """One image (a path, a PIL image, or a uint8 array H x W or H x W x C) as the model's uint8 (C, H, W)."""
     if isinstance(item, np.ndarray):
         if item.dtype != np.uint8 or item.ndim not in (2, 3):
             raise CnnkitError(f"{name or 'array'}: expected a uint8 image array H x W or H x W x C, "
                               f"got {item.dtype} {item.shape}")
         item = Image.fromarray(item)
-    return load_image(item, meta, name=name)
+    return load_image(item, meta.input, meta.preprocessing, name=name)
 
 
 def predict_images(run, images: Iterable[ImageLike], top: int = 1) -> list[Prediction]:

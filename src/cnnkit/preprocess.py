@@ -17,8 +17,9 @@ import numpy as np
 from PIL import Image
 
 from cnnkit.data.digit_layout import WORK_SIDE, is_mnist_layout, to_mnist_layout
-from cnnkit.data.images import ImageRefused, decode_image, decode_within
+from cnnkit.data.images import DECODE_ERRORS, ImageRefused, decode_image, decode_within
 from cnnkit.errors import CnnkitError
+from cnnkit.inputs import InputSpec, Preprocessing
 
 __all__ = ["CONSISTENT_BACKGROUND", "background_of", "border_means", "load_image", "preprocessing_meta"]
 
@@ -64,24 +65,25 @@ def background_of(images: np.ndarray) -> str | None:
     return None
 
 
-def load_image(source: str | Path | BinaryIO | Image.Image, meta: dict, name: str | None = None) -> np.ndarray:
+def load_image(source: str | Path | BinaryIO | Image.Image, spec: InputSpec, steps: Preprocessing,
+               name: str | None = None) -> np.ndarray:
     """One image (a path, a binary file object or a PIL image) as uint8 (C, H, W), preprocessed as the
-    model's metadata (model.json) says; unreadable input is a CnnkitError naming `name` (default: the path).
+    model's metadata (model.json: its `input` and `preprocessing`) says; unreadable input is a CnnkitError
+    naming `name` (default: the path).
     """
-    spec, recorded = meta["input"], meta.get("preprocessing", {})
-    size, channels = (int(spec["height"]), int(spec["width"])), int(spec["channels"])
+    size, channels = (spec.height, spec.width), spec.channels
     try:
-        if recorded.get("layout") == "mnist":
+        if steps.layout == "mnist":
             array = _digit_photo(source, size)
         else:
             array = decode_image(source, size, channels)
     except ImageRefused as error:  # the policy's own refusal says what and why
         label = name or (source if isinstance(source, (str, Path)) else "image")
         raise CnnkitError(f"{label}: not a readable image ({error})") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # unreadable/corrupt/hostile
+    except DECODE_ERRORS as error:  # unreadable, corrupt or hostile
         label = name or (source if isinstance(source, (str, Path)) else "image")
         raise CnnkitError(f"{label}: not a readable image ({type(error).__name__}: {error})") from None
-    background = recorded.get("background")
+    background = steps.background
     if background is not None and background_of(array[None]) not in (background, None):
         array = 255 - array
     return array

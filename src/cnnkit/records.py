@@ -16,7 +16,6 @@ import csv
 import io
 import math
 import os
-from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -196,10 +195,3 @@ def read_history_table(path: str | os.PathLike[str]) -> HistoryTable:
     """history.csv through the one reader, as a HistoryTable."""
     return parse_history(read_text_capped(path, MAX_BYTES["csv"]), path)
 
-
-def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
-    """A JSON object file through the one reader (UnreadableFile when it is not an object)."""
-    value = parse_json(read_text_capped(path, MAX_BYTES["json"]), str(path))
-    if not isinstance(value, dict):
-        raise UnreadableFile(f"{path}: not a JSON object; restore the run's {what}")
-    return value

@@ -24,7 +24,9 @@ from typing import Any
 
 from cnnkit.errors import CnnkitError
 from cnnkit.fileio import UnreadableFile, read_capped, write_text
-from cnnkit.records import HistoryTable, Metrics, read_history_table, read_json_object, read_metrics
+from cnnkit.config import RunConfig, read_run_config
+from cnnkit.model_meta import ModelMeta, read_model_meta
+from cnnkit.records import HistoryTable, Metrics, read_history_table, read_metrics
 
 REPORT_FILE = "report.html"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -68,9 +70,9 @@ class RunFiles:
     """What a run directory holds, as read from disk (every part optional except one of config/metrics)."""
 
     path: Path
-    config: dict[str, Any] = field(default_factory=dict)
+    config: RunConfig = field(default_factory=RunConfig)
     metrics: Metrics = field(default_factory=Metrics)
-    model: dict[str, Any] = field(default_factory=dict)
+    model: ModelMeta | None = None
     history: HistoryTable | None = None
     figures: list[tuple[str, bytes]] = field(default_factory=list)
 
@@ -96,9 +98,9 @@ def read_run_files(run_dir: Path) -> RunFiles:
     try:
         return RunFiles(
             path=run_dir,
-            config=_optional(run_dir / "config.json", lambda path: read_json_object(path, "config.json"), {}),
+            config=read_run_config(run_dir / "config.json"),
             metrics=_optional(run_dir / "metrics.json", read_metrics, Metrics()),
-            model=_optional(run_dir / "model.json", lambda path: read_json_object(path, "model.json"), {}),
+            model=read_model_meta(run_dir) if (run_dir / "model.json").exists() else None,
             history=_optional(run_dir / "history.csv", read_history_table, None),
             figures=_read_figures(run_dir),
         )
@@ -150,8 +152,7 @@ def run_name(run: RunFiles) -> str | None:
     """
     name = run.path.name
     if name.startswith(".") and ".partial-" in name:
-        name = run.config.get("name")
-        return name if isinstance(name, str) and name else None
+        return run.config.name
     return name
 
 
@@ -221,8 +222,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, text_columns
 def render_report(run: RunFiles, name: str | None) -> str:
     """The whole page as a string."""
     m, config = run.metrics, run.config
-    model = _first_text(m.model, config.get("model"), run.model.get("architecture")) or "model"
-    dataset = _first_text(m.dataset, config.get("dataset"), run.model.get("dataset")) or "dataset"
+    model = _first_text(m.model, config.model, run.model and run.model.architecture) or "model"
+    dataset = _first_text(m.dataset, config.dataset, run.model and run.model.dataset) or "dataset"
     name = name or f"{model} on {dataset}"
     sections = [
         f"<h1>{_e(name)}</h1>",
@@ -250,9 +251,8 @@ def _first_text(*values: Any) -> str | None:
 
 
 def _classes(run: RunFiles) -> list[str]:
-    classes = run.model.get("classes")
-    if isinstance(classes, list) and classes:
-        return [str(c) for c in classes]
+    if run.model is not None:
+        return list(run.model.classes)
     return list(run.metrics.test_report.per_class) if run.metrics.test_report else []
 
 
@@ -380,10 +380,10 @@ def _facts_section(m: Metrics) -> str:
     return "<h2>Run facts</h2><p>From <code>metrics.json</code>.</p>" + _table(["metric", "value"], rows, text_columns=2)
 
 
-def _config_section(config: dict[str, Any]) -> str:
-    if not config:
+def _config_section(config: RunConfig) -> str:
+    if not config.options:
         return ""
-    rows = [[key, value if isinstance(value, str) else json.dumps(value)] for key, value in config.items()]
+    rows = [[key, value if isinstance(value, str) else json.dumps(value)] for key, value in config.options.items()]
     return ("<h2>Configuration</h2><p>Every option, from <code>config.json</code> "
             "(<code>cnnkit train --config config.json</code> repeats the run).</p>"
             + _table(["option", "value"], rows, text_columns=2))

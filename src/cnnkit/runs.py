@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,9 @@ from cnnkit.fileio import (UnreadableFile, atomic_path, current_umask, lock_fd, 
 from cnnkit.records import Metrics, read_metrics
 
 from cnnkit.model_meta import MODEL_FORMAT, MODEL_FORMAT_VERSION, weights_record  # noqa: F401 (re-exported)
-from cnnkit.model_meta import read_model_meta, resolve_run_dir  # noqa: F401 (re-exported)
+from cnnkit.model_meta import ModelMeta, read_model_meta, resolve_run_dir  # noqa: F401 (re-exported)
+from cnnkit.config import RunConfig
+from cnnkit.config import read_run_config as read_config_record
 DEFAULT_RUN_NAME = "train"
 
 
@@ -382,24 +384,23 @@ class Run:
 
     path: Path
     model: Any  # ImageClassifier, in eval mode on the CPU (in a TestTimeAugmentation unless tta is "none")
-    meta: dict[str, Any]
-    config: dict[str, Any]
+    meta: ModelMeta
+    config: RunConfig
     metrics: Metrics  # an empty record where metrics.json is missing or unreadable (`cnnkit runs` says why)
     tta: str = "none"  # the test-time augmentation `model` applies: the run's recorded one or load_run's tta
 
     @property
     def classes(self) -> list[str]:
-        return list(self.meta["classes"])
+        return list(self.meta.classes)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        spec = self.meta["input"]
-        return int(spec["channels"]), int(spec["height"]), int(spec["width"])
+        return self.meta.input.shape
 
     def __repr__(self) -> str:
         accuracy = self.metrics.test_accuracy
         tested = f", test accuracy {accuracy:.4f}" if accuracy is not None else ""
-        return (f"Run({str(self.path)!r}: {self.meta.get('architecture')} on {self.meta.get('dataset')}, "
+        return (f"Run({str(self.path)!r}: {self.meta.architecture} on {self.meta.dataset}, "
                 f"{len(self.classes)} classes, input {self.input_shape}{tested})")
 
 
@@ -443,19 +444,16 @@ def load_run(path: str | Path, *, tta: str | None = None, trust_code: bool = Fal
     return Run(run_dir, with_tta(model, tta), meta, config, metrics, tta)
 
 
-def read_run_config(run_dir: Path) -> dict[str, Any]:
-    """config.json, checked to hold options of the schema's types ({} for a run saved without one)."""
-    from cnnkit.config import check_run_config
-
-    path = run_dir / "config.json"
-    return check_run_config(read_json(path), path) if path.is_file() else {}
+def read_run_config(run_dir: Path) -> RunConfig:
+    """config.json as its record (an empty one for a run saved without it)."""
+    return read_config_record(run_dir / "config.json")
 
 
 def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def rebuild_model(run_dir: Path, meta: dict[str, Any], *, trust_code: bool = False, model: Any = None):
+def rebuild_model(run_dir: Path, meta: ModelMeta, *, trust_code: bool = False, model: Any = None):
     """A fresh ImageClassifier of the run's architecture and preprocessing, checked to fit its weights.
 
     `meta` is read_model_meta's checked model.json. It must still say what it said when model.safetensors
@@ -468,7 +466,7 @@ def rebuild_model(run_dir: Path, meta: dict[str, Any], *, trust_code: bool = Fal
 
     header = read_weights_header(run_dir / "model.safetensors")
     check_recorded(meta, header, run_dir / "model.json")
-    registry = model is None and meta.get("code") is None and not meta["architecture"].startswith(CUSTOM_PREFIX)
+    registry = model is None and meta.code is None and not meta.architecture.startswith(CUSTOM_PREFIX)
     if registry:
         check_weights_fit(run_dir, skeleton_state(meta, run_dir / "model.json"), header, meta)
     classifier = _built(run_dir, meta, trust_code, model)
@@ -477,21 +475,20 @@ def rebuild_model(run_dir: Path, meta: dict[str, Any], *, trust_code: bool = Fal
     return classifier
 
 
-def _built(run_dir: Path, meta: dict[str, Any], trust_code: bool, model: Any):
+def _built(run_dir: Path, meta: ModelMeta, trust_code: bool, model: Any):
     """The ImageClassifier model.json describes (registry name, user file or the given object), untrained."""
     from cnnkit.models import ImageClassifier, build_model
     from cnnkit.models.user import CUSTOM_PREFIX, build_body, code_for_run, custom_builder_missing, load_function
     from cnnkit.models.user import user_body
 
-    spec, architecture = meta["input"], meta["architecture"]
-    shape = (spec["channels"], spec["height"], spec["width"])
-    mean, std = meta["preprocessing"]["mean"], meta["preprocessing"]["std"]
-    num_classes, kwargs = len(meta["classes"]), dict(meta["model_kwargs"])
+    architecture, shape = meta.architecture, meta.input.shape
+    mean, std = list(meta.preprocessing.mean), list(meta.preprocessing.std)
+    num_classes, kwargs = len(meta.classes), dict(meta.model_kwargs)
     if model is not None:
         body = user_body(model, shape, num_classes, seed=0)
         if isinstance(body, ImageClassifier):
             return body
-    elif meta.get("code") is not None:
+    elif meta.code is not None:
         code = code_for_run(run_dir, meta, trust_code)
         body = build_body(load_function(code, architecture), shape, num_classes, kwargs, 0,
                           f"{architecture}: {code.function}", code.path)
@@ -509,15 +506,15 @@ def _built(run_dir: Path, meta: dict[str, Any], trust_code: bool, model: Any):
     return classifier
 
 
-def check_weights_fit(run_dir: Path, expected: dict[str, Any], header, meta: dict[str, Any]) -> None:
+def check_weights_fit(run_dir: Path, expected: dict[str, Any], header, meta: ModelMeta) -> None:
     """The weights file must hold exactly the tensors `expected` (the model's state dict, real or on the
     meta device), and the standardisation model.json states."""
-    from cnnkit.model_meta import check_standardisation, input_text
+    from cnnkit.model_meta import check_standardisation
     from cnnkit.models.transfer import check_keys
 
-    kwargs = f", model_kwargs {json.dumps(meta['model_kwargs'])[:80]}" if meta["model_kwargs"] else ""
-    described = (f"model.json describes {meta['architecture']!r} with {len(meta['classes'])} classes and input "
-                 f"{input_text(meta['input'])}{kwargs}")
+    kwargs = f", model_kwargs {json.dumps(meta.model_kwargs)[:80]}" if meta.model_kwargs else ""
+    described = (f"model.json describes {meta.architecture!r} with {len(meta.classes)} classes and input "
+                 f"{meta.input.text()}{kwargs}")
     check_keys(expected, header.meta_tensors(), str(header.path), ignore=set(),
                hint=f"{described}: it was edited, or the weights belong to another run")
     if {"rescale.scale", "rescale.offset"} <= set(header.shapes):
@@ -525,7 +522,7 @@ def check_weights_fit(run_dir: Path, expected: dict[str, Any], header, meta: dic
                               run_dir / "model.json", header.path)
 
 
-def run_tta(run_dir: Path, meta: dict[str, Any], tta: str | None) -> str:
+def run_tta(run_dir: Path, meta: ModelMeta, tta: str | None) -> str:
     """The TTA a loaded run applies: `tta` when given, else model.json's; refused where it would mirror digits.
 
     Runs from before model.json recorded `mirror_ok` and `flip` get the dataset's property and no flip.
@@ -533,12 +530,11 @@ def run_tta(run_dir: Path, meta: dict[str, Any], tta: str | None) -> str:
     from cnnkit.data.registry import mirror_ok
     from cnnkit.models.tta import check_tta
 
-    chosen = meta.get("tta", "none") if tta is None else tta
-    dataset = str(meta.get("dataset", "?"))
-    safe = meta.get("mirror_ok")
-    if not isinstance(safe, bool):
-        safe = mirror_ok(dataset, int(meta["input"]["channels"]))
-    check_tta(chosen, safe, meta.get("flip") is True, f"{run_dir} (trained on {dataset})")
+    chosen = meta.tta if tta is None else tta
+    safe = meta.mirror_ok
+    if safe is None:
+        safe = mirror_ok(meta.dataset, meta.input.channels)
+    check_tta(chosen, safe, meta.flip is True, f"{run_dir} (trained on {meta.dataset})")
     return chosen
 
 
@@ -546,7 +542,7 @@ def run_tta(run_dir: Path, meta: dict[str, Any], tta: str | None) -> str:
 # Where a run's data was: config.json records data_dir as the user typed it
 
 
-def recorded_data_dirs(run_dir: str | Path, config: dict[str, Any]) -> list[tuple[Path, str]]:
+def recorded_data_dirs(run_dir: str | Path, config: RunConfig) -> list[tuple[Path, str]]:
     """The folders config.json's `data_dir` may name, each with a few words on how it was resolved.
 
     An absolute (or ~) path is itself. A relative one was typed relative to the directory training ran
@@ -554,15 +550,15 @@ def recorded_data_dirs(run_dir: str | Path, config: dict[str, Any]) -> list[tupl
     inferred from the run's location (the run lives in <training dir>/<runs_dir>/<name>, and config.json
     records runs_dir as typed too). Empty when no data_dir was recorded.
     """
-    recorded = config.get("data_dir") if isinstance(config, dict) else None
-    if not isinstance(recorded, str) or not recorded.strip():
+    recorded = config.data_dir
+    if recorded is None or not recorded.strip():
         return []
     typed = Path(recorded).expanduser()
     what = f"the run's config.json data_dir {recorded!r}"
     if typed.is_absolute():
         return [(typed, what)]
     found = [((Path.cwd() / typed).resolve(), f"{what}, relative, taken from the current directory")]
-    trained_in = _training_dir(Path(run_dir), config.get("runs_dir"))
+    trained_in = _training_dir(Path(run_dir), config.runs_dir)
     if trained_in is not None and trained_in != Path.cwd().resolve():
         where = f"{what}, relative, taken from {trained_in} where the run was trained"
         found.append(((trained_in / typed).resolve(), where))
@@ -642,12 +638,12 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
     run_dir = Path(run_dir)
     summary = RunSummary(name=run_dir.name, path=run_dir)
     problems: list[str] = []
-    metrics = _read_metrics_record(run_dir / "metrics.json", problems)
-    config = _read_dict(run_dir / "config.json", problems)
-    meta = _read_dict(run_dir / "model.json", problems)
-    summary.dataset = _first_str(metrics.dataset, meta.get("dataset"), config.get("dataset"))
-    summary.model = _first_str(metrics.model, config.get("model"), meta.get("architecture"))
-    summary.preset = _first_str(metrics.preset, config.get("preset"))
+    metrics = _read_or_note(read_metrics, run_dir / "metrics.json", problems, Metrics())
+    config = _read_or_note(_existing(read_config_record), run_dir / "config.json", problems, RunConfig())
+    meta = _read_or_note(lambda path: read_model_meta(path.parent), run_dir / "model.json", problems, None)
+    summary.dataset = _first_str(metrics.dataset, meta and meta.dataset, config.dataset)
+    summary.model = _first_str(metrics.model, config.model, meta and meta.architecture)
+    summary.preset = _first_str(metrics.preset, config.preset)
     summary.epochs = _number(metrics.epochs, int)
     summary.test_accuracy = _number(metrics.test_accuracy, float)
     summary.train_seconds = _number(metrics.train_seconds, float)
@@ -681,51 +677,47 @@ def summarize_unfinished(path: Path) -> RunSummary:
     except CnnkitError as error:
         state = {}
         problems.append(str(error))
-    config = state.get("meta", {}).get("config")
-    config = config if isinstance(config, dict) else {}
+    recorded = state.get("meta", {}).get("config")
+    config = RunConfig(recorded if isinstance(recorded, dict) else {})  # its typed properties check each value
     name = path.name[1:].split(".partial-")[0]
-    summary = RunSummary(name=f"{name} (unfinished)", path=path, dataset=_first_str(config.get("dataset")),
-                         model=_first_str(config.get("model")), preset=_first_str(config.get("preset")),
-                         epochs=_number(state.get("epoch"), int))
+    summary = RunSummary(name=f"{name} (unfinished)", path=path, dataset=config.dataset, model=config.model,
+                         preset=config.preset, epochs=_number(state.get("epoch"), int))
     with contextlib.suppress(OSError):
         stamp = (path / CHECKPOINT_JSON).stat().st_mtime
         summary.date = datetime.datetime.fromtimestamp(stamp, tz=datetime.timezone.utc).astimezone()
-    planned = _number(planned_epochs(state, config.get("epochs")), int)
+    planned = _number(planned_epochs(state, config.epochs), int)
     summary.problem = "; ".join(problems) or (f"unfinished: stopped after epoch {summary.epochs} of {planned}; "
                                               f"continue with: cnnkit train --resume {path}")
     return summary
 
 
-def _read_metrics_record(path: Path, problems: list[str]) -> Metrics:
-    """metrics.json as its record, or an empty one with a note in `problems` (the same words as _read_dict's)."""
+def _read_or_note(read: Callable[[Path], Any], path: Path, problems: list[str], empty: Any) -> Any:
+    """`read(path)` (a run file as its record), or `empty` with why in `problems`: the runs listing shows
+    every run, whatever one run's files hold."""
     try:
-        return read_metrics(path)
-    except (OSError, UnreadableFile) as error:
+        return read(path)
+    except (OSError, CnnkitError) as error:
         problems.append(_unread(path, error))
-        return Metrics()
+        return empty
 
 
 def _unread(path: Path, error: Exception) -> str:
     """Why a run file could not be read, in a few words for the runs listing."""
     if isinstance(error, FileNotFoundError):
         return f"no {path.name}"
-    if isinstance(error, UnreadableFile):
+    if isinstance(error, CnnkitError):
         reason = str(error).removeprefix(f"{path}: ")
         return f"{path.name} is not valid JSON" if reason.startswith("not valid JSON") else f"{path.name}: {reason}"
     return f"{path.name} is not readable"
 
 
-def _read_dict(path: Path, problems: list[str]) -> dict[str, Any]:
-    """A JSON object file, or {} with a note in `problems` when it is missing or unreadable."""
-    try:
-        data = fileio.read_json(path)
-    except (OSError, UnreadableFile) as error:
-        problems.append(_unread(path, error))
-        return {}
-    if not isinstance(data, dict):
-        problems.append(f"{path.name} is not a JSON object")
-        return {}
-    return data
+def _existing(read: Callable[[Path], Any]) -> Callable[[Path], Any]:
+    """`read`, after FileNotFoundError for a missing file (config.json's reader takes a missing file as empty)."""
+    def checked(path: Path) -> Any:
+        if not path.exists():
+            raise FileNotFoundError(path)
+        return read(path)
+    return checked
 
 
 def _first_str(*values: Any) -> str | None:

@@ -30,8 +30,8 @@ from typing import NamedTuple
 import numpy as np
 
 from cnnkit.data.cache import CacheWriter, FolderData, cache_key, entry_meta, read_cache, remove_stale_entries
-from cnnkit.data.images import (GRAYSCALE_MODES, IMAGE_EXTENSIONS, Probe, hidden_name, open_image, probe, to_array,
-                                walk_images)
+from cnnkit.data.images import (GRAYSCALE_MODES, IMAGE_EXTENSIONS, ImageRefused, Probe, hidden_name, open_image, probe,
+                                to_array, walk_images)
 from cnnkit.data.registry import image_folder
 from cnnkit.data.parallel import choose_executor, run_chunks
 from cnnkit.errors import CnnkitError
@@ -318,12 +318,13 @@ def _decode_to_memory(
 ) -> FolderData:
     """Decode every image into one array in memory and cut it into splits: the path without a cache."""
     sink = _ArraySink(len(entries))
-    target, decoded = _decode_retrying(root, entries, request, sink, progress=progress, workers=workers)
+    reasons: dict[int, str] = {}
+    target, decoded = _decode_retrying(root, entries, request, sink, reasons, progress=progress, workers=workers)
     kept = [entry for entry, ok in zip(entries, decoded, strict=True) if ok]
     _check_train_classes(root, classes, [entry.label for entry in kept if entry.split == "train"])
     images = sink.images if decoded.all() else sink.images[decoded]
     (height, width), channel_count = target
-    return FolderData(classes=classes, splits=_split_arrays(images, kept), skipped=_skipped(entries, decoded),
+    return FolderData(classes=classes, splits=_split_arrays(images, kept), skipped=_skipped(entries, decoded, reasons),
                       image_size=(height, width), channels=channel_count)
 
 
@@ -333,12 +334,14 @@ def _decode_to_cache(
 ) -> None:
     """Decode every image straight into a new cache entry's files, chunk by chunk (never all in memory)."""
     with CacheWriter(entry_dir, _split_ranges(entries)) as writer:
-        target, decoded = _decode_retrying(root, entries, request, writer, progress=progress, workers=workers)
+        reasons: dict[int, str] = {}
+        target, decoded = _decode_retrying(root, entries, request, writer, reasons, progress=progress,
+                                           workers=workers)
         kept = [entry for entry, ok in zip(entries, decoded, strict=True) if ok]
         _check_train_classes(root, classes, [entry.label for entry in kept if entry.split == "train"])
         labels = {split: np.array([entry.label for entry in kept if entry.split == split], dtype=np.int64)
                   for split in writer.ranges}
-        meta = entry_meta(classes=classes, skipped=_skipped(entries, decoded), image_size=target[0],
+        meta = entry_meta(classes=classes, skipped=_skipped(entries, decoded, reasons), image_size=target[0],
                           channels=target[1], source=root, request=request)
         writer.commit(decoded, labels, meta)
 
@@ -363,20 +366,22 @@ _Sink = _ArraySink | CacheWriter
 
 
 def _decode_retrying(
-    root: Path, entries: list[_Entry], request: tuple, sink: _Sink, *, progress: bool, workers: int | None
+    root: Path, entries: list[_Entry], request: tuple, sink: _Sink, reasons: dict[int, str], *, progress: bool,
+    workers: int | None
 ) -> tuple[tuple[tuple[int, int], int], np.ndarray]:
     """_decode_all, again in this process when the worker processes could not start."""
     try:
-        return _decode_all(root, entries, request, sink, progress=progress, workers=workers)
+        return _decode_all(root, entries, request, sink, reasons, progress=progress, workers=workers)
     except BrokenProcessPool:
         # Spawned workers die at once when the calling script lacks `if __name__ == "__main__":`;
         # slower in-process decoding beats failing.
         warnings.warn("image decoding workers could not start; decoding in this process", stacklevel=4)
-        return _decode_all(root, entries, request, sink, progress=progress, workers=1)
+        return _decode_all(root, entries, request, sink, reasons, progress=progress, workers=1)
 
 
 def _decode_all(
-    root: Path, entries: list[_Entry], request: tuple, sink: _Sink, *, progress: bool, workers: int | None
+    root: Path, entries: list[_Entry], request: tuple, sink: _Sink, reasons: dict[int, str], *, progress: bool,
+    workers: int | None
 ) -> tuple[tuple[tuple[int, int], int], np.ndarray]:
     """Decode every image into `sink` in one parallel pass; a second pass only when an inferred target was
     wrong. Returns the target ((height, width), channels) and the mask of images that decoded.
@@ -392,13 +397,13 @@ def _decode_all(
     with choose_executor(len(paths), workers) as executor:
         sample = _probe_chunk(paths[:: max(1, len(paths) // 256)]) if inferring else []
         target = _infer_target([found for found in sample if found is not None], image_size, channels)
-        decoded, probes = _decode_paths(executor, paths, target, progress, sink)
+        decoded, probes = _decode_paths(executor, paths, target, progress, sink, reasons)
         if inferring and decoded.any():
             seen = [found for found, ok in zip(probes, decoded, strict=True) if ok and found is not None]
             actual = _infer_target(seen, image_size, channels)
             if actual != target:
                 target = actual
-                decoded, _ = _decode_paths(executor, paths, target, progress, sink)
+                decoded, _ = _decode_paths(executor, paths, target, progress, sink, reasons)
     if not decoded.any():
         raise CnnkitError(f"{root}: none of the {len(paths)} image files could be decoded")
     return target, decoded
@@ -417,8 +422,11 @@ def _check_train_classes(root: Path, classes: Sequence[str], train_labels: Seque
                           "remove the class folder")
 
 
-def _skipped(entries: Sequence[_Entry], decoded: np.ndarray) -> list[str]:
-    return sorted(entry.relpath for entry, ok in zip(entries, decoded, strict=True) if not ok)
+def _skipped(entries: Sequence[_Entry], decoded: np.ndarray, reasons: dict[int, str]) -> list[str]:
+    """The files that did not decode, by relpath; one the image policy refused carries its reason ("big.png
+    (9000x9000 is 81.0 megapixels, over the cap of 64)"), since a flag fixes it and "unreadable" would mislead."""
+    return sorted(entry.relpath + (f" ({reasons[index]})" if index in reasons else "")
+                  for index, (entry, ok) in enumerate(zip(entries, decoded, strict=True)) if not ok)
 
 
 def _infer_target(
@@ -432,19 +440,23 @@ def _infer_target(
 
 
 def _decode_paths(
-    executor: Executor, paths: list[str], target: tuple[tuple[int, int], int], progress: bool, sink: _Sink
+    executor: Executor, paths: list[str], target: tuple[tuple[int, int], int], progress: bool, sink: _Sink,
+    reasons: dict[int, str],
 ) -> tuple[np.ndarray, list[Probe | None]]:
-    """Decode all paths to `target` into `sink`: a mask of which decoded, and each one's probe."""
+    """Decode all paths to `target` into `sink`: a mask of which decoded, and each one's probe. The policy's
+    refusals (over the pixel cap) are kept in `reasons` by position: they are the user's to fix with a flag."""
     (height, width), channels = target
     sink.begin(target)
     decoded = np.zeros(len(paths), bool)
     probes: list[Probe | None] = [None] * len(paths)
+    reasons.clear()
 
-    def keep(start: int, part: tuple[np.ndarray, np.ndarray, list[Probe | None]]) -> None:
-        arrays, ok, chunk_probes = part
+    def keep(start: int, part: tuple[np.ndarray, np.ndarray, list[Probe | None], dict[int, str]]) -> None:
+        arrays, ok, chunk_probes, refused = part
         sink.put(start, arrays, ok)
         decoded[start : start + len(ok)] = ok
         probes[start : start + len(ok)] = chunk_probes
+        reasons.update({start + position: reason for position, reason in refused.items()})
 
     largest = max(1, DECODE_CHUNK_BYTES // (channels * height * width))
     run_chunks(executor, _decode_chunk, paths, ((height, width), channels), keep, "Decoding images", progress,
@@ -489,8 +501,9 @@ def _probe_chunk(paths: Sequence[str]) -> list[Probe | None]:
 
 def _decode_chunk(
     paths: Sequence[str], image_size: tuple[int, int], channels: int
-) -> tuple[np.ndarray, np.ndarray, list[Probe | None]]:
-    """Decode a chunk: one (k, C, H, W) array of the good images, a mask of which decoded, each one's probe.
+) -> tuple[np.ndarray, np.ndarray, list[Probe | None], dict[int, str]]:
+    """Decode a chunk: one (k, C, H, W) array of the good images, a mask of which decoded, each one's probe,
+    and why the image policy refused any (by position in the chunk).
 
     One stacked array per chunk pickles far faster than thousands of small ones between processes.
     """
@@ -498,13 +511,16 @@ def _decode_chunk(
     arrays = np.empty((len(paths), channels, height, width), np.uint8)
     ok = np.zeros(len(paths), bool)
     probes: list[Probe | None] = []
+    refused: dict[int, str] = {}
     for position, path in enumerate(paths):
         try:
             with open_image(path) as image:
                 probes.append(probe(image))
                 arrays[position] = to_array(image, image_size, channels)
             ok[position] = True
-        except Exception:  # noqa: BLE001 - any unreadable or undecodable file is skipped and reported
+        except Exception as error:  # noqa: BLE001 - any unreadable or undecodable file is skipped and reported
+            if isinstance(error, ImageRefused):
+                refused[position] = str(error).split(";", 1)[0]
             if len(probes) == position:
                 probes.append(None)
-    return arrays[ok], ok, probes
+    return arrays[ok], ok, probes, refused

@@ -18,13 +18,14 @@ import errno
 import functools
 import os
 import stat
+import struct
 import sys
 from typing import BinaryIO, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["ALLOWED_FORMATS", "GRAYSCALE_MODES", "IMAGE_EXTENSIONS", "FoundImage", "ImageRefused", "Probe",
+__all__ = ["ALLOWED_FORMATS", "DECODE_ERRORS", "GRAYSCALE_MODES", "IMAGE_EXTENSIONS", "FoundImage", "ImageRefused", "Probe",
            "decode_image", "hidden_name", "max_pixels", "open_image", "probe", "not_a_file", "set_max_pixels",
            "to_array", "walk_images"]
 
@@ -32,6 +33,12 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", 
 #: The Pillow formats cnnkit opens: those its extensions name, each decoded by Pillow's own C code (MPO is a
 #: phone camera's JPEG). EPS, PS and PDF are not among them: Pillow hands those to an external program.
 ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP", "TIFF")
+#: What Pillow raises on a damaged or hostile file, beyond OSError and ValueError: a malformed header reaches
+#: Python code that meets a value of the wrong kind (a TIFF whose StripOffsets is a rational raised TypeError
+#: in the server, found by the property tests), a short table (IndexError, KeyError, struct.error, EOFError)
+#: or a nonsense size (ZeroDivisionError, OverflowError). Every reader of images catches exactly these.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError, IndexError, KeyError, struct.error,
+                 ZeroDivisionError, OverflowError, Image.DecompressionBombError)
 #: The default pixel cap (width x height, as stored): more than any phone photo, and a 16-bit image this size
 #: still converts in ~0.3 GB. Pillow's own bomb check starts at 89 MP (a warning) and refuses at 179 MP.
 MAX_PIXELS = 64_000_000

@@ -30,6 +30,7 @@ from cnnkit.engine.checkpoint import check_resumed_position, restore_training, r
 from cnnkit.engine.distributed import World, all_reduce_sum, broadcast_buffers, current_world, epoch_seed
 from cnnkit.engine.distributed import process_device, wrap_model
 from cnnkit.engine.evaluate import loss_and_accuracy
+from cnnkit.engine.logs import RAW_WEIGHTS
 from cnnkit.engine.inference import autocast, resolve_device, resolve_precision
 from cnnkit.engine.optim import SCHEDULES, make_optimizer, set_lr
 from cnnkit.errors import CnnkitError
@@ -113,7 +114,7 @@ def fit(
     state = TrainState(model, optimizer, val, device, config.epochs, steps_per_epoch, config.eval_batch_size,
                        generator=generator, initial_epoch=resume["epoch"] if resume else 0,
                        score=validation_scorer(val, world, config.eval_batch_size))
-    state.weight_sources["raw"] = model.state_dict
+    state.weight_sources[RAW_WEIGHTS] = model.state_dict
     history = History()
     chosen = [*builtin_callbacks(config, data.val_source, progress and world.is_main), *callbacks, history]
     with CallbackList(chosen, state) as hooks:

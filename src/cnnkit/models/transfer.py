@@ -19,7 +19,7 @@ from cnnkit.errors import CnnkitError
 from cnnkit.models.classifier import ImageClassifier, Rescaling, head_state_keys
 from cnnkit.models.user import parse_file_spec
 from cnnkit.fileio import file_sha256, read_weights
-from cnnkit.model_meta import read_model_meta, resolve_run_dir
+from cnnkit.model_meta import ModelMeta, read_model_meta, resolve_run_dir
 
 #: How many offending keys a mismatch error names.
 SHOWN_KEYS = 3
@@ -29,30 +29,30 @@ SHOWN_KEYS = 3
 # --init RUN
 
 
-def init_meta(run: str | Path, architecture: str, model_kwargs: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+def init_meta(run: str | Path, architecture: str, model_kwargs: dict[str, Any]) -> tuple[Path, ModelMeta]:
     """(run directory, its model.json), checked to be of the architecture about to be built."""
     run_dir = resolve_run_dir(run)
     meta = read_model_meta(run_dir)
-    theirs = str(meta.get("architecture"))
+    theirs = meta.architecture
     if not same_architecture(meta, architecture):
-        kwargs = meta.get("model_kwargs") or {}
+        kwargs = meta.model_kwargs
         hint = f"--model {theirs}" + (f" --model-kwargs '{json.dumps(kwargs)}'" if kwargs else "")
         raise CnnkitError(f"--init {run}: that run's model is {theirs!r} and this one's is {architecture!r}; "
                           f"fine-tuning needs the same architecture ({hint})")
     return run_dir, meta
 
 
-def same_architecture(meta: dict[str, Any], architecture: str) -> bool:
+def same_architecture(meta: ModelMeta, architecture: str) -> bool:
     """Registry models by name; file models by their function (that the file is the very one the run recorded,
     by SHA-256, is checked where it is run: api.model_for); Python objects by class name."""
-    code = meta.get("code")
-    if isinstance(code, dict):
+    code = meta.code
+    if code is not None:
         parsed = parse_file_spec(architecture)
         return parsed is not None and parsed[1] == code.get("function")
-    return str(meta.get("architecture")) == architecture
+    return meta.architecture == architecture
 
 
-def init_from_run(model: ImageClassifier, run: str, run_dir: Path, meta: dict[str, Any],
+def init_from_run(model: ImageClassifier, run: str, run_dir: Path, meta: ModelMeta,
                   classes: list[str]) -> dict[str, Any]:
     """Load the earlier run's weights into `model` (built with the new class count); returns the record.
 
@@ -61,7 +61,7 @@ def init_from_run(model: ImageClassifier, run: str, run_dir: Path, meta: dict[st
     """
     weights = run_dir / "model.safetensors"
     state = read_weights(weights)
-    new_head = list(meta.get("classes", [])) != list(classes)
+    new_head = list(meta.classes) != list(classes)
     skipped = set(head_state_keys(model)) if new_head else set()
     state = {key: value for key, value in state.items() if key not in skipped}
     check_keys(model.state_dict(), state, f"--init {run}", ignore=skipped, hint="fine-tuning needs the same "
@@ -71,9 +71,9 @@ def init_from_run(model: ImageClassifier, run: str, run_dir: Path, meta: dict[st
         "kind": "init",
         "run": str(run),
         "path": str(run_dir.resolve()),
-        "architecture": meta.get("architecture"),
-        "dataset": meta.get("dataset"),
-        "classes": list(meta.get("classes", [])),
+        "architecture": meta.architecture,
+        "dataset": meta.dataset,
+        "classes": list(meta.classes),
         "head": "new (the classes differ)" if new_head else "loaded",
         "new_keys": sorted(skipped),
         "sha256": file_sha256(weights),

@@ -216,15 +216,15 @@ def user_body(model: ModelMaker, input_shape: Sequence[int], num_classes: int, s
 # Loading a run whose model is code
 
 
-def code_for_run(run_dir: Path, meta: dict[str, Any], trust_code: bool) -> UserCode:
+def code_for_run(run_dir: Path, meta: Any, trust_code: bool) -> UserCode:
     """The recorded model file, verified: the opt-in is given and the text has the recorded SHA-256.
 
     The file at the recorded path is used when it exists (it must be unchanged: an edited file is
     refused, never silently replaced); when it is gone, the run's own copy model_source.py.
     """
-    record = meta.get("code")
+    record = meta.code  # meta: the run's model_meta.ModelMeta (a layer above this module)
     if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("path", "sha256", "function")):
-        raise CnnkitError(f"{run_dir / 'model.json'}: architecture {meta.get('architecture')!r} needs a `code` "
+        raise CnnkitError(f"{run_dir / 'model.json'}: architecture {meta.architecture!r} needs a `code` "
                           "record (path, sha256, function)")
     path, function, expected = Path(record["path"]), record["function"], record["sha256"]
     if not trust_code:

@@ -44,6 +44,7 @@ from PIL import Image, UnidentifiedImageError
 from cnnkit.data import images as image_policy
 from cnnkit.errors import CnnkitError
 from cnnkit.fileio import parse_json
+from cnnkit.model_meta import ModelMeta
 from cnnkit.preprocess import load_image
 from cnnkit.records import finite_or_none
 
@@ -322,7 +323,7 @@ def open_image(data: bytes) -> Image.Image:
                                f"({', '.join(FORMATS)})") from None
     except Image.DecompressionBombError as error:
         raise UploadError(413, f"the image has too many pixels ({error})") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as error:
+    except image_policy.DECODE_ERRORS as error:
         raise UploadError(400, f"the image is corrupt or truncated ({type(error).__name__}: {error})") from None
     return image
 
@@ -350,11 +351,11 @@ class PixelBudget:
                 self.condition.notify_all()
 
 
-def convert(image: Image.Image, meta: dict) -> tuple[np.ndarray, str]:
+def convert(image: Image.Image, meta: ModelMeta) -> tuple[np.ndarray, str]:
     """(uint8 (C, H, W) exactly as the model takes it, that image as a base64 PNG); closes `image`."""
     with image:
         try:
-            array = load_image(image, meta)
+            array = load_image(image, meta.input, meta.preprocessing)
         except CnnkitError as error:
             reason = str(error).split("not a readable image", 1)[-1].strip(" ()")
             raise UploadError(400, f"the image is corrupt or truncated ({reason})") from None
@@ -374,7 +375,6 @@ def png_base64(array: np.ndarray) -> str:
 def model_info(run, max_upload_mb: float) -> dict[str, Any]:
     """GET /model: what the page and API clients need to know about the served run."""
     meta = run.meta
-    spec = meta.get("input", {})
     recorded = run.metrics.model_dump(exclude_none=True)
     metrics = {key: value for key, value in recorded.items() if key.startswith("test_") and key != "test_report"}
     if run.metrics.test_report and run.metrics.test_report.macro_f1 is not None:
@@ -384,11 +384,11 @@ def model_info(run, max_upload_mb: float) -> dict[str, Any]:
             metrics[key] = recorded[key]
     return {
         "run": run.path.name,
-        "architecture": meta.get("architecture"),
-        "dataset": meta.get("dataset"),
-        "classes": list(meta["classes"]),
-        "input": {"channels": int(spec["channels"]), "height": int(spec["height"]), "width": int(spec["width"])},
-        "preprocessing": meta.get("preprocessing", {}),
+        "architecture": meta.architecture,
+        "dataset": meta.dataset,
+        "classes": list(meta.classes),
+        "input": {"channels": meta.input.channels, "height": meta.input.height, "width": meta.input.width},
+        "preprocessing": meta.document.get("preprocessing", {}),
         "metrics": finite_or_none(metrics),  # NaN is not JSON: the page's parser would fail on it
         "max_upload_mb": max_upload_mb,
     }
@@ -437,8 +437,8 @@ def create_app(run_dir: str | Path, max_upload_mb: float = 10, *, max_batch: int
     name = run.path.name
     app = FastAPI(
         title=f"cnnkit serve: {name}",
-        version=str(meta.get("cnnkit_version", "")) or "0",
-        description=f"{meta.get('architecture')} trained on {meta.get('dataset')}, classes "
+        version=str(meta.document.get("cnnkit_version", "")) or "0",
+        description=f"{meta.architecture} trained on {meta.dataset}, classes "
                     f"{', '.join(classes[:12])}{' ...' if len(classes) > 12 else ''}. Draw or upload on `/`.",
         lifespan=lifespan,
     )
@@ -584,7 +584,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_up
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     url = f"http://{shown}:{bound_port}/"
     run = app.state.run
-    print(f"serving {run.path.name} ({run.meta.get('architecture')} on {run.meta.get('dataset')}) at {url} "
+    print(f"serving {run.path.name} ({run.meta.architecture} on {run.meta.dataset}) at {url} "
           f"(API docs: {url}docs); Ctrl+C to stop", flush=True)
     if bound_host not in ("127.0.0.1", "::1"):
         print(f"note: listening on {bound_host}, reachable from other machines; the server has no authentication",

@@ -48,8 +48,10 @@ def data_warnings(config: TrainConfig, data: Dataset) -> list[str]:
     than the training set (a preset made for 50,000 images takes one step an epoch on a few hundred)."""
     warnings = []
     if data.skipped:
+        capped = any("over the cap" in name for name in data.skipped)
         warnings.append(f"skipped {len(data.skipped)} unreadable file(s): "
-                        f"{printable(', '.join(data.skipped[:10]))}{' ...' if len(data.skipped) > 10 else ''}")
+                        f"{printable(', '.join(data.skipped[:10]))}{' ...' if len(data.skipped) > 10 else ''}"
+                        + ("; raise the pixel cap with --max-megapixels to use the large ones" if capped else ""))
     if config.batch_size > len(data.train) > 0:
         warnings.append(f"--batch-size {config.batch_size} is more than the {len(data.train):,} training images: "
                         "one step an epoch; for a small set try --batch-size 32 or 64")

@@ -26,12 +26,12 @@ def model_for(config: TrainConfig, data: Dataset, user_model: Any = None, code: 
     from cnnkit.models.transfer import init_from_run, init_meta, load_weights_file
 
     init = init_meta(config.init, config.model, config.model_kwargs) if config.init else None
-    if init is not None and isinstance(init[1].get("code"), dict) and user_model is None:
-        code = verified_code(config.model, init[1]["code"], trust_code, f"--init {config.init}")
+    if init is not None and init[1].code is not None and user_model is None:
+        code = verified_code(config.model, init[1].code, trust_code, f"--init {config.init}")
     own = user_model is not None or parse_file_spec(config.model) is not None
     mean = std = None
     if init is not None:  # its features were learned on inputs standardised the earlier run's way
-        mean, std = init[1]["preprocessing"]["mean"], init[1]["preprocessing"]["std"]
+        mean, std = list(init[1].preprocessing.mean), list(init[1].preprocessing.std)
     elif config.pretrained is not None:  # the ImageNet weights' own normalisation, not this data's
         from cnnkit.models.pretrained import find_pretrained
 

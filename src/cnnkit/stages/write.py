@@ -20,7 +20,6 @@ from cnnkit.engine.cpu import peak_rss_mb
 from cnnkit.errors import RunNotWritten, describe_os_error
 from cnnkit.engine.evaluate import EvalReport
 from cnnkit.engine.callbacks import History
-from cnnkit.engine.callbacks.selection import logs_key
 from cnnkit.engine.distributed import World
 from cnnkit.engine.features import FeatureSummary
 from cnnkit.models.user import SOURCE_COPY
@@ -161,7 +160,7 @@ def train_metrics(config: TrainConfig, data: Dataset, history: History, report: 
         "tta": config.tta,  # test_accuracy is that of the model with this test-time augmentation
         "peak_rss_mb": peak_rss_mb(),
         "val_accuracy": kept_val_accuracy(history),
-        "selected": history.selected,
+        "selected": None if history.selected is None else history.selected.to_dict(),
         "val_source": data.val_source,
         "val_99_epoch": history.first_epoch_reaching("val_accuracy", TARGET_ACCURACY),
         "val_99_seconds": history.seconds_until("val_accuracy", TARGET_ACCURACY),
@@ -178,8 +177,7 @@ def kept_val_accuracy(history: History) -> float:
     selected = history.selected
     if not selected:
         return history.history["val_accuracy"][-1]
-    key = logs_key(selected["weights"], "val_accuracy")
-    return history.history[key][history.epoch.index(selected["epoch"])]
+    return history.history[selected.key("val_accuracy")][history.epoch.index(selected.epoch)]
 
 
 def write_run_files(run_dir: Path, config: TrainConfig, data: Dataset, model: torch.nn.Module,
@@ -195,8 +193,8 @@ def write_run_files(run_dir: Path, config: TrainConfig, data: Dataset, model: to
     write_text(run_dir / "steps.csv", history.steps_to_csv())
     write_json(run_dir / "metrics.json", metrics)
     title = f"{config.model} on {data.name}"
-    selected = history.selected or {}
-    plot_history(history.history, run_dir / "history.png", title=title, best_epoch=selected.get("epoch"),
+    best_epoch = None if history.selected is None else history.selected.epoch
+    plot_history(history.history, run_dir / "history.png", title=title, best_epoch=best_epoch,
                  steps=history.steps)
     plot_confusion_matrix(report.confusion.numpy(), data.classes, run_dir / "confusion_matrix.png",
                           title=f"{title}: test accuracy {report.accuracy:.2%}")

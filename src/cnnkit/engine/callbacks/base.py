@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from cnnkit.data.tensors import Split
+from cnnkit.engine.logs import Selection
 
 StateDict = dict[str, torch.Tensor]
 
@@ -38,11 +39,11 @@ class TrainState:
     step: int = 0  # optimizer steps taken so far, across epochs
     epoch_started: float = 0.0  # time.perf_counter() at the start of the current epoch
     stop_training: bool = False
-    #: Weights a run could end with, by name ("raw" is the model itself; EMA adds "ema"). The logs of a
-    #: source other than "raw" carry its name as a prefix: "ema_val_accuracy".
+    #: Weights a run could end with, by name (logs.RAW is the model itself; EMA adds logs.EMA). Their logs
+    #: keys are logs.logs_key(source, name).
     weight_sources: dict[str, Callable[[], StateDict]] = field(default_factory=dict)
     #: Which weights the model holds after training, set by WeightSelection (epoch, weights, monitor, value).
-    selected: dict[str, Any] | None = None
+    selected: Selection | None = None
     #: Epochs already done before this fit() call began: 0, or the epoch a resumed run's checkpoint was at.
     initial_epoch: int = 0
     #: The generator of shuffling and augmentation (its state is part of a checkpoint).

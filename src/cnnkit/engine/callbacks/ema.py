@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from cnnkit.engine.callbacks.base import Callback, Phase, StateDict
+from cnnkit.engine.logs import EMA_WEIGHTS, logs_key
 
 
 def ema_decay(decay: float, updates: int) -> float:
@@ -43,7 +44,7 @@ class EMA(Callback):
         self._live = [live[key].detach() for key in floats]
         self._averaged = [averaged[key] for key in floats]
         self._copied = [(averaged[key], live[key]) for key in live if key not in floats]
-        self.state.weight_sources["ema"] = self.averaged_weights
+        self.state.weight_sources[EMA_WEIGHTS] = self.averaged_weights
 
     def state_dict(self) -> dict[str, Any]:
         return {"updates": self.updates, "average": self.averaged_weights()}
@@ -67,4 +68,4 @@ class EMA(Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
         loss, accuracy = self.state.score(self.average)
-        logs["ema_val_loss"], logs["ema_val_accuracy"] = loss, accuracy
+        logs[logs_key(EMA_WEIGHTS, "val_loss")], logs[logs_key(EMA_WEIGHTS, "val_accuracy")] = loss, accuracy

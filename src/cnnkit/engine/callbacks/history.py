@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from cnnkit.engine.callbacks.base import Callback, Phase
+from cnnkit.engine.logs import Selection
 
 
 #: Per-step points recorded per epoch: enough for a smooth curve of a one-epoch run, few enough to be free.
@@ -31,7 +32,7 @@ class History(Callback):
         self.history: dict[str, list[float]] = {}
         self.epoch: list[int] = []
         self.steps: dict[str, list[float]] = {key: [] for key in STEP_KEYS}
-        self.selected: dict[str, Any] | None = None
+        self.selected: Selection | None = None
         self._pending: list[tuple[int, float, Any, int]] = []
 
     def on_batch_end(self, batch: int, logs=None) -> None:
@@ -115,7 +116,7 @@ class History(Callback):
         if best is not None:
             text += f", best val_accuracy {self.history['val_accuracy'][best]:.4f} at epoch {self.epoch[best]}"
         if self.selected:
-            text += f", kept epoch {self.selected['epoch']} ({self.selected['weights']} weights)"
+            text += f", kept epoch {self.selected.epoch} ({self.selected.weights} weights)"
         return text + f"; keys: {', '.join(self.history)})"
 
     @classmethod

@@ -10,22 +10,18 @@ from __future__ import annotations
 from typing import Any
 
 from cnnkit.engine.callbacks.base import Callback, Phase, StateDict, is_better, mode_for, monitored
-
-
-def logs_key(source: str, monitor: str) -> str:
-    """The logs key of `monitor` for a weight source: val_accuracy for raw, ema_val_accuracy for ema."""
-    return monitor if source == "raw" else f"{source}_{monitor}"
+from cnnkit.engine.logs import KEEP_RULES, RAW_WEIGHTS, Selection, logs_key
 
 
 class WeightSelection(Callback):
     order = Phase.SELECT
 
     def __init__(self, monitor: str = "val_accuracy", keep: str = "best") -> None:
-        if keep not in ("best", "last"):
+        if keep not in KEEP_RULES:
             raise ValueError(f"keep must be 'best' or 'last', got {keep!r}")
         self.monitor, self.keep, self.mode = monitor, keep, mode_for(monitor)
         self.best: float | None = None
-        self.choice: dict[str, Any] | None = None
+        self.choice: Selection | None = None
         self.snapshot: StateDict | None = None
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
@@ -38,23 +34,25 @@ class WeightSelection(Callback):
             value = monitored(logs, logs_key(source, self.monitor), "weight selection")
             if is_better(value, self.best, self.mode):
                 self.best = value
-                self.choice = {"keep": self.keep, "epoch": epoch, "weights": source, "monitor": self.monitor,
-                               "value": value}
+                self.choice = Selection(self.keep, epoch, source, self.monitor, value)
                 if self.keep == "best":
                     self.snapshot = {key: tensor.detach().clone() for key, tensor in weights().items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "choice": self.choice, "snapshot": self.snapshot}
+        choice = None if self.choice is None else self.choice.to_dict()
+        return {"best": self.best, "choice": choice, "snapshot": self.snapshot}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best, self.choice, self.snapshot = state["best"], state["choice"], state["snapshot"]
+        choice = state["choice"]
+        self.best, self.snapshot = state["best"], state["snapshot"]
+        self.choice = None if choice is None else Selection.from_dict(choice)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         if self.choice is None:
             return
         weights = self.snapshot
-        if self.keep == "last" and self.choice["weights"] != "raw":
-            weights = self.state.weight_sources[self.choice["weights"]]()
+        if self.keep == "last" and self.choice.weights != RAW_WEIGHTS:
+            weights = self.state.weight_sources[self.choice.weights]()
         if weights is not None:
             self.state.model.load_state_dict(weights)
         self.snapshot = None
