@@ -37,3 +37,44 @@ def extract_cifar_subset(archive: Path, root: Path, classes: tuple[str, ...], pe
                 target.write_bytes(tar.extractfile(member).read())
     assert all(counts[key] == per_split[key[0]] for key in counts), counts
     return root
+
+
+@functools.cache
+def mnist_arrays(split: str):
+    """(images (N, 28, 28) uint8, labels (N,) int64) of the real MNIST `split`: "train" or "t10k"."""
+    from cnnkit.data.idx import read_idx
+
+    images = read_idx(SHARED_DATA / "mnist" / f"{split}-images-idx3-ubyte.gz", ndim=3)
+    labels = read_idx(SHARED_DATA / "mnist" / f"{split}-labels-idx1-ubyte.gz", ndim=1)
+    return images, labels.astype("int64")
+
+
+def write_mnist_folder(root: Path, train_per_class: dict[int, int], test_per_class: int | None = None,
+                       flip: float = 0.0, seed: int = 0) -> Path:
+    """An image folder of real MNIST PNGs: `root/train/<digit>/` with the first `train_per_class[d]` training
+    images of each digit, `root/test/<digit>/` with the first `test_per_class` test images of each (all 10,000
+    when None). `flip`: that share of the training images, drawn at random, is put in another digit's folder
+    (uniformly among the other nine); their names start with "flipped-" so a test can tell them apart."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images, labels = mnist_arrays("train")
+    chosen = np.concatenate([np.flatnonzero(labels == digit)[:count] for digit, count in train_per_class.items()])
+    flipped = set(rng.choice(chosen, size=round(flip * len(chosen)), replace=False).tolist()) if flip else set()
+    for index in chosen.tolist():
+        given = int(labels[index])
+        name = f"{index:05d}.png"
+        if index in flipped:
+            given = int(rng.choice([digit for digit in range(10) if digit != given]))
+            name = f"flipped-{index:05d}.png"
+        folder = root / "train" / str(given)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[index]).save(folder / name)
+    test_images, test_labels = mnist_arrays("t10k")
+    for digit in range(10):
+        folder = root / "test" / str(digit)
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in np.flatnonzero(test_labels == digit)[:test_per_class].tolist():
+            Image.fromarray(test_images[index]).save(folder / f"{index:05d}.png")
+    return root

@@ -137,10 +137,11 @@ def _default_text(value) -> str | None:
 #: Every option is in exactly one group (tests/test_cli.py checks it, so a new option gets a place).
 OPTION_GROUPS = {
     "the usual options": ("preset", "dataset", "model", "epochs", "batch_size", "lr", "seed", "name"),
-    "data": ("data_dir", "val", "image_size", "channels", "stream", "limit_train", "limit_eval"),
+    "data": ("data_dir", "val", "image_size", "channels", "stream", "limit_train", "limit_eval", "sampler"),
     "model and starting weights": ("model_kwargs", "pretrained", "freeze", "freeze_epochs", "freeze_bn",
                                    "backbone_lr_scale", "init", "weights"),
-    "optimisation": ("optimizer", "weight_decay", "schedule", "warmup", "label_smoothing", "head_lr_scale",
+    "optimisation": ("optimizer", "weight_decay", "schedule", "warmup", "label_smoothing", "class_weight",
+                     "head_lr_scale",
                      "bias_lr_scale", "budget", "patience", "monitor", "keep", "ema"),
     "augmentation": ("augment", "flip", "mix", "mix_alpha", "tta"),
     "runs": ("runs_dir", "checkpoint", "tensorboard"),
@@ -284,6 +285,10 @@ def training_summary(metrics: dict, history, run_dir) -> list[str]:
     tta = f" with {m['tta']} test-time augmentation" if m.get("tta", "none") != "none" else ""
     lines.append(f"test accuracy {m['test_accuracy']:.4f}{tta} (95% CI {low:.4f}-{high:.4f}: {m['num_test']:,} test "
                  f"images are a finite sample)  test loss {m['test_loss']:.4f}")
+    if m.get("imbalance"):
+        rare = ", ".join(m["imbalance"]["rare"][:8])
+        lines.append(f"training classes imbalanced {m['imbalance']['ratio']:.1f}:1 (rare: {rare}): balanced accuracy "
+                     f"{m['balanced_accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}")
     if m.get("most_confused"):
         pairs = ", ".join(f"{true} -> {predicted} ({count})" for true, predicted, count in m["most_confused"])
         lines.append(f"most confused (true -> predicted): {pairs}")

@@ -294,6 +294,12 @@ class TrainConfig:
                            low=0, high=1, high_open=True)
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy", scope="fit",
                                     low=0, high=1, high_open=True)
+    class_weight: str = option("none", "balanced: weight each class's training loss by images / (classes x its "
+                                       "images), so a rare class counts as much as a common one", scope="fit",
+                               choices=("none", "balanced"))
+    sampler: str = option("shuffle", "how an epoch's batches are drawn: shuffle (every image once) or balanced "
+                                     "(as many draws, with replacement, each class equally often); images in memory "
+                                     "only (--stream no)", scope="fit", choices=("shuffle", "balanced"))
     augment: str = option("none", "batch augmentations applied in order, comma-separated: shift=PX (zero fill), "
                                   "crop=PX (reflect pad + random crop), erase=SIZE (cutout: px, or fraction if < 1), "
                                   "affine=DEGREES (rotate, zoom 0.9-1.1), or none; e.g. crop=4,erase=0.5",

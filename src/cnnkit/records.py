@@ -84,6 +84,7 @@ class TestReport(_Record):
 
     per_class: dict[str, ClassScores] = Field(default_factory=dict)
     macro_f1: Fraction | None = None
+    balanced_accuracy: Fraction | None = None
     confusion_matrix: list[list[Count]] | None = None
 
     @model_validator(mode="after")
@@ -94,12 +95,22 @@ class TestReport(_Record):
         return self
 
 
+class Imbalance(_Record):
+    """metrics.json `imbalance`: largest over smallest training class count (above 2), and the rare classes."""
+
+    ratio: Annotated[float, Field(ge=1)]
+    rare: list[str] = Field(default_factory=list)
+
+
 class Metrics(_Record):
     """metrics.json: what a finished run measured (written by api.collect_metrics)."""
 
     test_accuracy: Fraction | None = None
     test_accuracy_ci95: Annotated[list[Fraction], Field(min_length=2, max_length=2)] | None = None
     test_loss: Number | None = None
+    balanced_accuracy: Fraction | None = None
+    macro_f1: Fraction | None = None
+    imbalance: Imbalance | None = None
     most_confused: list[tuple[str | int, str | int, Count]] = Field(default_factory=list)
     epochs: Count | None = None
     num_test: Count | None = None

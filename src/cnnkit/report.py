@@ -285,6 +285,12 @@ def _headline(m: Metrics) -> str:
     if macro_f1 is not None:
         extras.append(f"macro F1 {_number(macro_f1)}")
     lines.append(_e(", ".join(extras) + "."))
+    if m.imbalance is not None:
+        rare = ", ".join(m.imbalance.rare[:8]) + (" ..." if len(m.imbalance.rare) > 8 else "")
+        balanced = f"balanced accuracy {_percent(m.balanced_accuracy)}" if m.balanced_accuracy is not None else ""
+        lines.append('<span class="warning">' + _e(
+            f"The training classes were imbalanced {m.imbalance.ratio:.1f}:1 (rare: {rare}): accuracy favours the "
+            f"common classes; {balanced or 'the per-class recall below'} weighs every class alike.") + "</span>")
     if m.val_source == "test":
         lines.append('<span class="warning">Validation used the test set (--val test), so the test accuracy '
                      "was seen while choosing the epoch and is not an independent estimate.</span>")

@@ -74,9 +74,10 @@ def make_mix(kind: str, alpha: float) -> Mix:
 
 
 def mixed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, partners: torch.Tensor, lam: float,
-                        label_smoothing: float = 0.0) -> torch.Tensor:
-    """lam * CE(labels) + (1 - lam) * CE(partners); plain cross-entropy when nothing was mixed (lam 1)."""
-    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+                        label_smoothing: float = 0.0, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """lam * CE(labels) + (1 - lam) * CE(partners); plain cross-entropy when nothing was mixed (lam 1).
+    `weight`: a loss weight per class (--class-weight balanced)."""
+    loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=label_smoothing)
     if lam == 1.0:
         return loss
-    return lam * loss + (1 - lam) * F.cross_entropy(logits, partners, label_smoothing=label_smoothing)
+    return lam * loss + (1 - lam) * F.cross_entropy(logits, partners, weight=weight, label_smoothing=label_smoothing)

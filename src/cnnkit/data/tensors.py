@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cnnkit.data.balance import balanced_order
 from cnnkit.data.registry import image_folder
 from cnnkit.data.disk import ChunkWindow, DiskImages, chunked_order, fits_in_memory
 from cnnkit.errors import CnnkitError
@@ -367,8 +368,10 @@ def train_batches(
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | str = "cpu",
+    balanced: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of (images, labels) batches on `device`, this rank's share of each global batch.
+    `balanced`: the epoch's order is data.balance.balanced_order (each class equally often), images in memory.
 
     In memory: the images at `batch_indices` (a full permutation drawn from `generator`). On disk: the
     chunked order of cnnkit.data.disk drawn from the same generator, each chunk read once per epoch and each
@@ -378,8 +381,9 @@ def train_batches(
     if isinstance(split.images, DiskImages):
         yield from _streamed_batches(split, batch_size, generator, rank, world_size, torch.device(device))
         return
+    order = balanced_order(split.labels, generator) if balanced else None
     for index in batch_indices(len(split), batch_size, generator=generator, rank=rank, world_size=world_size,
-                               device=device):
+                               device=device, order=order):
         yield split.images[index], split.labels[index]
 
 
@@ -412,6 +416,7 @@ def batch_indices(
     world_size: int = 1,
     drop_last: bool = False,
     device: torch.device | str = "cpu",
+    order: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """Index tensors for one epoch: shuffled when a generator is given, this rank's share when sharded.
 
@@ -419,10 +424,8 @@ def batch_indices(
     identically seeded generator and takes its part of each global batch (`shard_batches`), so no
     sampler object is needed and no image is dropped or repeated across ranks.
     """
-    if generator is not None:
-        order = torch.randperm(num_items, generator=generator)
-    else:
-        order = torch.arange(num_items)
+    if order is None:  # else drawn by the caller (a balanced epoch: num_items indices, with repeats)
+        order = torch.randperm(num_items, generator=generator) if generator is not None else torch.arange(num_items)
     order = order.to(device)
     if world_size > 1:
         yield from shard_batches(order, batch_size, rank, world_size)

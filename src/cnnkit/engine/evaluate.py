@@ -45,6 +45,17 @@ class EvalReport:
     confidences: torch.Tensor  # (N,) probability of the predicted class
 
     @property
+    def balanced_accuracy(self) -> float:
+        """The mean of the per-class recalls (over the classes the test set has): the accuracy the model would
+        score if every class had as many test images; what plain accuracy hides when classes are imbalanced."""
+        recalls = [recall for recall, support in zip(self.recall, self.support) if support > 0]
+        return sum(recalls) / max(1, len(recalls))
+
+    @property
+    def macro_f1(self) -> float:
+        return sum(self.f1) / max(1, len(self.f1))
+
+    @property
     def accuracy_ci95(self) -> tuple[float, float]:
         total = int(self.confusion.sum())
         return wilson_interval(int(self.confusion.diag().sum()), total)
@@ -74,7 +85,8 @@ class EvalReport:
             "accuracy": self.accuracy,
             "accuracy_ci95": list(self.accuracy_ci95),
             "most_confused": [list(item) for item in self.most_confused()],
-            "macro_f1": sum(self.f1) / max(1, len(self.f1)),
+            "macro_f1": self.macro_f1,
+            "balanced_accuracy": self.balanced_accuracy,
             "per_class": per_class,
             "confusion_matrix": self.confusion.tolist(),
         }

@@ -19,6 +19,8 @@ from torch import nn
 from cnnkit.config import TrainConfig, fit_config, selection_conflict
 from cnnkit.data.augment import resolve_flip, training_augmentation
 from cnnkit.data.mix import make_mix, mixed_cross_entropy
+from cnnkit.data.balance import balanced_class_weights
+from cnnkit.data.disk import DiskImages
 from cnnkit.data.tensors import Dataset, Split, batches_per_epoch, train_batches
 from cnnkit.engine.callbacks import EMA, BatchLogs, Callback, CallbackList, EarlyStopping, History, ProgressBar
 from cnnkit.engine.callbacks import FreezeBackbone
@@ -86,6 +88,7 @@ def fit(
         given = {key: value for key, value in (("epochs", epochs), ("batch_size", batch_size)) if value is not None}
         config = fit_config(**{**base, **options, **given})
     world = check_world(rank, world_size)
+    check_sampler(config, data)
     device = process_device(resolve_device(config.device), world)
     precision = resolve_precision(config.precision, device)
     on_features = data.train.features  # a frozen backbone's cached features (engine/features.py): a head trains
@@ -104,6 +107,8 @@ def fit(
                                head_lr_scale=config.head_lr_scale)
     schedule = SCHEDULES.get(config.schedule)
     augment, mix = batch_transforms(config, data)
+    class_weights = balanced_class_weights(data.train.labels, len(data.classes)).to(device) \
+        if config.class_weight == "balanced" else None
     step_model = wrap_model(model, device, world, config.sync_bn)
     step_model = torch.compile(step_model) if config.compile else step_model
     pixels = takes_pixels(model)  # cnnkit's models rescale uint8 inside; a plain module gets float pixels
@@ -143,7 +148,8 @@ def fit(
             # In memory: images indexed on the device; streamed from disk: read in shuffled chunks (data/disk.py).
             for batch, (images, labels) in enumerate(train_batches(train, config.batch_size, generator=generator,
                                                                    rank=world.rank, world_size=world.world_size,
-                                                                   device=device)):
+                                                                   device=device,
+                                                                   balanced=config.sampler == "balanced")):
                 set_lr(optimizer, schedule(state.step, steps_per_epoch * state.epochs, peak_lr, config.warmup))
                 images = augment(images, draws).contiguous(memory_format=memory_format)
                 images, partners, lam = mix(images, labels, draws)
@@ -151,7 +157,8 @@ def fit(
                 for part, last in micro_batches(len(labels), config.micro_batch):
                     with autocast(device, precision), gradient_sync(step_model, last):
                         logits = step_model(model_input(images[part], pixels))
-                        loss = mixed_cross_entropy(logits, labels[part], partners[part], lam, config.label_smoothing)
+                        loss = mixed_cross_entropy(logits, labels[part], partners[part], lam, config.label_smoothing,
+                                                   class_weights)
                     (loss * (len(logits) / len(labels)) if config.micro_batch else loss).backward()
                     running.update(loss, logits, labels[part])
                 optimizer.step()
@@ -166,6 +173,14 @@ def fit(
                 break
         hooks.on_train_end(logs)
     return history
+
+
+def check_sampler(config: TrainConfig, data: Dataset) -> None:
+    """Balanced draws pick images anywhere in the split, each epoch afresh; images on disk are read in shuffled
+    chunks, each once an epoch (data/disk.py), so the two cannot go together."""
+    if config.sampler == "balanced" and isinstance(data.train.images, DiskImages):
+        raise CnnkitError("--sampler balanced draws images from anywhere in the training set, and these are read "
+                          "from disk in chunks: add --stream no (or use --class-weight balanced, which streams)")
 
 
 def batch_transforms(config: TrainConfig, data: Dataset) -> tuple[Any, Any]:

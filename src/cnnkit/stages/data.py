@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from cnnkit.data.balance import imbalance_of
 from cnnkit.config import TrainConfig
 from cnnkit.data.augment import resolve_flip
 from cnnkit.data.disk import window_bytes
@@ -52,6 +53,11 @@ def data_warnings(config: TrainConfig, data: Dataset) -> list[str]:
         warnings.append(f"skipped {len(data.skipped)} unreadable file(s): "
                         f"{printable(', '.join(data.skipped[:10]))}{' ...' if len(data.skipped) > 10 else ''}"
                         + ("; raise the pixel cap with --max-megapixels to use the large ones" if capped else ""))
+    found = imbalance_of(data.train.labels, data.classes)
+    if found is not None and config.class_weight == "none" and config.sampler == "shuffle":
+        warnings.append(f"the training classes are imbalanced {printable(found.text())}: the model will favour "
+                        "the common ones; --class-weight balanced or --sampler balanced train every class alike "
+                        "(balanced accuracy is reported beside accuracy)")
     if config.batch_size > len(data.train) > 0:
         warnings.append(f"--batch-size {config.batch_size} is more than the {len(data.train):,} training images: "
                         "one step an epoch; for a small set try --batch-size 32 or 64")

@@ -15,6 +15,7 @@ import torch
 
 from cnnkit.config import TrainConfig
 from cnnkit.data.augment import resolve_flip
+from cnnkit.data.balance import class_counts, imbalance_of
 from cnnkit.data.tensors import Dataset
 from cnnkit.engine.cpu import peak_rss_mb
 from cnnkit.errors import RunNotWritten, describe_os_error
@@ -145,6 +146,10 @@ def train_metrics(config: TrainConfig, data: Dataset, history: History, report: 
         "test_accuracy": report.accuracy,
         "test_accuracy_ci95": list(report.accuracy_ci95),
         "test_loss": report.loss,
+        "balanced_accuracy": report.balanced_accuracy,  # on the test set, as test_accuracy
+        "macro_f1": report.macro_f1,
+        "train_class_counts": dict(zip(data.classes, class_counts(data.train.labels, len(data.classes)).tolist())),
+        "imbalance": imbalance_record(data),
         "most_confused": [list(item) for item in report.most_confused()],
         "train_seconds": history.train_seconds,
         "total_seconds": time.perf_counter() - started,
@@ -170,6 +175,12 @@ def train_metrics(config: TrainConfig, data: Dataset, history: History, report: 
         "test_report": report.to_dict(),
         "torch_version": torch.__version__,
     }
+
+
+def imbalance_record(data: Dataset) -> dict[str, Any] | None:
+    """{"ratio", "rare"} when the training classes differ by more than 2:1 (data.balance), else None."""
+    found = imbalance_of(data.train.labels, data.classes)
+    return None if found is None else {"ratio": found.ratio, "rare": list(found.rare)}
 
 
 def kept_val_accuracy(history: History) -> float:
