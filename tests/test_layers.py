@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"cnnkit.engine", "cnnkit.runs", "cnnkit.plots", "cnnkit.prediction", "cnnkit.export", "cnnkit.report",
      "cnnkit.comparison", "cnnkit.explain"},  # training, evaluation and the run directory
     {"cnnkit.stages"},  # a training's named stages: prepare, data, model, fit, test, write
-    {"cnnkit.api", "cnnkit.serve"},
+    {"cnnkit.api", "cnnkit.serve", "cnnkit.audit"},
     {"cnnkit.cli", "cnnkit.__main__", "cnnkit"},
 ]
 #: `from cnnkit import __version__` reads the package's own constant: Python imports a package before any of its

@@ -559,6 +559,52 @@ def cmd_serve(args: argparse.Namespace, started: float) -> int:
     return 0
 
 
+def _add_audit(sub) -> None:
+    p = _command(sub, "audit", "Find what is wrong with a dataset: likely mislabelled training images (out-of-sample "
+                               "probabilities from k-fold cross-validation, then cleanlab), exact and near-duplicate "
+                               "images, and test images with a copy in training.",
+                 "cnnkit audit imagefolder:photos --out audit   # or a run: cnnkit audit runs/train (writes "
+                 "runs/train/audit)")
+    p.add_argument("target", metavar="RUN_OR_DATASET", help="a run directory (its dataset, audited with its recipe) "
+                                                            "or a dataset: mnist, imagefolder:PATH, ...")
+    p.add_argument("--out", metavar="DIR", help="folder for label_issues.csv, duplicates.csv and their contact "
+                                                "sheets (default for a run: RUN/audit)")
+    p.add_argument("--folds", type=_positive_int, default=5, metavar="K", help="cross-validation folds (default 5)")
+    p.add_argument("--epochs", type=_positive_int, default=3, metavar="N",
+                   help="training epochs of each fold's model (default 3)")
+    p.add_argument("--preset", metavar="NAME", help="the recipe of each fold's model (default: the run's, or "
+                                                    "cnnkit's default model for a dataset)")
+    p.add_argument("--model", metavar="NAME", help="the architecture of each fold's model")
+    p.add_argument("--max-distance", type=int, default=None, metavar="BITS",
+                   help="perceptual-hash bits (of 64) two near-duplicates may differ in (default 4)")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="audit the first N training images only")
+    p.add_argument("--only", choices=("labels", "duplicates"), help="run one of the two audits")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds and their models")
+    _add_data_dir(p)
+    p.set_defaults(handler=cmd_audit)
+
+
+def cmd_audit(args: argparse.Namespace, started: float) -> int:
+    from cnnkit.audit import NEAR_DISTANCE, audit
+
+    distance = NEAR_DISTANCE if args.max_distance is None else args.max_distance
+    if not 0 <= distance <= 32:
+        raise CnnkitError(f"--max-distance must be from 0 to 32 bits, got {distance}")
+    result = audit(args.target, args.out, folds=args.folds, epochs=args.epochs, preset=args.preset, model=args.model,
+                   max_distance=distance, data_dir=args.data_dir, limit=args.limit,
+                   labels=args.only != "duplicates", duplicates=args.only != "labels", seed=args.seed,
+                   log=lambda line: print(printable(line), file=sys.stderr))
+    if args.only != "duplicates":
+        print(f"label issues: {len(result.issues):,} of {result.pool:,} training images "
+              f"({100 * len(result.issues) / max(1, result.pool):.1f}%) look mislabelled")
+    if args.only != "labels":
+        exact = sum(pair.exact for pair in result.pairs)
+        print(f"duplicates: {len(result.pairs):,} pair(s) among {result.images:,} images ({exact:,} exact); "
+              f"{result.leaks:,} test image(s) with a copy outside the test split")
+    print("wrote " + ", ".join(printable(str(path)) for path in result.written))
+    return 0
+
+
 def _add_report(sub) -> None:
     p = _command(sub, "report", "Write RUN/report.html: one self-contained page with the run's numbers and figures.",
                  "cnnkit report runs/train   # then open runs/train/report.html in a browser")
@@ -701,7 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
     _add_debug(parser, default=False)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    for add in (_add_train, _add_evaluate, _add_predict, _add_runs, _add_compare, _add_report, _add_export,
+    for add in (_add_train, _add_evaluate, _add_predict, _add_runs, _add_compare, _add_report, _add_audit, _add_export,
                 _add_serve, _add_datasets, _add_summary, _add_presets):
         add(sub)
     return parser

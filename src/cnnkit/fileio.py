@@ -442,6 +442,20 @@ def is_run_directory(folder: Path) -> bool:
     return any((folder / marker).exists() for marker in RUN_MARKERS)
 
 
+def output_folder(folder: str | os.PathLike[str], option: str) -> Path:
+    """A folder a command writes files into (--show-input, --explain, audit --out), checked before any work is
+    done: a folder or a new one, not a link and not a run directory (whose files no other command touches).
+    A killed earlier writer's half-written file in it is swept."""
+    path = expand_user_path(folder, option)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise UnreadableFile(f"{option} {path}: is not a folder; name a new or existing folder")
+    if is_run_directory(path):
+        raise UnreadableFile(f"{option} {path}: is a run directory, whose files this command must not touch; "
+                             "name another folder")
+    sweep_stale_temp_files(path)
+    return path
+
+
 def output_path(path: str | os.PathLike[str], option: str, *, own: Path | None = None, sweep: bool = True) -> Path:
     """The file a command may write at `path` (a user's `--out`, `--csv`, ...), checked before any work is done.
 

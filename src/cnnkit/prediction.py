@@ -21,8 +21,7 @@ from PIL import Image
 
 from cnnkit.data.images import not_a_file, to_image, walk_images
 from cnnkit.errors import CnnkitError
-from cnnkit.fileio import (atomic_path, expand_user_path, is_run_directory, output_path, sweep_stale_temp_files,
-                           write_text)
+from cnnkit.fileio import atomic_path, output_folder, output_path, write_text
 from cnnkit.text import printable, portable_name
 from cnnkit.model_meta import ModelMeta
 from cnnkit.preprocess import load_image
@@ -153,8 +152,8 @@ def predict_files(run, inputs: Sequence[str | Path], top: int = 1, *, progress: 
     """
     paths, problems = find_image_files(inputs)
     result = FilePredictions([], problems)
-    inputs_folder = _show_input_folder(show_input, "--show-input") if show_input is not None else None
-    explain_folder = _show_input_folder(explain, "--explain") if explain is not None else None
+    inputs_folder = output_folder(show_input, "--show-input") if show_input is not None else None
+    explain_folder = output_folder(explain, "--explain") if explain is not None else None
     bar = progress_bar("Predicting", len(paths), enabled=progress and len(paths) > CHUNK)
     with _removed_if_interrupted(inputs_folder) as written, _removed_if_interrupted(explain_folder) as explained, \
             bar as advance:
@@ -186,19 +185,6 @@ def _ranked(run, names: list[str], probabilities: torch.Tensor, top: int) -> lis
         ranked = [(run.classes[i], float(v)) for v, i in zip(vals, idxs)]
         results.append(Prediction(name, ranked[0][0], ranked[0][1], ranked))
     return results
-
-
-def _show_input_folder(folder: str | Path, option: str) -> Path:
-    """A folder of pictures (--show-input, --explain), checked before any image is read: a folder (or a new one),
-    not a run directory."""
-    path = expand_user_path(folder, option)
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise CnnkitError(f"{option} {path}: is not a folder; name a new or existing folder")
-    if is_run_directory(path):
-        raise CnnkitError(f"{option} {path}: is a run directory, whose files this command must not touch; "
-                          "name another folder")
-    sweep_stale_temp_files(path)  # a killed earlier --show-input's half-written picture (cnnkit's own folder)
-    return path
 
 
 @contextlib.contextmanager

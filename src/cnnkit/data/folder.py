@@ -114,6 +114,23 @@ def load_image_folder(
     return data
 
 
+def kept_files(folder: str | os.PathLike[str], data: FolderData) -> dict[str, list[str]]:
+    """The file (relative to the folder) of each image of each split of `data`, in the order of its arrays:
+    the listing, less the skipped files. For `cnnkit audit`, whose findings name files, not array rows."""
+    _, entries = _scan(Path(folder).expanduser().resolve())
+    # A skipped file the image policy refused carries its reason after its name: "big.png (9000x9000 is ...)".
+    skipped = set(data.skipped) | {name.rsplit(" (", 1)[0] for name in data.skipped if name.endswith(")")}
+    files: dict[str, list[str]] = {split: [] for split in data.splits}
+    for entry in entries:
+        if entry.relpath not in skipped and entry.split in files:
+            files[entry.split].append(entry.relpath)
+    for split, (_, labels) in data.splits.items():
+        if len(files[split]) != len(labels):
+            raise CnnkitError(f"{folder}: the folder changed while it was read ({split}: {len(files[split])} files "
+                              f"for {len(labels)} images); run again")
+    return files
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Scanning: find the images, their classes and splits
 
