@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import cnnkit
@@ -68,3 +69,90 @@ def test_predict_explain_writes_a_heatmap_picture_per_image_and_refuses_a_run_di
                               str(run_dir)], capture_output=True, text=True, timeout=300)
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert refused.returncode != 0 and len(lines) == 1 and "--explain" in lines[0] and "is a run directory" in lines[0]
+
+
+def test_predict_explain_class_and_layer_are_checked_and_change_the_maps(run, tmp_path):
+    run_dir, data = run
+    digits = tmp_path / "digits"
+    subprocess.run([sys.executable, "-m", "cnnkit", "datasets", "sample", "mnist", str(digits), "--data-dir",
+                    str(data), "--count", "3"], capture_output=True, text=True, timeout=120, check=True)
+
+    def predict(*options: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cnnkit", "predict", str(run_dir), str(digits), *options],
+                              capture_output=True, text=True, timeout=300)
+
+    pictures = {}
+    for name, options in (("own", ()), ("seven", ("--explain-class", "7")), ("early", ("--explain-layer", "body.1"))):
+        result = predict("--explain", str(tmp_path / name), *options)
+        assert result.returncode == 0, result.stderr
+        pictures[name] = [np.asarray(Image.open(path).convert("RGB"))[20:].astype(int)
+                          for path in sorted((tmp_path / name).iterdir())]
+    for other in ("seven", "early"):
+        assert any(np.abs(a - b).mean() > 1 for a, b in zip(pictures["own"], pictures[other])), other
+    for options, words in ((("--explain-class", "seven"), "not a class of this run"),
+                           (("--explain-layer", "body.99"), "no layer of that name"),
+                           (("--explain-class", "7"), "go with --explain DIR")):
+        extra = ("--explain", str(tmp_path / "x")) if words != "go with --explain DIR" else ()
+        refused = predict(*extra, *options)
+        lines = [line for line in refused.stderr.splitlines() if line.strip()]
+        assert refused.returncode != 0 and len(lines) == 1 and words in lines[0], refused.stderr
+        assert not (tmp_path / "x").exists()  # refused before any picture
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Right where the truth is known: a class decided by a small patch anywhere in the image
+
+SIDE, PATCH, GROW = 48, 8, 3
+
+
+def patch_images(count: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Noise images with one bright 8x8 patch at a random place: a plus sign (class 0) or a square ring (class
+    1), each of about the same brightness, so only the patch's shape decides the class."""
+    plus = np.zeros((PATCH, PATCH), bool)
+    plus[3:5, :] = plus[:, 3:5] = True
+    ring = np.zeros((PATCH, PATCH), bool)
+    ring[[0, 1, -2, -1], :] = ring[:, [0, 1, -2, -1]] = True
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 110, (count, SIDE, SIDE), dtype=np.uint8)
+    labels = rng.integers(0, 2, count)
+    corners = rng.integers(0, SIDE - PATCH + 1, (count, 2))
+    for image, label, (y, x) in zip(images, labels, corners):
+        image[y : y + PATCH, x : x + PATCH][(plus, ring)[label]] = 230
+    return images, labels, corners
+
+
+def test_heatmaps_lie_on_the_patch_that_decides_the_class_and_not_for_random_weights():
+    """The issue's targets: >= 80% of the map's mass of correctly classified images within the patch's box grown
+    by 3 px (8.5% of the image), and the model-randomisation check: maps of the same network with fresh weights
+    rank-correlate with the trained ones at <= 0.3. The tutorial's network, with the inputs standardised by the
+    training set's statistics (unstandardised, as `--model seed` trains, the mass was 0.38: the ring's evidence
+    is the absence of the plus, which positive-only Grad-CAM spreads over the background; docs/insight.md)."""
+    from cnnkit.data.tensors import Dataset, Split
+
+    def split(count: int, seed: int) -> tuple[Split, np.ndarray]:
+        images, labels, corners = patch_images(count, seed)
+        return Split(torch.from_numpy(images[:, None]), torch.from_numpy(labels)), corners
+
+    (train, _), (val, _), (test, corners) = split(3000, 0), split(300, 1), split(300, 2)
+    pixels = train.images.float() / 255
+    model = cnnkit.build_model("seed", (1, SIDE, SIDE), 2, mean=[float(pixels.mean())], std=[float(pixels.std())],
+                               seed=0)
+    cnnkit.fit(model, Dataset("patches", ["plus", "ring"], train, val, test), epochs=4, batch_size=64,
+               progress=False)
+    images, labels = test.images.numpy(), test.labels.numpy()
+    right = cnnkit.predict(model, images).argmax(1).numpy() == labels
+    assert right.mean() > 0.9
+    maps = cnnkit.explain(model, images)
+    masses = [heat[max(0, y - GROW) : y + PATCH + GROW, max(0, x - GROW) : x + PATCH + GROW].sum() / heat.sum()
+              for heat, (y, x), good in zip(maps, corners, right) if good and heat.sum() > 0]
+    assert np.mean(masses) >= 0.8, np.mean(masses)  # measured: 0.83
+    fresh = cnnkit.build_model("seed", (1, SIDE, SIDE), 2, mean=[float(pixels.mean())], std=[float(pixels.std())],
+                               seed=7)
+    random_maps = cnnkit.explain(fresh, images)
+
+    def ranks(values: np.ndarray) -> np.ndarray:
+        return values.argsort(axis=1).argsort(axis=1).astype(float)
+
+    trained, untrained = ranks(maps.reshape(len(maps), -1)), ranks(random_maps.reshape(len(maps), -1))
+    correlation = [np.corrcoef(a, b)[0, 1] for a, b in zip(trained, untrained)]
+    assert np.nanmean(correlation) <= 0.3, np.nanmean(correlation)

@@ -458,6 +458,10 @@ def _add_predict(sub) -> None:
     p.add_argument("--explain", metavar="DIR", help="write each image with a heatmap of where the evidence for its "
                                                      "predicted class lies (Grad-CAM) as a PNG in DIR; needs "
                                                      'pip install "cnnkit[insight]"')
+    p.add_argument("--explain-class", metavar="CLASS", help="with --explain: the class whose evidence to show "
+                                                             "(default: each image's predicted class)")
+    p.add_argument("--explain-layer", metavar="NAME", help="with --explain: the layer to read, by its name in the "
+                                                            "model (default: the last one with a spatial map)")
     _add_tta(p)
     _add_trust_code(p)
     p.set_defaults(handler=cmd_predict)
@@ -473,8 +477,10 @@ def cmd_predict(args: argparse.Namespace, started: float) -> int:
 
     run = load_run(args.run, tta=args.tta, trust_code=args.trust_code)
     csv_path = output_path(args.csv, "--csv") if args.csv else None  # refused before any prediction is made
+    if (args.explain_class or args.explain_layer) and not args.explain:
+        raise CnnkitError("--explain-class and --explain-layer go with --explain DIR (the folder for the heatmaps)")
     result = predict_files(run, args.images, top=args.top, progress=not args.json, show_input=args.show_input,
-                           explain=args.explain)
+                           explain=args.explain, explain_class=args.explain_class, explain_layer=args.explain_layer)
     if csv_path:
         write_csv(result.predictions, csv_path)
         if not result.skipped:  # else the error line says it

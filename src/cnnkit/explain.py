@@ -8,6 +8,7 @@ implementation (`pip install "cnnkit[insight]"`); cnnkit picks the layer and tur
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,8 +16,27 @@ import torch
 from torch import nn
 
 from cnnkit.errors import CnnkitError
+from cnnkit.models.tta import TestTimeAugmentation
+from cnnkit.registry import did_you_mean
 
 INSTALL_HINT = 'pip install "cnnkit[insight]"'
+
+
+def named_layer(model: nn.Module, name: str, option: str = "layer") -> nn.Module:
+    """The module called `name` in model.named_modules() (what `print(model)` shows, dotted), or one line
+    naming close names and the default."""
+    if isinstance(model, TestTimeAugmentation):
+        model = model.model
+    modules = dict(model.named_modules())
+    if not name or name not in modules:
+        raise CnnkitError(f"{option} {name!r}: no layer of that name in this model{did_you_mean(name, list(modules))}; "
+                          "leave it out for the last layer with a spatial feature map")
+    return modules[name]
+
+
+#: The layer found for each model (one forward pass saved per call: explaining one image at a time, as the
+#: server does, costs 3 passes instead of 4).
+_found_layers: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
 
 
 def spatial_layer(model: nn.Module, sample: torch.Tensor) -> nn.Module:
@@ -42,10 +62,11 @@ def spatial_layer(model: nn.Module, sample: torch.Tensor) -> nn.Module:
 
 
 def explain(model: nn.Module, images: np.ndarray | torch.Tensor, target: Sequence[int] | int | None = None, *,
-            layer: nn.Module | None = None, batch_size: int = 64) -> np.ndarray:
+            layer: nn.Module | str | None = None, batch_size: int = 64) -> np.ndarray:
     """One map per image, float32 (N, H, W) in [0, 1] at the images' size: where the evidence for `target` lies
     (class indices, one or one per image; None: each image's predicted class). Images as `cnnkit.predict` takes
-    them: uint8 (N, C, H, W)."""
+    them: uint8 (N, C, H, W). `layer`: the layer to read (a module of the model, or its dotted name in
+    named_modules()); by default the last one with a spatial feature map."""
     try:
         from captum.attr import LayerAttribution, LayerGradCam
     except ImportError:
@@ -55,15 +76,17 @@ def explain(model: nn.Module, images: np.ndarray | torch.Tensor, target: Sequenc
     images = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise CnnkitError(f"explain takes uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
-    from cnnkit.models.tta import TestTimeAugmentation
-
     if isinstance(model, TestTimeAugmentation):  # its views run the layer twice: explain the image as it is
         model = model.model
     device = model_device(model)
     was_training = model.training
     model.eval()
     try:
-        chosen = layer or spatial_layer(model, images[:1].float().to(device))
+        chosen = named_layer(model, layer) if isinstance(layer, str) else layer
+        if chosen is None:
+            chosen = _found_layers.get(model)
+        if chosen is None:
+            chosen = _found_layers[model] = spatial_layer(model, images[:1].float().to(device))
         cam = LayerGradCam(model, chosen)
         maps = []
         for start in range(0, len(images), batch_size):

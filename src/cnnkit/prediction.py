@@ -142,14 +142,17 @@ def predict_images(run, images: Iterable[ImageLike], top: int = 1) -> list[Predi
 
 
 def predict_files(run, inputs: Sequence[str | Path], top: int = 1, *, progress: bool = False,
-                  show_input: str | Path | None = None, explain: str | Path | None = None) -> FilePredictions:
+                  show_input: str | Path | None = None, explain: str | Path | None = None,
+                  explain_class: str | None = None, explain_layer: str | None = None) -> FilePredictions:
     """Predictions for image files and directories with a loaded run (see runs.load_run).
 
     An unreadable file is skipped and reported, not fatal: one bad photo in a folder should not cost the
     rest their answers. `show_input` writes each image as the model saw it (after preprocessing) to that
     folder, to see why an answer is wrong; `explain` writes each with its Grad-CAM heatmap for the predicted
-    class over it (cnnkit.explain).
+    class (or `explain_class`) over it, read at the model's last spatial layer (or `explain_layer`, a name of
+    the model's named_modules) (cnnkit.explain).
     """
+    why = explanation_request(run, explain_class, explain_layer) if explain is not None else None
     paths, problems = find_image_files(inputs)
     result = FilePredictions([], problems)
     inputs_folder = output_folder(show_input, "--show-input") if show_input is not None else None
@@ -171,7 +174,8 @@ def predict_files(run, inputs: Sequence[str | Path], top: int = 1, *, progress: 
                     _write_pictures(inputs_folder, chunk, [to_image(image) for image in batch], written, "--show-input")
                 ranked = _ranked(run, [str(path) for path in chunk], predict(run.model, batch), top)
                 if explain_folder is not None:
-                    _write_pictures(explain_folder, chunk, _explained(run, batch, ranked), explained, "--explain")
+                    _write_pictures(explain_folder, chunk, _explained(run, batch, ranked, *why), explained,
+                                    "--explain")
                 result.predictions += ranked
             advance(len(paths[start : start + CHUNK]))
     return result
@@ -203,14 +207,34 @@ def _removed_if_interrupted(folder: Path | None) -> Iterator[list[Path]]:
         raise
 
 
-def _explained(run, batch: np.ndarray, ranked: list[Prediction]) -> list:
-    """Each image with the Grad-CAM heatmap of its predicted class over it, titled with label and confidence."""
+def explanation_request(run, explain_class: str | None, explain_layer: str | None) -> tuple[int | None, torch.nn.Module | None]:
+    """(the class index to explain or None for each image's predicted class, the layer module or None),
+    checked before any image is read: an unknown name is one line with the close ones."""
+    from cnnkit.explain import named_layer
+    from cnnkit.registry import did_you_mean
+
+    target = None
+    if explain_class is not None:
+        if explain_class not in run.classes:
+            raise CnnkitError(f"--explain-class {printable(explain_class)!r}: not a class of this run"
+                              f"{did_you_mean(explain_class, run.classes)}; its classes: "
+                              f"{printable(', '.join(run.classes[:20]))}{' ...' if len(run.classes) > 20 else ''}")
+        target = run.classes.index(explain_class)
+    layer = named_layer(run.model, explain_layer, "--explain-layer") if explain_layer is not None else None
+    return target, layer
+
+
+def _explained(run, batch: np.ndarray, ranked: list[Prediction], target: int | None,
+               layer: torch.nn.Module | None) -> list:
+    """Each image with the Grad-CAM heatmap of its predicted class (or `target`) over it, titled with the class
+    explained and the prediction."""
     from cnnkit.explain import explain, overlay
 
-    targets = [run.classes.index(prediction.label) for prediction in ranked]
-    maps = explain(run.model, batch, targets)
-    return [overlay(image, heatmap, f"{printable(p.label)}: {p.confidence:.1%}")
-            for image, heatmap, p in zip(batch, maps, ranked)]
+    targets = [run.classes.index(p.label) if target is None else target for p in ranked]
+    maps = explain(run.model, batch, targets, layer=layer)
+    titles = [f"{printable(p.label)}: {p.confidence:.1%}" if target is None else
+              f"why {printable(run.classes[target])}? (said {printable(p.label)} {p.confidence:.0%})" for p in ranked]
+    return [overlay(image, heatmap, title) for image, heatmap, title in zip(batch, maps, titles)]
 
 
 def _write_pictures(folder: Path, paths: list[Path], pictures: list, written: list[Path], option: str) -> None:
