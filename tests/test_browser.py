@@ -144,6 +144,28 @@ def test_uploading_a_real_mnist_digit(page, mnist_server, tmp_path):
     assert target.stat().st_size > 5_000
 
 
+def test_the_why_toggle_shows_a_heatmap_of_the_answer(page, mnist_server, tmp_path):
+    images, labels = mnist_test_digits(8)
+    path = tmp_path / "digit.png"
+    path.write_bytes(png_bytes(images[0]))
+    open_page(page, mnist_server)
+    before = predictions(page)
+    page.set_input_files("#upload", str(path))
+    wait_for_prediction(page, before)
+    assert not page.is_visible("#heatmap")  # off by default: a heatmap costs a backward pass
+    page.check("#why")
+    page.set_input_files("#upload", str(path))
+    wait_for_prediction(page, before + 1)
+    assert page.is_visible("#heatmap") and f"“{labels[0]}”" in page.text_content("#why-caption")
+    size = page.evaluate("[document.getElementById('heatmap').naturalWidth, "
+                         "document.getElementById('heatmap').naturalHeight]")
+    assert size == [280, 280]
+    page.uncheck("#why")
+    page.set_input_files("#upload", str(path))
+    wait_for_prediction(page, before + 2)
+    assert not page.is_visible("#heatmap")
+
+
 def test_a_wrong_file_shows_the_servers_message(page, mnist_server, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("not an image\n")

@@ -169,6 +169,33 @@ def post_image(server: Server, data: bytes, **kwargs) -> tuple[int, dict]:
     return post(server, *multipart(data, **kwargs))
 
 
+def test_explain_1_adds_the_heatmap_of_the_answer_and_other_values_are_a_400(server, digits, run_dir):
+    """POST /predict?explain=1: the same answer plus a heatmap over the image the model saw, the one
+    cnnkit.explain gives offline for the answered class."""
+    import cnnkit
+    from cnnkit.explain import explain
+
+    index = good_digit(digits)
+    body, kind = multipart(digits["png"][index])
+    plain = post(server, body, kind)[1]
+    status, answer = post(server, body, kind, "predict?explain=1")
+    assert status == 200, answer
+    assert "explanation" not in plain and {key: answer[key] for key in plain} == plain
+    with Image.open(io.BytesIO(base64.b64decode(answer["explanation"]))) as picture:
+        assert picture.format == "PNG" and picture.size == (280, 280)
+        heat = np.asarray(picture.convert("RGB")).astype(int)
+    assert (heat[..., 0] - heat[..., 2]).std() > 10  # coloured by a map, not a grey copy of the digit
+    seen = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["input"]))))[None]
+    run = cnnkit.load_run(run_dir)
+    offline = explain(run.model, seen[None], run.classes.index(answer["label"]))[0]
+    hot = np.unravel_index(offline.argmax(), offline.shape)
+    red = heat[..., 0] - heat[..., 2]
+    assert red[hot[0] * 10 + 5, hot[1] * 10 + 5] > np.median(red)  # the server's map is hot where cnnkit's is
+    for bad in ("maybe", "2"):
+        status, refused = post(server, body, kind, f"predict?explain={bad}")
+        assert status == 400 and "explain must be 0 or 1" in refused["detail"]
+
+
 def raw_exchange(server: Server, head: str, chunks: Iterable[bytes] = ()) -> tuple[int, dict]:
     """Send a hand-written request head and body chunks on a raw socket; return (status, JSON body).
 

@@ -260,7 +260,8 @@ def write_duplicates(pairs: Sequence[DuplicatePair], audit: AuditImages, out: Pa
         images, captions = [], []
         for pair in shown:
             images += [audit.images[pair.index_a], audit.images[pair.index_b]]
-            captions += [f"{pair.file_a}\n({pair.split_a})", f"{pair.file_b}\n({pair.split_b}, distance {pair.distance})"]
+            captions += [f"{pair.file_a}\n({pair.split_a})",
+                         f"{pair.file_b}\n({pair.split_b}, distance {pair.distance})"]
         written.append(_contact_sheet(images, captions, out / "duplicates.png", "Duplicate pairs, side by side"))
     return written
 

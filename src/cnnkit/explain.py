@@ -73,7 +73,8 @@ def explain(model: nn.Module, images: np.ndarray | torch.Tensor, target: Sequenc
         raise CnnkitError(f"explaining a prediction needs Captum, which is not installed: {INSTALL_HINT}") from None
     from cnnkit.engine.inference import model_device
 
-    images = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    if not isinstance(images, torch.Tensor):
+        images = torch.from_numpy(np.array(images))  # a copy: a caller's array may be read-only
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise CnnkitError(f"explain takes uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
     if isinstance(model, TestTimeAugmentation):  # its views run the layer twice: explain the image as it is
@@ -116,8 +117,9 @@ def _normalised(maps: torch.Tensor) -> torch.Tensor:
     return (maps.clamp_min(0) / peak).float()
 
 
-def overlay(image: np.ndarray, heatmap: np.ndarray, title: str, side: int = 224):
-    """A PNG-ready picture: the image as the model saw it, enlarged to `side` px, with the heatmap over it."""
+def overlay(image: np.ndarray, heatmap: np.ndarray, title: str | None, side: int = 224):
+    """A PNG-ready picture: the image as the model saw it, enlarged to `side` px, with the heatmap over it and
+    `title` in a band above (none when None)."""
     import matplotlib
     from PIL import Image, ImageDraw
 
@@ -127,6 +129,8 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, title: str, side: int = 224)
     colours = matplotlib.colormaps["jet"](heatmap)[..., :3]
     heat = Image.fromarray((colours * 255).astype(np.uint8)).resize((side, side), Image.BILINEAR)
     picture = Image.blend(base, heat, 0.4)
+    if title is None:
+        return picture
     canvas = Image.new("RGB", (side, side + 20), "white")
     canvas.paste(picture, (0, 20))
     ImageDraw.Draw(canvas).text((4, 4), title, fill="black")

@@ -33,8 +33,8 @@ from cnnkit.fileio import UnreadableFile, require_regular_file
 from cnnkit.inputs import InputSpec, Preprocessing
 
 __all__ = ["MAX_CLASSES", "MAX_PIXELS", "MAX_SIDE", "MODEL_FORMAT", "MODEL_FORMAT_VERSION", "InputSpec",
-           "ModelMeta", "Preprocessing", "WeightsHeader", "check_model_meta", "check_recorded", "check_standardisation", "input_text", "read_weights_header",
-           "skeleton_state", "weights_record"]
+           "ModelMeta", "Preprocessing", "WeightsHeader", "check_model_meta", "check_recorded", "check_standardisation",
+           "input_text", "read_weights_header", "skeleton_state", "weights_record"]
 
 MODEL_FORMAT = "cnnkit.model"
 MODEL_FORMAT_VERSION = 1

@@ -207,7 +207,8 @@ def _removed_if_interrupted(folder: Path | None) -> Iterator[list[Path]]:
         raise
 
 
-def explanation_request(run, explain_class: str | None, explain_layer: str | None) -> tuple[int | None, torch.nn.Module | None]:
+def explanation_request(run, explain_class: str | None,
+                        explain_layer: str | None) -> tuple[int | None, torch.nn.Module | None]:
     """(the class index to explain or None for each image's predicted class, the layer module or None),
     checked before any image is read: an unknown name is one line with the close ones."""
     from cnnkit.explain import named_layer

@@ -21,12 +21,14 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import copy
 import gc
 import io
 import json
 import math
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -83,8 +85,9 @@ _PREDICT_OPENAPI = {
     "responses": {
         "200": {"description": "The prediction", "content": {"application/json": {"example": {
             "label": "7", "confidence": 0.98, "top": [["7", 0.98], ["9", 0.01], ["1", 0.004]],
-            "input": "<base64 PNG of the image the model saw>"}}}},
-        "400": {"description": "A corrupt or truncated image, or a malformed body"},
+            "input": "<base64 PNG of the image the model saw>",
+            "explanation": "<with ?explain=1: base64 PNG of the Grad-CAM heatmap of the label over that image>"}}}},
+        "400": {"description": "A corrupt or truncated image, a malformed body, or an explain value not 0 or 1"},
         "413": {"description": "The upload is over the server's --max-upload-mb"},
         "415": {"description": "The body is not an image (or not in a supported format)"},
     },
@@ -328,6 +331,41 @@ def open_image(data: bytes) -> Image.Image:
     return image
 
 
+def explain_wanted(request: Request) -> bool:
+    """?explain=1 (or true/yes) asks for a heatmap; 0/false/no or nothing for none; anything else is a 400."""
+    value = request.query_params.get("explain", "0").strip().lower()
+    if value not in ("0", "1", "true", "false", "yes", "no", ""):
+        raise UploadError(400, f"explain must be 0 or 1, got {value[:20]!r}")
+    return value in ("1", "true", "yes")
+
+
+class Explainer:
+    """Grad-CAM heatmaps for the server, one at a time, on a copy of the model: Captum hooks the layer it reads
+    while it works, and the batcher's forward passes on the served model must not run through those hooks."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model  # the served ImageClassifier
+        self.copy: Any = None  # made at the first request for a heatmap
+        self.lock = threading.Lock()
+
+    def picture(self, image: np.ndarray, target: int) -> str:
+        """The heatmap of class `target` over `image` (uint8 C, H, W), as a base64 PNG the size of the page's view."""
+        import torch
+
+        from cnnkit.explain import explain, overlay
+
+        with self.lock:
+            if self.copy is None:
+                self.copy = copy.deepcopy(self.model).to(memory_format=torch.contiguous_format)
+            try:
+                heat = explain(self.copy, image[None], target)[0]
+            except CnnkitError as error:  # Captum missing, or a model without a spatial layer
+                raise UploadError(501, f"this server cannot explain: {error}") from None
+        buffer = io.BytesIO()
+        overlay(image, heat, None, side=280).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 class PixelBudget:
     """The pixels that may be decoding at once: a large image waits for room instead of adding its memory to
     the others' (30 concurrent 64-MP uploads each decoded at once peaked at 3 GB). An image larger than the
@@ -422,6 +460,7 @@ def create_app(run_dir: str | Path, max_upload_mb: float = 10, *, max_batch: int
             return predict(run.model, images).numpy()
 
     forward(np.zeros((1, *run.input_shape), dtype=np.uint8))  # warm up, and fail now if the model cannot run
+    explainer = Explainer(run.model)
     batcher = MicroBatcher(forward, max_batch=max_batch, max_wait=max_wait_ms / 1000)
     pixel_budget = PixelBudget(image_policy.max_pixels())
     decoder = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="cnnkit-decode")
@@ -471,9 +510,11 @@ def create_app(run_dir: str | Path, max_upload_mb: float = 10, *, max_batch: int
     async def model() -> JSONResponse:
         return JSONResponse(info)
 
-    @app.post("/predict", summary="Classify one image", openapi_extra=_PREDICT_OPENAPI)
+    @app.post("/predict", summary="Classify one image (?explain=1: with a heatmap of why)",
+              openapi_extra=_PREDICT_OPENAPI)
     async def predict_image(request: Request) -> JSONResponse:
         loop = asyncio.get_running_loop()
+        why = explain_wanted(request)
         with batcher.arriving():
             data = await read_upload(request, max_bytes)
             image = open_image(data)
@@ -486,7 +527,10 @@ def create_app(run_dir: str | Path, max_upload_mb: float = 10, *, max_batch: int
         probabilities = await answer
         order = np.argsort(-probabilities, kind="stable")[:top_k]
         top = [[classes[i], round(float(probabilities[i]), 6)] for i in order]
-        return JSONResponse({"label": top[0][0], "confidence": top[0][1], "top": top, "input": seen})
+        answer = {"label": top[0][0], "confidence": top[0][1], "top": top, "input": seen}
+        if why:
+            answer["explanation"] = await loop.run_in_executor(decoder, explainer.picture, array, int(order[0]))
+        return JSONResponse(answer)
 
     return app
 
