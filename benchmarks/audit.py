@@ -49,7 +49,7 @@ def rows(path: Path) -> list[dict[str, str]]:
 def label_issues(work: Path, per_class: int, flip: float, seed: int) -> None:
     from slices import write_mnist_folder
 
-    folder = write_mnist_folder(work / "mnist", {digit: per_class for digit in range(10)}, test_per_class=0,
+    folder = write_mnist_folder(work / "mnist", {digit: per_class for digit in range(10)}, test_per_class=10,
                                 flip=flip, seed=seed)
     flipped = len(list(folder.glob("train/*/flipped-*")))
     seconds, _ = audit(folder, work / "labels", work / "data", "--only", "labels", "--seed", str(seed))

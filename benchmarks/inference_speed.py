@@ -106,7 +106,7 @@ def measure(run_dir: Path, thread_counts: list[int], seconds: float, rounds: int
     from cnnkit.runs import load_run
 
     run = load_run(run_dir)
-    name = f"{run_dir.name} ({run.meta.get('architecture')})"
+    name = f"{run_dir.name} ({run.meta.architecture})"
     images, data = parity_data(run, max(BATCHES))
     cells = []
     with tempfile.TemporaryDirectory() as tmp:

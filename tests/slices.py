@@ -52,8 +52,8 @@ def mnist_arrays(split: str):
 def write_mnist_folder(root: Path, train_per_class: dict[int, int], test_per_class: int | None = None,
                        flip: float = 0.0, seed: int = 0) -> Path:
     """An image folder of real MNIST PNGs: `root/train/<digit>/` with the first `train_per_class[d]` training
-    images of each digit, `root/test/<digit>/` with the first `test_per_class` test images of each (all 10,000
-    when None). `flip`: that share of the training images, drawn at random, is put in another digit's folder
+    images of each digit, `root/test/<digit>/` with the first `test_per_class` test images of those digits (all
+    of them when None; no test/ when 0). `flip`: that share of the training images, drawn at random, is put in another digit's folder
     (uniformly among the other nine); their names start with "flipped-" so a test can tell them apart."""
     import numpy as np
     from PIL import Image
@@ -72,7 +72,7 @@ def write_mnist_folder(root: Path, train_per_class: dict[int, int], test_per_cla
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(images[index]).save(folder / name)
     test_images, test_labels = mnist_arrays("t10k")
-    for digit in range(10):
+    for digit in (train_per_class if test_per_class != 0 else ()):
         folder = root / "test" / str(digit)
         folder.mkdir(parents=True, exist_ok=True)
         for index in np.flatnonzero(test_labels == digit)[:test_per_class].tolist():

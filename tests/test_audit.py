@@ -100,6 +100,25 @@ def test_an_audit_of_a_run_writes_into_its_own_audit_folder(folder, tmp_path):
     assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before  # nothing else
 
 
+def test_a_run_of_a_users_model_file_is_audited_only_with_trust_code_and_that_file(tmp_path):
+    """Auditing a run trains its recipe: a FILE.py model runs that file, so it needs --trust-code, and the file
+    must be the one the run recorded (its SHA-256), not whatever config.json names."""
+    folder = write_mnist_folder(tmp_path / "digits", {digit: 30 for digit in range(3)}, test_per_class=2)
+    code = tmp_path / "net.py"
+    code.write_text("from torch import nn\n\ndef build(input_shape, num_classes):\n"
+                    "    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, num_classes))\n")
+    trained = cnnkit("train", "--dataset", f"imagefolder:{folder}", "--model", f"{code}:build", "--epochs", "1",
+                     "--quiet", "--no-checkpoint", "--runs-dir", str(tmp_path / "runs"), "--name", "r",
+                     "--data-dir", str(tmp_path / "data"))
+    assert trained.returncode == 0, trained.stderr
+    run = tmp_path / "runs" / "r"
+    refused = cnnkit("audit", str(run), "--only", "labels", "--folds", "2", "--epochs", "1")
+    assert "--trust-code" in one_error_line(refused) and not (run / "audit").exists()
+    code.write_text(code.read_text() + "# edited\n")
+    edited = cnnkit("audit", str(run), "--only", "labels", "--folds", "2", "--epochs", "1", "--trust-code")
+    assert "SHA-256" in one_error_line(edited) or "changed" in one_error_line(edited)
+
+
 @pytest.mark.parametrize("case", ["no out", "out is a run", "one class", "empty", "too many folds"])
 def test_bad_audits_are_one_line(case, tmp_path, folder):
     data = ["--data-dir", str(tmp_path / "data")]

@@ -91,6 +91,7 @@ def test_predict_explain_class_and_layer_are_checked_and_change_the_maps(run, tm
         assert any(np.abs(a - b).mean() > 1 for a, b in zip(pictures["own"], pictures[other])), other
     for options, words in ((("--explain-class", "seven"), "not a class of this run"),
                            (("--explain-layer", "body.99"), "no layer of that name"),
+                           (("--explain-layer", "body"), "gives no spatial feature map"),
                            (("--explain-class", "7"), "go with --explain DIR")):
         extra = ("--explain", str(tmp_path / "x")) if words != "go with --explain DIR" else ()
         refused = predict(*extra, *options)

@@ -26,6 +26,23 @@ def test_balanced_class_weights_give_every_class_the_same_total_weight():
     assert float(weights[2]) == 0.0
 
 
+def test_weighted_loss_of_two_halves_is_the_weighted_loss_of_the_whole_batch():
+    """Micro-batches (and data-parallel ranks) average their losses by size: the class-weighted loss must add up
+    the same way, which PyTorch's weighted mean (divided by each part's sum of weights) does not."""
+    from cnnkit.data.mix import mixed_cross_entropy
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 10, generator=generator)
+    labels = torch.cat([torch.zeros(40, dtype=torch.long), torch.randint(1, 10, (24,), generator=generator)])
+    weights = balanced_class_weights(labels, 10)
+    whole = mixed_cross_entropy(logits, labels, labels, 1.0, 0.1, weights)
+    halves = [mixed_cross_entropy(logits[part], labels[part], labels[part], 1.0, 0.1, weights)
+              for part in (slice(0, 32), slice(32, 64))]
+    assert float(whole) == pytest.approx(float(sum(halves) / 2), rel=1e-6)
+    plain = mixed_cross_entropy(logits, labels, labels, 1.0, 0.1)
+    assert float(whole) != pytest.approx(float(plain))  # the weights do change the loss
+
+
 def test_balanced_draws_give_each_class_an_equal_share_from_the_same_generator():
     _, labels = mnist_arrays("train")
     labels = torch.from_numpy(labels[:6000])
@@ -42,17 +59,18 @@ def test_balanced_draws_give_each_class_an_equal_share_from_the_same_generator()
     assert torch.equal(drawn, labels[first])  # training draws exactly that order, batch by batch
 
 
-def test_imbalance_is_named_only_beyond_two_to_one():
+def test_imbalance_is_named_only_beyond_two_to_one_and_with_enough_images_to_tell():
     classes = ["a", "b", "c"]
-    assert imbalance_of(torch.tensor([0] * 20 + [1] * 10 + [2] * 12), classes) is None  # 2:1 is not imbalanced
-    found = imbalance_of(torch.tensor([0] * 30 + [1] * 10 + [2] * 20), classes)
+    assert imbalance_of(torch.tensor([0] * 200 + [1] * 100 + [2] * 120), classes) is None  # 2:1 is not imbalanced
+    found = imbalance_of(torch.tensor([0] * 300 + [1] * 100 + [2] * 200), classes)
     assert found is not None and found.ratio == 3.0 and found.rare == ("b",)
+    assert imbalance_of(torch.tensor([0] * 30 + [1] * 10 + [2] * 20), classes) is None  # 20 a class: chance
 
 
 @pytest.fixture(scope="module")
 def imbalanced_folder(tmp_path_factory) -> Path:
-    """Real MNIST PNGs: digits 0-4 with 100 training images each, 5-9 with 10; 20 test images of each digit."""
-    counts = {digit: 100 if digit < 5 else 10 for digit in range(10)}
+    """Real MNIST PNGs: digits 0-4 with 200 training images each, 5-9 with 20; 20 test images of each digit."""
+    counts = {digit: 200 if digit < 5 else 20 for digit in range(10)}
     return write_mnist_folder(tmp_path_factory.mktemp("imbalanced"), counts, test_per_class=20)
 
 

@@ -37,6 +37,7 @@ from cnnkit.data.tensors import Dataset, Split
 from cnnkit.errors import CnnkitError
 from cnnkit.fileio import atomic_path, output_folder, write_text
 from cnnkit.model_meta import read_model_meta
+from cnnkit.models.user import CUSTOM_PREFIX, UserCode, code_for_run
 from cnnkit.runs import read_run_config, recorded_data_dirs
 from cnnkit.text import printable
 
@@ -105,7 +106,8 @@ class DuplicatePair:
 def audit_images(dataset: str, data_dir: str | None, *, image_size: tuple[int, int] | None = None,
                  channels: int | None = None, limit: int | None = None, progress: bool = False) -> AuditImages:
     """Every image of `dataset` (a registered name or imagefolder:PATH) with its file name, split and label.
-    `limit` keeps the first N training images (seeded slices would lose the files' order)."""
+    `limit` keeps N training images drawn at random (seeded; a folder is listed class by class, so its first N
+    would be its first classes), in their order."""
     from cnnkit.data.download import data_root
     from cnnkit.data.sources import load_raw
 
@@ -117,13 +119,20 @@ def audit_images(dataset: str, data_dir: str | None, *, image_size: tuple[int, i
              if split is not None]
     files, splits, images, labels = [], [], [], []
     for name, split in parts:
-        count = len(split) if limit is None or name != "train" else min(limit, len(split))
+        keep = _kept(len(split), limit if name == "train" else None)
         width = len(str(len(split) - 1))
-        files += [f"{name}/{index:0{width}d}" for index in range(count)]
-        splits += [name] * count
-        images.append(split.images[:count])
-        labels.append(split.labels[:count])
+        files += [f"{name}/{index:0{width}d}" for index in keep.tolist()]
+        splits += [name] * len(keep)
+        images.append(split.images[keep])
+        labels.append(split.labels[keep])
     return AuditImages(raw.name, list(raw.classes), files, splits, torch.cat(images), torch.cat(labels))
+
+
+def _kept(count: int, limit: int | None) -> torch.Tensor:
+    """Indices of the images kept: all, or `limit` of them drawn at random (seed 0), in order."""
+    if limit is None or limit >= count:
+        return torch.arange(count)
+    return torch.from_numpy(np.sort(np.random.default_rng(0).permutation(count)[:limit]))
 
 
 def _folder_images(folder: str, cache: Path, image_size, channels, limit, progress) -> AuditImages:
@@ -134,11 +143,11 @@ def _folder_images(folder: str, cache: Path, image_size, channels, limit, progre
     names = kept_files(root, data)
     files, splits, images, labels = [], [], [], []
     for split, (pixels, given) in data.splits.items():
-        count = len(given) if limit is None or split != "train" else min(limit, len(given))
-        files += names[split][:count]
-        splits += [split] * count
-        images.append(torch.from_numpy(np.asarray(pixels[:count])))
-        labels.append(torch.from_numpy(np.asarray(given[:count])))
+        keep = _kept(len(given), limit if split == "train" else None).numpy()
+        files += [names[split][index] for index in keep]
+        splits += [split] * len(keep)
+        images.append(torch.from_numpy(np.asarray(pixels)[keep]))
+        labels.append(torch.from_numpy(np.asarray(given)[keep]))
     return AuditImages(f"imagefolder:{root}", list(data.classes), files, splits, torch.cat(images),
                        torch.cat(labels))
 
@@ -148,7 +157,7 @@ def _folder_images(folder: str, cache: Path, image_size, channels, limit, progre
 
 
 def out_of_sample_probabilities(config: TrainConfig, pool: AuditImages, folds: int,
-                                log: Callable[[str], None] = print) -> np.ndarray:
+                                log: Callable[[str], None] = print, code: UserCode | None = None) -> np.ndarray:
     """(N, K) class probabilities of every image of `pool`, each from the model of the fold that held it out.
 
     Each fold's model trains with `config` on the other folds and keeps its last epoch's weights: choosing an
@@ -162,7 +171,7 @@ def out_of_sample_probabilities(config: TrainConfig, pool: AuditImages, folds: i
     count, classes = len(pool.labels), len(pool.classes)
     fold_of = np.random.default_rng(config.seed).permutation(count) % folds
     probabilities = np.zeros((count, classes), np.float32)
-    config = replace(config, keep="last", patience=None)
+    config = replace(config, keep="last", patience=None, budget=None, ema=None)
     for fold in range(folds):
         held = torch.from_numpy(fold_of == fold)
         trained = Split(pool.images[~held], pool.labels[~held])
@@ -171,7 +180,7 @@ def out_of_sample_probabilities(config: TrainConfig, pool: AuditImages, folds: i
             raise CnnkitError(f"{pool.name}: fold {fold + 1} trains on fewer than two classes; an audit of labels "
                               "needs at least two classes with several images each")
         data = Dataset(pool.name, pool.classes, trained, scored, scored)
-        model = model_for(config, data)
+        model = model_for(config, data, code=code)
         fit(model, data, config=config, progress=False)
         logits = predict_logits(model, scored.images, batch_size=config.eval_batch_size)
         probabilities[held.numpy()] = torch.softmax(logits.float(), dim=1).cpu().numpy()
@@ -311,12 +320,13 @@ class AuditResult:
 def audit(target: str, out: str | Path | None = None, *, folds: int = 5, epochs: int = 3, preset: str | None = None,
           model: str | None = None, max_distance: int = NEAR_DISTANCE, data_dir: str | None = None,
           limit: int | None = None, labels: bool = True, duplicates: bool = True, seed: int = 0,
-          log: Callable[[str], None] = print) -> AuditResult:
+          trust_code: bool = False, log: Callable[[str], None] = print) -> AuditResult:
     """Audit a run's dataset (with the run's recipe) or a dataset (with `preset`/`model`), writing what it finds
-    into `out` (a run's own RUN/audit by default; a dataset needs `out`)."""
+    into `out` (a run's own RUN/audit by default; a dataset needs `out`). A run whose model is a user's
+    FILE.py is audited with that very file (its recorded SHA-256) and only with `trust_code`, as load_run."""
     _require("cleanlab" if labels else None, "imagehash" if duplicates else None)
-    config, dataset, run_dir = _recipe(target, preset=preset, model=model, epochs=epochs, data_dir=data_dir,
-                                       seed=seed)
+    config, dataset, run_dir, code = _recipe(target, preset=preset, model=model, epochs=epochs, data_dir=data_dir,
+                                             seed=seed, trust_code=trust_code)
     if out is None and run_dir is None:
         raise CnnkitError(f"audit {target}: name a folder for what it finds: --out DIR")
     folder = output_folder(out if out is not None else run_dir / "audit", "--out")
@@ -329,7 +339,7 @@ def audit(target: str, out: str | Path | None = None, *, folds: int = 5, epochs:
     folder.mkdir(parents=True, exist_ok=True)
     issues, pairs, written = [], [], []
     if labels:
-        probabilities = out_of_sample_probabilities(config, pool, folds, log)
+        probabilities = out_of_sample_probabilities(config, pool, folds, log, code=code)
         issues = find_label_issues(pool, probabilities)
         written += write_label_issues(issues, pool, folder)
     if duplicates:
@@ -349,21 +359,31 @@ def _require(*packages: str | None) -> None:
 
 
 def _recipe(target: str, *, preset: str | None, model: str | None, epochs: int, data_dir: str | None,
-            seed: int) -> tuple[TrainConfig, str, Path | None]:
-    """(the cross-validation recipe, the dataset, the run directory or None) for a run or a dataset name."""
-    fixed = {"epochs": epochs, "seed": seed, "budget": None, "data_dir": data_dir}
+            seed: int, trust_code: bool) -> tuple[TrainConfig, str, Path | None, UserCode | None]:
+    """(the cross-validation recipe, the dataset, the run directory or None, the verified code of a run's FILE.py
+    model or None) for a run or a dataset name."""
+    fixed = {"epochs": epochs, "seed": seed, "data_dir": data_dir}
     if not (Path(target).expanduser() / "model.json").is_file():
-        return resolve_config(preset, model=model, **fixed), target, None
+        return resolve_config(preset, model=model, **fixed), target, None, None
     run_dir = Path(target).expanduser()
     meta = read_model_meta(run_dir)
     recorded = read_run_config(run_dir)
     kept = ("model", "model_kwargs", "pretrained", "freeze_bn", *FIT_FIELDS)
     options = {key: value for key, value in recorded.options.items() if key in kept}
+    code = None
     if model is not None or preset is not None:
         options = {"model": model} if model is not None else {}
+    elif meta.code is not None:  # the run's own file, verified, never whatever config.json names
+        code = code_for_run(run_dir, meta, trust_code)
+        options["model"] = f"{code.path}:{code.function}"
+    elif meta.architecture.startswith(CUSTOM_PREFIX):
+        raise CnnkitError(f"{run_dir}: its model ({meta.architecture}) was a Python object, which the audit cannot "
+                          "rebuild; name a recipe for the folds: --model NAME or --preset NAME")
+    else:
+        options["model"] = meta.architecture  # model.json's, checked against the weights; not config.json's
     if data_dir is None:
         located = [path for path, _ in recorded_data_dirs(run_dir, recorded) if path.is_dir()]
         fixed["data_dir"] = str(located[0]) if located else None
     if image_folder(meta.dataset) is not None:  # decoded as the run's images were
         fixed.update(image_size=[meta.input.height, meta.input.width], channels=meta.input.channels)
-    return resolve_config(preset, **{**options, **fixed}), meta.dataset, run_dir
+    return resolve_config(preset, **{**options, **fixed}), meta.dataset, run_dir, code

@@ -587,6 +587,7 @@ def _add_audit(sub) -> None:
     p.add_argument("--only", choices=("labels", "duplicates"), help="run one of the two audits")
     p.add_argument("--seed", type=int, default=0, help="seed of the folds and their models")
     _add_data_dir(p)
+    _add_trust_code(p)
     p.set_defaults(handler=cmd_audit)
 
 
@@ -599,6 +600,7 @@ def cmd_audit(args: argparse.Namespace, started: float) -> int:
     result = audit(args.target, args.out, folds=args.folds, epochs=args.epochs, preset=args.preset, model=args.model,
                    max_distance=distance, data_dir=args.data_dir, limit=args.limit,
                    labels=args.only != "duplicates", duplicates=args.only != "labels", seed=args.seed,
+                   trust_code=args.trust_code,
                    log=lambda line: print(printable(line), file=sys.stderr))
     if args.only != "duplicates":
         print(f"label issues: {len(result.issues):,} of {result.pool:,} training images "

@@ -542,6 +542,13 @@ class RunConfig:
 
     options: dict[str, Any] = field(default_factory=dict)
 
+    def __getitem__(self, key: str) -> Any:
+        """`run.config["lr"]`: what code written when `Run.config` was config.json's dict keeps doing."""
+        return self.options[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.options.get(key, default)
+
     def _text(self, name: str) -> str | None:
         value = self.options.get(name)
         return value if isinstance(value, str) and value else None

@@ -36,7 +36,7 @@ def named_layer(model: nn.Module, name: str, option: str = "layer") -> nn.Module
 
 #: The layer found for each model (one forward pass saved per call: explaining one image at a time, as the
 #: server does, costs 3 passes instead of 4).
-_found_layers: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+_found_layers: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], nn.Module]] = weakref.WeakKeyDictionary()
 
 
 def spatial_layer(model: nn.Module, sample: torch.Tensor) -> nn.Module:
@@ -85,15 +85,21 @@ def explain(model: nn.Module, images: np.ndarray | torch.Tensor, target: Sequenc
     try:
         chosen = named_layer(model, layer) if isinstance(layer, str) else layer
         if chosen is None:
-            chosen = _found_layers.get(model)
-        if chosen is None:
-            chosen = _found_layers[model] = spatial_layer(model, images[:1].float().to(device))
+            found = _found_layers.setdefault(model, {})  # by input shape: a model may take any size
+            shape = tuple(images.shape[1:])
+            if shape not in found:
+                found[shape] = spatial_layer(model, images[:1].float().to(device))
+            chosen = found[shape]
         cam = LayerGradCam(model, chosen)
         maps = []
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size].float().to(device)
             classes = _targets(target, model, batch, start)
             attribution = cam.attribute(batch, target=classes, relu_attributions=True)
+            if attribution.ndim != 4 or attribution.shape[-1] * attribution.shape[-2] < 2:
+                raise CnnkitError(f"layer {type(chosen).__name__} gives no spatial feature map (its output is "
+                                  f"{tuple(attribution.shape[1:])} per image): name a convolution or block before "
+                                  "the pooling, or leave the layer out")
             upsampled = LayerAttribution.interpolate(attribution, tuple(batch.shape[-2:]), "bilinear")
             maps.append(_normalised(upsampled[:, 0].detach().cpu()))
     finally:

@@ -71,6 +71,13 @@ class ModelMeta:
     #: unknown fields of a later version included.
     document: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
+    def __getitem__(self, key: str) -> Any:
+        """`run.meta["classes"]`: what code written when `Run.meta` was model.json's dict keeps doing."""
+        return self.document[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.document.get(key, default)
+
 
 # ---------------------------------------------------------------------------------------------------------
 # The schema

@@ -16,7 +16,7 @@ __all__ = ["aligned_correlation", "close_hash_pairs", "copies_across", "perceptu
 
 def pixel_digests(images: torch.Tensor) -> list[bytes]:
     """SHA-256 of each image's decoded pixels: equal digests are the same image, whatever the files' bytes."""
-    flat = images.reshape(len(images), -1).numpy()
+    flat = images.flatten(1).numpy()
     return [hashlib.sha256(row.tobytes()).digest() for row in flat]
 
 
@@ -59,13 +59,17 @@ def perceptual_hashes(images: torch.Tensor) -> np.ndarray:
     return hashes
 
 
-def close_hash_pairs(hashes: np.ndarray, max_distance: int, chunk: int = 512) -> dict[tuple[int, int], int]:
+def close_hash_pairs(hashes: np.ndarray, max_distance: int, chunk: int = 256) -> dict[tuple[int, int], int]:
     """{(i, j): bits that differ} for every i < j where some shifted hash of i is within `max_distance` bits of
-    j's own hash (or the other way round); a chunk of rows against all at a time (memory: chunk x N x 9 bytes)."""
+    j's own hash (or the other way round); a chunk of rows against all at a time, one shift at a time (memory:
+    chunk x N x 9 bytes, 140 MB for 60,000 images)."""
     own = hashes[:, 0]
     found: dict[tuple[int, int], int] = {}
     for start in range(0, len(hashes), chunk):
-        distances = np.bitwise_count(hashes[start : start + chunk, :, None] ^ own[None, None, :]).min(axis=1)
+        rows = hashes[start : start + chunk]
+        distances = np.full((len(rows), len(own)), 64, np.uint8)
+        for shift in range(rows.shape[1]):
+            np.minimum(distances, np.bitwise_count(rows[:, shift, None] ^ own[None, :]), out=distances)
         for a, b in zip(*np.nonzero(distances <= max_distance)):
             first, second = start + int(a), int(b)
             if first != second:

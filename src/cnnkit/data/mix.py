@@ -77,7 +77,18 @@ def mixed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, partners: to
                         label_smoothing: float = 0.0, weight: torch.Tensor | None = None) -> torch.Tensor:
     """lam * CE(labels) + (1 - lam) * CE(partners); plain cross-entropy when nothing was mixed (lam 1).
     `weight`: a loss weight per class (--class-weight balanced)."""
-    loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=label_smoothing)
+    loss = _cross_entropy(logits, labels, label_smoothing, weight)
     if lam == 1.0:
         return loss
-    return lam * loss + (1 - lam) * F.cross_entropy(logits, partners, weight=weight, label_smoothing=label_smoothing)
+    return lam * loss + (1 - lam) * _cross_entropy(logits, partners, label_smoothing, weight)
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float,
+                   weight: torch.Tensor | None) -> torch.Tensor:
+    """The batch's mean cross-entropy, each image's weighted by its class's `weight` when given. A mean over
+    images, not PyTorch's weighted mean (divided by the batch's sum of weights): micro-batches and data-parallel
+    ranks then add up to the same step as one whole batch, as they do unweighted."""
+    if weight is None:
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    losses = F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
+    return (weight[labels] * losses).mean()

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -340,13 +339,31 @@ def explain_wanted(request: Request) -> bool:
 
 
 class Explainer:
-    """Grad-CAM heatmaps for the server, one at a time, on a copy of the model: Captum hooks the layer it reads
-    while it works, and the batcher's forward passes on the served model must not run through those hooks."""
+    """Grad-CAM heatmaps for the server, one at a time on a thread of their own, on a copy of the model: Captum
+    hooks the layer it reads while it works, and the batcher's forward passes on the served model must not run
+    through those hooks; nor may heatmaps waiting their turn hold the threads that decode uploads."""
+
+    #: Heatmap requests that may wait at once; beyond them a 503 says to come back (a backward pass each).
+    MAX_WAITING = 16
 
     def __init__(self, model: Any) -> None:
         self.model = model  # the served ImageClassifier
         self.copy: Any = None  # made at the first request for a heatmap
-        self.lock = threading.Lock()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnkit-explain")
+        self.waiting = 0  # counted on the event loop's thread only
+
+    async def explain(self, image: np.ndarray, target: int) -> str:
+        """picture() on the explainer's thread, or a 503 when MAX_WAITING requests are already waiting."""
+        if self.waiting >= self.MAX_WAITING:
+            raise UploadError(503, "the server is busy explaining other images; try again shortly")
+        self.waiting += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, self.picture, image, target)
+        finally:
+            self.waiting -= 1
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     def picture(self, image: np.ndarray, target: int) -> str:
         """The heatmap of class `target` over `image` (uint8 C, H, W), as a base64 PNG the size of the page's view."""
@@ -354,13 +371,12 @@ class Explainer:
 
         from cnnkit.explain import explain, overlay
 
-        with self.lock:
-            if self.copy is None:
-                self.copy = copy.deepcopy(self.model).to(memory_format=torch.contiguous_format)
-            try:
-                heat = explain(self.copy, image[None], target)[0]
-            except CnnkitError as error:  # Captum missing, or a model without a spatial layer
-                raise UploadError(501, f"this server cannot explain: {error}") from None
+        if self.copy is None:
+            self.copy = copy.deepcopy(self.model).to(memory_format=torch.contiguous_format)
+        try:
+            heat = explain(self.copy, image[None], target)[0]
+        except CnnkitError as error:  # Captum missing, or a model without a spatial layer
+            raise UploadError(501, f"this server cannot explain: {error}") from None
         buffer = io.BytesIO()
         overlay(image, heat, None, side=280).save(buffer, format="PNG")
         return base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -472,6 +488,7 @@ def create_app(run_dir: str | Path, max_upload_mb: float = 10, *, max_batch: int
         yield
         await batcher.close()
         decoder.shutdown(wait=False, cancel_futures=True)
+        explainer.close()
 
     name = run.path.name
     app = FastAPI(
@@ -529,7 +546,7 @@ def create_app(run_dir: str | Path, max_upload_mb: float = 10, *, max_batch: int
         top = [[classes[i], round(float(probabilities[i]), 6)] for i in order]
         answer = {"label": top[0][0], "confidence": top[0][1], "top": top, "input": seen}
         if why:
-            answer["explanation"] = await loop.run_in_executor(decoder, explainer.picture, array, int(order[0]))
+            answer["explanation"] = await explainer.explain(array, int(order[0]))
         return JSONResponse(answer)
 
     return app
