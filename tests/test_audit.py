@@ -5,6 +5,7 @@ The full-size targets (10,000 images, CIFAR-10's test split) are measured by ben
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import re
@@ -96,8 +97,13 @@ def test_an_audit_of_a_run_writes_into_its_own_audit_folder(folder, tmp_path):
     before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
     result = cnnkit("audit", str(run), "--only", "duplicates")
     assert result.returncode == 0, result.stderr
-    assert (run / "audit" / "duplicates.csv").is_file()
-    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before  # nothing else
+    pairs = rows(run / "audit" / "duplicates.csv")
+    after = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    assert {name: data for name, data in after.items() if name != "report.html"} == \
+        {name: data for name, data in before.items() if name != "report.html"}  # only the report is rewritten
+    page = (run / "report.html").read_text()
+    assert "<h2>Data audit</h2>" in page and f"{len(pairs):,} duplicate pairs" in page
+    assert html.escape(pairs[0]["file_a"]) in page and "audit/duplicates.png" in page
 
 
 def test_a_run_of_a_users_model_file_is_audited_only_with_trust_code_and_that_file(tmp_path):

@@ -71,6 +71,17 @@ def test_predict_explain_writes_a_heatmap_picture_per_image_and_refuses_a_run_di
     assert refused.returncode != 0 and len(lines) == 1 and "--explain" in lines[0] and "is a run directory" in lines[0]
 
 
+def test_a_run_shows_its_most_confident_errors_with_heatmaps_in_its_report(run):
+    run_dir, _ = run
+    with Image.open(run_dir / "errors_why.png") as sheet:
+        assert sheet.format == "PNG" and sheet.size[0] >= 164 and sheet.size[1] % 184 == 0
+        pixels = np.asarray(sheet.convert("RGB")).astype(int)
+    assert (pixels[..., 0] - pixels[..., 2]).std() > 10  # heatmaps, not grey copies of the digits
+    page = (run_dir / "report.html").read_text()
+    assert page.index("errors.png") < page.index("errors_why.png")  # captioned, after the plain errors
+    assert "evidence for the wrong answer" in page
+
+
 def test_predict_explain_class_and_layer_are_checked_and_change_the_maps(run, tmp_path):
     run_dir, data = run
     digits = tmp_path / "digits"

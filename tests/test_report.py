@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import os
 import re
 import subprocess
@@ -225,3 +226,17 @@ def test_a_directory_that_is_not_a_run_is_refused(tmp_path):
     (tmp_path / "metrics.json").write_text("{broken")
     with pytest.raises(CnnkitError, match="metrics.json: not valid JSON"):
         write_report(tmp_path)
+
+
+def test_an_audit_folder_is_shown_and_a_damaged_one_is_named_not_fatal(odd_run):
+    audit = odd_run / "audit"
+    audit.mkdir()
+    (audit / "label_issues.csv").write_text("file,given,suggested,score\n" +
+                                           "".join(f"train/cat/{i}.png,cat,<b>dog,0.9{i}\n" for i in range(12)))
+    (audit / "duplicates.csv").write_bytes(b"file_a,file_b\n\xff\xfe\n")
+    page = write_report(odd_run).read_text(encoding="utf-8")
+    assert "<h2>Data audit</h2>" in page and "12 likely label issues (most likely first), the first 10" in page
+    assert "&lt;b&gt;dog" in page and "<b>dog" not in page  # the CSV's text is escaped like every other
+    assert "duplicates.csv</code>: not readable (not UTF-8 text (byte 14)" in page
+    shutil.rmtree(audit)
+    assert "Data audit" not in write_report(odd_run).read_text(encoding="utf-8")

@@ -37,6 +37,7 @@ from cnnkit.data.tensors import Dataset, Split
 from cnnkit.errors import CnnkitError
 from cnnkit.fileio import atomic_path, output_folder, write_text
 from cnnkit.model_meta import read_model_meta
+from cnnkit.report import write_report
 from cnnkit.models.user import CUSTOM_PREFIX, UserCode, code_for_run
 from cnnkit.runs import read_run_config, recorded_data_dirs
 from cnnkit.text import printable
@@ -345,6 +346,8 @@ def audit(target: str, out: str | Path | None = None, *, folds: int = 5, epochs:
     if duplicates:
         pairs = duplicate_pairs(found, max_distance)
         written += write_duplicates(pairs, found, folder)
+    if run_dir is not None and folder.resolve() == (run_dir / "audit").resolve():
+        written.append(write_report(run_dir))  # its "Data audit" section shows what was found
     return AuditResult(len(found.files), len(pool.files), issues, pairs, written)
 
 

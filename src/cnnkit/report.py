@@ -12,7 +12,9 @@ may hold < or &. Only regular PNG files inside the run directory are embedded (a
 from __future__ import annotations
 
 import base64
+import csv
 import html
+import io
 import json
 import math
 import os
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit.errors import CnnkitError
-from cnnkit.fileio import UnreadableFile, read_capped, write_text
+from cnnkit.fileio import MAX_BYTES, UnreadableFile, read_capped, read_text_capped, write_text
 from cnnkit.config import RunConfig, read_run_config
 from cnnkit.model_meta import ModelMeta, read_model_meta
 from cnnkit.records import HistoryTable, Metrics, read_history_table, read_metrics
@@ -43,6 +45,8 @@ FIGURE_CAPTIONS = {
     "per_class.png": "Precision and recall per class on the test set.",
     "errors.png": "The test images the model got wrong with the highest confidence: true → predicted "
                   "(confidence, rounded down).",
+    "errors_why.png": "The same errors with Grad-CAM heatmaps of the class each was taken for: red is where the "
+                      "evidence for the wrong answer lay (written when Captum is installed).",
 }
 
 STYLE = """
@@ -75,6 +79,16 @@ class RunFiles:
     model: ModelMeta | None = None
     history: HistoryTable | None = None
     figures: list[tuple[str, bytes]] = field(default_factory=list)
+    audit: AuditFiles | None = None  # what `cnnkit audit RUN` wrote into RUN/audit
+
+
+@dataclass
+class AuditFiles:
+    """RUN/audit as the report shows it: each CSV's header, first rows and row count (or why it could not be
+    read), and the contact sheets."""
+
+    tables: dict[str, tuple[list[str], list[list[str]], int] | str] = field(default_factory=dict)
+    figures: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 def write_report(run_dir: Path, *, name: str | None = None) -> Path:
@@ -103,6 +117,7 @@ def read_run_files(run_dir: Path) -> RunFiles:
             model=read_model_meta(run_dir) if (run_dir / "model.json").exists() else None,
             history=_optional(run_dir / "history.csv", read_history_table, None),
             figures=_read_figures(run_dir),
+            audit=_read_audit(run_dir / AUDIT_FOLDER),
         )
     except UnreadableFile as error:
         raise CnnkitError(str(error)) from None
@@ -135,6 +150,31 @@ def _read_figures(run_dir: Path) -> list[tuple[str, bytes]]:
         except (OSError, UnreadableFile):  # too large, or gone: named as left out, the page still written
             figures.append((name, b""))
     return figures
+
+
+AUDIT_FOLDER = "audit"
+AUDIT_TABLES = {"label_issues.csv": "likely label issues (most likely first)",
+                "duplicates.csv": "duplicate pairs (exact copies first)"}
+AUDIT_ROWS = 10  # rows of each audit table shown; the CSV holds them all
+
+
+def _read_audit(folder: Path) -> AuditFiles | None:
+    """RUN/audit's tables and sheets, when `cnnkit audit RUN` wrote them (a link named audit is not followed)."""
+    if not folder.is_dir() or folder.is_symlink():
+        return None
+    found = AuditFiles()
+    for name in AUDIT_TABLES:
+        path = folder / name
+        if not _regular(path):
+            continue
+        try:
+            rows = list(csv.reader(io.StringIO(read_text_capped(path, MAX_BYTES["csv"]), newline="")))
+        except (OSError, UnreadableFile, csv.Error) as error:
+            found.tables[name] = f"not readable ({str(error).removeprefix(str(path) + ': ')})"
+            continue
+        found.tables[name] = (rows[0], rows[1 : AUDIT_ROWS + 1], len(rows) - 1) if rows else "empty"
+    found.figures = [(name, data) for name, data in _read_figures(folder) if name in AUDIT_SHEETS]
+    return found if found.tables or found.figures else None
 
 
 def _regular(path: Path) -> bool:
@@ -232,6 +272,7 @@ def render_report(run: RunFiles, name: str | None) -> str:
         _kept_epoch(m, len(run.history.rows) if run.history else 0),
         _most_confused(m, _classes(run)),
         _figures(run.figures),
+        _audit_section(run.audit),
         _per_class_section(m),
         _history_section(run.history, m.selected.epoch if m.selected else None),
         _facts_section(m),
@@ -354,6 +395,34 @@ def _figures(figures: list[tuple[str, bytes]]) -> str:
         encoded = base64.b64encode(data).decode("ascii")
         blocks.append(f'<figure><img alt="{_e(name)}" src="data:image/png;base64,{encoded}">'
                       f"<figcaption><code>{_e(name)}</code>: {_e(caption)}</figcaption></figure>")
+    return "\n".join(blocks)
+
+
+AUDIT_SHEETS = {"label_issues.png": "The likeliest label issues: given -> suggested label (score).",
+                "duplicates.png": "Duplicate pairs side by side, with their splits and hash distance."}
+
+
+def _audit_section(audit: AuditFiles | None) -> str:
+    """What `cnnkit audit RUN` found in the run's data: each table's size and first rows, and its sheets."""
+    if audit is None:
+        return ""
+    blocks = ["<h2>Data audit</h2><p>From <code>cnnkit audit</code>, in the run's <code>audit/</code> folder.</p>"]
+    for name, what in AUDIT_TABLES.items():
+        table = audit.tables.get(name)
+        if isinstance(table, str):
+            blocks.append(f"<p><code>{_e(name)}</code>: {_e(table)}.</p>")
+        elif table is not None:
+            header, rows, count = table
+            shown = f", the first {len(rows)}" if count > len(rows) else ""
+            blocks.append(f"<p><code>{_e(name)}</code>: {count:,} {_e(what)}{shown}.</p>")
+            if rows:
+                blocks.append(_table(header, [row + [""] * (len(header) - len(row)) for row in rows],
+                                     text_columns=len(header)))
+    for name, data in audit.figures:
+        if data.startswith(PNG_SIGNATURE):
+            encoded = base64.b64encode(data).decode("ascii")
+            blocks.append(f'<figure><img alt="{_e(name)}" src="data:image/png;base64,{encoded}">'
+                          f"<figcaption><code>audit/{_e(name)}</code>: {_e(AUDIT_SHEETS[name])}</figcaption></figure>")
     return "\n".join(blocks)
 
 

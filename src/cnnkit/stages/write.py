@@ -18,7 +18,8 @@ from cnnkit.data.augment import resolve_flip
 from cnnkit.data.balance import class_counts, imbalance_of
 from cnnkit.data.tensors import Dataset
 from cnnkit.engine.cpu import peak_rss_mb
-from cnnkit.errors import RunNotWritten, describe_os_error
+from cnnkit.errors import CnnkitError, RunNotWritten, describe_os_error
+from cnnkit.text import printable
 from cnnkit.engine.evaluate import EvalReport
 from cnnkit.engine.callbacks import History
 from cnnkit.engine.distributed import World
@@ -211,17 +212,62 @@ def write_run_files(run_dir: Path, config: TrainConfig, data: Dataset, model: to
                           title=f"{title}: test accuracy {report.accuracy:.2%}")
     plot_per_class(data.classes, report.precision, report.recall, run_dir / "per_class.png", title=title)
     plot_misclassified(run_dir / "errors.png", data, report)
+    explain_errors(run_dir / EXPLAINED_ERRORS, model, data, report)
+
+
+def confident_errors(data: Dataset, report: EvalReport, count: int = ERROR_GRID_SIZE) -> torch.Tensor:
+    """Indices of the test images the model got wrong, most confident first: the ones most worth a look."""
+    labels = data.test.labels.cpu()
+    wrong = (report.predictions != labels).nonzero().flatten()
+    return wrong[report.confidences[wrong].argsort(descending=True)][:count]
 
 
 def plot_misclassified(path: Path, data: Dataset, report: EvalReport) -> None:
-    """The most confidently wrong test images: the ones most worth a look."""
+    """The most confidently wrong test images, true and predicted labels."""
     labels = data.test.labels.cpu()
-    wrong = (report.predictions != labels).nonzero().flatten()
-    order = wrong[report.confidences[wrong].argsort(descending=True)][:ERROR_GRID_SIZE]
+    order = confident_errors(data, report)
     images = data.test.images.cpu()[order].numpy()
     plot_errors(images, [data.classes[i] for i in labels[order].tolist()],
                 [data.classes[i] for i in report.predictions[order].tolist()],
                 report.confidences[order].tolist(), path)
+
+
+#: The most confident errors with their heatmaps (report.html shows it after errors.png).
+EXPLAINED_ERRORS = "errors_why.png"
+EXPLAINED_COUNT = 12
+
+
+def explain_errors(path: Path, model: torch.nn.Module, data: Dataset, report: EvalReport) -> None:
+    """The most confidently wrong test images, each with the Grad-CAM heatmap of the class it was taken for:
+    where the evidence for the wrong answer lay. Written only where Captum is installed (cnnkit[insight]) and the
+    model has a spatial layer to read; a figure is never a reason for a finished run to fail."""
+    import importlib.util
+
+    if importlib.util.find_spec("captum") is None or data.test.features or len(data.test) == 0:
+        return
+    from PIL import Image
+
+    from cnnkit.explain import explain, overlay
+
+    order = confident_errors(data, report, EXPLAINED_COUNT)
+    if len(order) == 0:
+        return
+    images = data.test.images.cpu()[order].numpy()
+    predicted = report.predictions[order].tolist()
+    try:
+        maps = explain(model, images, predicted)
+    except (CnnkitError, RuntimeError, NotImplementedError):  # no spatial layer, or a network Captum cannot read
+        return
+    truth = data.test.labels.cpu()[order].tolist()
+    tiles = [overlay(image, heat, printable(f"{data.classes[t]} -> {data.classes[p]} ({c:.0%})")[:40], side=160)
+             for image, heat, t, p, c in zip(images, maps, truth, predicted, report.confidences[order].tolist())]
+    columns = min(6, len(tiles))
+    rows = -(-len(tiles) // columns)
+    sheet = Image.new("RGB", (columns * 164, rows * 184), "white")
+    for index, tile in enumerate(tiles):
+        sheet.paste(tile, ((index % columns) * 164 + 2, (index // columns) * 184 + 2))
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
 
 
 def collect_metrics(config: TrainConfig, data: Dataset, history: History, report: EvalReport,
