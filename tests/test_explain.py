@@ -168,3 +168,14 @@ def test_heatmaps_lie_on_the_patch_that_decides_the_class_and_not_for_random_wei
     trained, untrained = ranks(maps.reshape(len(maps), -1)), ranks(random_maps.reshape(len(maps), -1))
     correlation = [np.corrcoef(a, b)[0, 1] for a, b in zip(trained, untrained)]
     assert np.nanmean(correlation) <= 0.3, np.nanmean(correlation)
+
+
+def test_cnnkit_explain_stays_the_function_whatever_was_imported_first():
+    """The function lived in a module of its own name, cnnkit/explain.py: importing that module (as predict
+    --explain and the server do) rebound `cnnkit.explain` to the module, and `cnnkit.explain(model, images)` then
+    raised "'module' object is not callable" (the full suite found it). The module is cnnkit/heatmaps.py now."""
+    code = ("import cnnkit, cnnkit.heatmaps, cnnkit.prediction, cnnkit.serve.app, cnnkit.stages.write; "
+            "print(callable(cnnkit.explain), cnnkit.explain.__module__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "cnnkit.heatmaps"]

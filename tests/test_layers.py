@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     # and starting weights (a run's, a file's, ImageNet's)
     {"cnnkit.config", "cnnkit.model_meta", "cnnkit.models.transfer", "cnnkit.models.pretrained"},
     {"cnnkit.engine", "cnnkit.runs", "cnnkit.plots", "cnnkit.prediction", "cnnkit.export", "cnnkit.report",
-     "cnnkit.comparison", "cnnkit.explain"},  # training, evaluation and the run directory
+     "cnnkit.comparison", "cnnkit.heatmaps"},  # training, evaluation and the run directory
     {"cnnkit.stages"},  # a training's named stages: prepare, data, model, fit, test, write
     {"cnnkit.api", "cnnkit.serve", "cnnkit.audit"},
     {"cnnkit.cli", "cnnkit.__main__", "cnnkit"},

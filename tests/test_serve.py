@@ -173,7 +173,7 @@ def test_explain_1_adds_the_heatmap_of_the_answer_and_other_values_are_a_400(ser
     """POST /predict?explain=1: the same answer plus a heatmap over the image the model saw, the one
     cnnkit.explain gives offline for the answered class."""
     import cnnkit
-    from cnnkit.explain import explain
+    from cnnkit.heatmaps import explain
 
     index = good_digit(digits)
     body, kind = multipart(digits["png"][index])

@@ -29,7 +29,7 @@ _EXPORTS = {
     "TensorBoardLogger": "cnnkit.engine.callbacks",
     "evaluate": "cnnkit.engine.evaluate",
     "predict": "cnnkit.prediction",
-    "explain": "cnnkit.explain",
+    "explain": "cnnkit.heatmaps",
     "predict_files": "cnnkit.prediction",
     "predict_images": "cnnkit.prediction",
     "load_run": "cnnkit.runs",

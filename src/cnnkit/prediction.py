@@ -211,7 +211,7 @@ def explanation_request(run, explain_class: str | None,
                         explain_layer: str | None) -> tuple[int | None, torch.nn.Module | None]:
     """(the class index to explain or None for each image's predicted class, the layer module or None),
     checked before any image is read: an unknown name is one line with the close ones."""
-    from cnnkit.explain import named_layer
+    from cnnkit.heatmaps import named_layer
     from cnnkit.registry import did_you_mean
 
     target = None
@@ -229,7 +229,7 @@ def _explained(run, batch: np.ndarray, ranked: list[Prediction], target: int | N
                layer: torch.nn.Module | None) -> list:
     """Each image with the Grad-CAM heatmap of its predicted class (or `target`) over it, titled with the class
     explained and the prediction."""
-    from cnnkit.explain import explain, overlay
+    from cnnkit.heatmaps import explain, overlay
 
     targets = [run.classes.index(p.label) if target is None else target for p in ranked]
     maps = explain(run.model, batch, targets, layer=layer)

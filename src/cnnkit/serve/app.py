@@ -369,7 +369,7 @@ class Explainer:
         """The heatmap of class `target` over `image` (uint8 C, H, W), as a base64 PNG the size of the page's view."""
         import torch
 
-        from cnnkit.explain import explain, overlay
+        from cnnkit.heatmaps import explain, overlay
 
         if self.copy is None:
             self.copy = copy.deepcopy(self.model).to(memory_format=torch.contiguous_format)

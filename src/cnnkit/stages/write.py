@@ -18,7 +18,7 @@ from cnnkit.data.augment import resolve_flip
 from cnnkit.data.balance import class_counts, imbalance_of
 from cnnkit.data.tensors import Dataset
 from cnnkit.engine.cpu import peak_rss_mb
-from cnnkit.errors import CnnkitError, RunNotWritten, describe_os_error
+from cnnkit.errors import RunNotWritten, describe_os_error
 from cnnkit.text import printable
 from cnnkit.engine.evaluate import EvalReport
 from cnnkit.engine.callbacks import History
@@ -247,7 +247,7 @@ def explain_errors(path: Path, model: torch.nn.Module, data: Dataset, report: Ev
         return
     from PIL import Image
 
-    from cnnkit.explain import explain, overlay
+    from cnnkit.heatmaps import explain, overlay
 
     order = confident_errors(data, report, EXPLAINED_COUNT)
     if len(order) == 0:
@@ -256,7 +256,7 @@ def explain_errors(path: Path, model: torch.nn.Module, data: Dataset, report: Ev
     predicted = report.predictions[order].tolist()
     try:
         maps = explain(model, images, predicted)
-    except (CnnkitError, RuntimeError, NotImplementedError):  # no spatial layer, or a network Captum cannot read
+    except Exception:  # noqa: BLE001 - no spatial layer, or a user's network Captum cannot read: no figure
         return
     truth = data.test.labels.cpu()[order].tolist()
     tiles = [overlay(image, heat, printable(f"{data.classes[t]} -> {data.classes[p]} ({c:.0%})")[:40], side=160)
