@@ -371,7 +371,8 @@ def _recipe(target: str, *, preset: str | None, model: str | None, epochs: int, 
     run_dir = Path(target).expanduser()
     meta = read_model_meta(run_dir)
     recorded = read_run_config(run_dir)
-    kept = ("model", "model_kwargs", "pretrained", "freeze_bn", *FIT_FIELDS)
+    # The recipe, not the machine it ran on: device, threads, processes and compilation are this machine's to choose.
+    kept = {"model", "model_kwargs", "pretrained", "freeze_bn", *FIT_FIELDS} - {"device", "threads", "devices", "compile"}
     options = {key: value for key, value in recorded.options.items() if key in kept}
     code = None
     if model is not None or preset is not None:
