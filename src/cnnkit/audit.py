@@ -372,7 +372,8 @@ def _recipe(target: str, *, preset: str | None, model: str | None, epochs: int, 
     meta = read_model_meta(run_dir)
     recorded = read_run_config(run_dir)
     # The recipe, not the machine it ran on: device, threads, processes and compilation are this machine's to choose.
-    kept = {"model", "model_kwargs", "pretrained", "freeze_bn", *FIT_FIELDS} - {"device", "threads", "devices", "compile"}
+    machine = {"device", "threads", "devices", "compile"}
+    kept = {"model", "model_kwargs", "pretrained", "freeze_bn", *FIT_FIELDS} - machine
     options = {key: value for key, value in recorded.options.items() if key in kept}
     code = None
     if model is not None or preset is not None:
