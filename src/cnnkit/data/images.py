@@ -25,8 +25,8 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["ALLOWED_FORMATS", "DECODE_ERRORS", "GRAYSCALE_MODES", "IMAGE_EXTENSIONS", "FoundImage", "ImageRefused", "Probe",
-           "decode_image", "hidden_name", "max_pixels", "open_image", "probe", "not_a_file", "set_max_pixels",
+__all__ = ["ALLOWED_FORMATS", "DECODE_ERRORS", "GRAYSCALE_MODES", "IMAGE_EXTENSIONS", "FoundImage", "ImageRefused",
+           "Probe", "decode_image", "hidden_name", "max_pixels", "open_image", "probe", "not_a_file", "set_max_pixels",
            "to_array", "walk_images"]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})

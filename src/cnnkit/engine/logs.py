@@ -44,7 +44,8 @@ class Selection:
     def from_dict(cls, value: Any) -> Selection:
         """A Selection from its to_dict() (a checkpoint's state); ValueError naming what is wrong."""
         if not isinstance(value, dict) or set(value) != {"keep", "epoch", "weights", "monitor", "value"}:
-            raise ValueError(f"a weight selection must have keep, epoch, weights, monitor and value, got {value!r}"[:200])
+            raise ValueError(f"a weight selection must have keep, epoch, weights, monitor and value, got "
+                             f"{value!r}"[:200])
         keep, epoch, weights, monitor, number = (value[key] for key in ("keep", "epoch", "weights", "monitor", "value"))
         if keep not in KEEP_RULES or type(epoch) is not int or epoch < 1 or not isinstance(weights, str) \
                 or not isinstance(monitor, str) or isinstance(number, bool) or not isinstance(number, (int, float)) \
