@@ -22,12 +22,16 @@ from cnnkit.registry import did_you_mean
 INSTALL_HINT = 'pip install "cnnkit[insight]"'
 
 
+def _bare(model: nn.Module) -> nn.Module:
+    """The classifier inside a test-time augmentation: its views would run the layer twice, and the image is
+    explained as it is."""
+    return model.model if isinstance(model, TestTimeAugmentation) else model
+
+
 def named_layer(model: nn.Module, name: str, option: str = "layer") -> nn.Module:
     """The module called `name` in model.named_modules() (what `print(model)` shows, dotted), or one line
     naming close names and the default."""
-    if isinstance(model, TestTimeAugmentation):
-        model = model.model
-    modules = dict(model.named_modules())
+    modules = dict(_bare(model).named_modules())
     if not name or name not in modules:
         raise CnnkitError(f"{option} {name!r}: no layer of that name in this model{did_you_mean(name, list(modules))}; "
                           "leave it out for the last layer with a spatial feature map")
@@ -77,8 +81,7 @@ def explain(model: nn.Module, images: np.ndarray | torch.Tensor, target: Sequenc
         images = torch.from_numpy(np.array(images))  # a copy: a caller's array may be read-only
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise CnnkitError(f"explain takes uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
-    if isinstance(model, TestTimeAugmentation):  # its views run the layer twice: explain the image as it is
-        model = model.model
+    model = _bare(model)
     device = model_device(model)
     was_training = model.training
     model.eval()

@@ -392,10 +392,15 @@ def _figures(figures: list[tuple[str, bytes]]) -> str:
         if not data.startswith(PNG_SIGNATURE):
             blocks.append(f"<p>{_e(name)}: not a valid PNG file, left out.</p>")
             continue
-        encoded = base64.b64encode(data).decode("ascii")
-        blocks.append(f'<figure><img alt="{_e(name)}" src="data:image/png;base64,{encoded}">'
-                      f"<figcaption><code>{_e(name)}</code>: {_e(caption)}</figcaption></figure>")
+        blocks.append(_figure(name, data, caption))
     return "\n".join(blocks)
+
+
+def _figure(name: str, data: bytes, caption: str) -> str:
+    """One PNG embedded as a data URI, captioned with its file name and what it shows."""
+    encoded = base64.b64encode(data).decode("ascii")
+    return (f'<figure><img alt="{_e(name)}" src="data:image/png;base64,{encoded}">'
+            f"<figcaption><code>{_e(name)}</code>: {_e(caption)}</figcaption></figure>")
 
 
 AUDIT_SHEETS = {"label_issues.png": "The likeliest label issues: given -> suggested label (score).",
@@ -420,9 +425,7 @@ def _audit_section(audit: AuditFiles | None) -> str:
                                      text_columns=len(header)))
     for name, data in audit.figures:
         if data.startswith(PNG_SIGNATURE):
-            encoded = base64.b64encode(data).decode("ascii")
-            blocks.append(f'<figure><img alt="{_e(name)}" src="data:image/png;base64,{encoded}">'
-                          f"<figcaption><code>audit/{_e(name)}</code>: {_e(AUDIT_SHEETS[name])}</figcaption></figure>")
+            blocks.append(_figure(f"audit/{name}", data, AUDIT_SHEETS[name]))
     return "\n".join(blocks)
 
 

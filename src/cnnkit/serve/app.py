@@ -377,9 +377,7 @@ class Explainer:
             heat = explain(self.copy, image[None], target)[0]
         except CnnkitError as error:  # Captum missing, or a model without a spatial layer
             raise UploadError(501, f"this server cannot explain: {error}") from None
-        buffer = io.BytesIO()
-        overlay(image, heat, None, side=280).save(buffer, format="PNG")
-        return base64.b64encode(buffer.getvalue()).decode("ascii")
+        return picture_base64(overlay(image, heat, None, side=280))
 
 
 class PixelBudget:
@@ -417,8 +415,13 @@ def convert(image: Image.Image, meta: ModelMeta) -> tuple[np.ndarray, str]:
 
 
 def png_base64(array: np.ndarray) -> str:
+    """uint8 (C, H, W) as a base64 PNG, as the JSON answers carry images."""
+    return picture_base64(image_policy.to_image(array))
+
+
+def picture_base64(picture: Image.Image) -> str:
     buffer = io.BytesIO()
-    image_policy.to_image(array).save(buffer, format="PNG", compress_level=1)
+    picture.save(buffer, format="PNG", compress_level=1)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
