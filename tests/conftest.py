@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -13,6 +14,29 @@ from pathlib import Path
 import pytest
 
 from slices import SHARED_DATA
+
+#: Test processes run at once (pytest-xdist, `-n auto` in pyproject.toml): one per core, at most this many. The
+#: heaviest tests peak at a few GiB each (frozen-backbone features, the streamed folder), so more would trade
+#: memory for little time.
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, the cores are shared out between the workers, for their own torch and for every
+    process a test starts (OMP_NUM_THREADS, which torch's default thread count follows). Left alone, two workers
+    on two cores run two OpenMP teams of two that spin while waiting for each other: the suite measured 675 s
+    with `-n 2` like that, 498 s with one thread a worker, 827 s on one worker (2-core AMD EPYC)."""
+    worker_count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker_count > 1:
+        threads = max(1, (os.cpu_count() or 1) // worker_count)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

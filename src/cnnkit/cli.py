@@ -206,7 +206,6 @@ def _add_train(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace, started: float) -> int:
-    from cnnkit.api import resume, train
     from cnnkit.config import FIELD_NAMES, cli_flag, resolve_config
 
     overrides = {name: value for name, value in vars(args).items() if name in FIELD_NAMES}
@@ -220,6 +219,9 @@ def cmd_train(args: argparse.Namespace, started: float) -> int:
         devices = config.devices
     if devices > 1 and "RANK" not in os.environ:  # not yet one of torchrun's processes: start them
         return launch_processes(devices, args.argv)
+    # Imported once the options are checked: a mistyped value is refused without the second torch takes to load.
+    from cnnkit.api import resume, train
+
     if args.resume is not None:
         result = resume(args.resume, progress=not args.quiet, started=started, log=log,
                         threads=overrides.get("threads"), trust_code=args.trust_code)
