@@ -148,7 +148,7 @@ def test_corrupt_hidden_and_uppercase_files(cifar_subset: Path, tmp_path: Path) 
 
     data = load_raw(f"imagefolder:{root}", tmp_path / "cache", progress=False)
     assert data.classes == ["airplane", "bird"]
-    assert data.skipped == ["bird/broken.jpg", "bird/half.jpg"]
+    assert [str(item) for item in data.skipped] == ["bird/broken.jpg", "bird/half.jpg"]
     assert data.test is not None
     counts = np.bincount(data.train[1], minlength=2) + np.bincount(data.test[1], minlength=2)
     assert counts.tolist() == [13, 12]  # 12 + UPPER.PNG; 14 bird files minus the two unreadable ones

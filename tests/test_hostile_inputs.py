@@ -159,7 +159,8 @@ def test_the_folder_scan_names_every_bad_entry_and_keeps_the_rest(tmp_path):
         write_digit_pngs(tmp_path / name, 5, seed)
     bad = hostile_entries(tmp_path / "a")
     data = load_image_folder(tmp_path, None, workers=1)
-    assert data.skipped == sorted(f"a/{name}" for name in bad)
+    assert [item.file for item in data.skipped] == sorted(f"a/{name}" for name in bad)
+    assert not any(item.refused for item in data.skipped)  # unreadable: no flag would admit them
     assert sum(len(labels) for _, labels in data.splits.values()) == 10
     assert data.classes == ["a", "b"]
 

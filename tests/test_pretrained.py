@@ -301,3 +301,35 @@ def test_a_wrong_pretrained_request_is_one_line_before_any_data_is_read(flags, e
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode != 0 and len(lines) == 1 and error in lines[0], result.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "nothing-here").exists()
+
+
+def test_an_audit_with_a_frozen_backbone_recipe_trains_heads_on_features_it_computes_once(photo_folder, tmp_path):
+    """`cnnkit audit --preset transfer-fast`: the backbone passes over the photos once (the second audit reads
+    every vector from the cache), each fold trains a fresh head, and the photos put in a wrong class folder lead
+    the label issues."""
+    import csv
+    import io
+    import shutil
+
+    root = tmp_path / "photos"
+    shutil.copytree(photo_folder, root)
+    classes = ["airplane", "automobile", "bird"]
+    flipped = []
+    for index, name in enumerate(classes):  # the first 3 photos of each class go to the next class's folder
+        wrong = classes[(index + 1) % len(classes)]
+        for photo in sorted((root / "train" / name).iterdir())[:3]:
+            photo.rename(root / "train" / wrong / f"flipped-{photo.name}")
+            flipped.append(f"train/{wrong}/flipped-{photo.name}")
+    common = ["audit", f"imagefolder:{root}", "--preset", "transfer-fast", "--only", "labels", "--data-dir",
+              str(tmp_path / "data")]
+    first = cnnkit(*common, "--out", str(tmp_path / "first"))
+    assert first.returncode == 0, first.stderr
+    assert "frozen backbone: features of 180 images computed" in first.stderr, first.stderr
+    second = cnnkit(*common, "--out", str(tmp_path / "second"))
+    assert second.returncode == 0, second.stderr
+    assert "features of all 180 images came from the cache" in second.stderr, second.stderr
+    found = (tmp_path / "first" / "label_issues.csv").read_text()
+    assert (tmp_path / "second" / "label_issues.csv").read_text() == found  # the same heads on the same vectors
+    ranked = [row["file"] for row in csv.DictReader(io.StringIO(found))]
+    top = sum(name in flipped for name in ranked[:len(flipped)])
+    assert top >= 6, (top, ranked[:12])  # measured: 7 of the 9 lead the ranking

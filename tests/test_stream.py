@@ -252,7 +252,17 @@ def test_images_that_fail_to_decode_are_squeezed_out_of_the_files(folder, tmp_pa
         (broken / name).write_bytes(b"\x89PNG broken")
     in_memory = load_image_folder(broken, None)  # decoded in memory, no cache
     on_disk = load_image_folder(broken, tmp_path / "cache", on_disk=True)
-    assert in_memory.skipped == on_disk.skipped == ["train/c0/5.png", "train/c1/0.png", "val/c2/19.png"]
+    assert in_memory.skipped == on_disk.skipped
+    assert [item.file for item in in_memory.skipped] == ["train/c0/5.png", "train/c1/0.png", "val/c2/19.png"]
+    # Each image's file, in the order of its arrays, from the cache as from memory: the listing less the broken
+    assert in_memory.files == on_disk.files
+    assert "train/c0/5.png" not in in_memory.files["train"] and "train/c0/6.png" in in_memory.files["train"]
+    for split, (images, _) in in_memory.splits.items():  # the i-th file is the i-th image
+        files = in_memory.files[split]
+        assert len(files) == len(images)
+        for index in (0, len(files) // 2, len(files) - 1):
+            pixels = np.asarray(Image.open(broken / files[index]).convert("RGB")).transpose(2, 0, 1)
+            np.testing.assert_array_equal(images[index], pixels)
     for split, (images, labels) in in_memory.splits.items():
         np.testing.assert_array_equal(on_disk.splits[split][0].load(), images)
         np.testing.assert_array_equal(on_disk.splits[split][1], labels)

@@ -54,6 +54,9 @@ __all__ = ["AuditImages", "DuplicatePair", "LabelIssue", "audit_images", "duplic
 NEAR_DISTANCE = 4
 NEAR_CORRELATION = 0.93
 SHEET_IMAGES = 32  # images on a contact sheet
+#: Epochs of each fold's model, unless told: enough for its probabilities to rank MNIST's flipped labels (91.6% of
+#: them in the top 5%, benchmarks/audit.py) at a fold's cost of three epochs.
+FOLD_EPOCHS = 3
 
 
 @dataclass(frozen=True)
@@ -137,15 +140,14 @@ def _kept(count: int, limit: int | None) -> torch.Tensor:
 
 
 def _folder_images(folder: str, cache: Path, image_size, channels, limit, progress) -> AuditImages:
-    from cnnkit.data.folder import kept_files, load_image_folder
+    from cnnkit.data.folder import load_image_folder
 
     root = Path(folder).expanduser().resolve()
     data = load_image_folder(root, cache, image_size=image_size, channels=channels, progress=progress)
-    names = kept_files(root, data)
     files, splits, images, labels = [], [], [], []
     for split, (pixels, given) in data.splits.items():
         keep = _kept(len(given), limit if split == "train" else None).numpy()
-        files += [names[split][index] for index in keep]
+        files += [data.files[split][index] for index in keep]
         splits += [split] * len(keep)
         images.append(torch.from_numpy(np.asarray(pixels)[keep]))
         labels.append(torch.from_numpy(np.asarray(given)[keep]))
@@ -162,31 +164,59 @@ def out_of_sample_probabilities(config: TrainConfig, pool: AuditImages, folds: i
     """(N, K) class probabilities of every image of `pool`, each from the model of the fold that held it out.
 
     Each fold's model trains with `config` on the other folds and keeps its last epoch's weights: choosing an
-    epoch on the held-out fold would let the images it scores pick the model that scores them.
+    epoch on the held-out fold would let the images it scores pick the model that scores them. A recipe with a
+    frozen backbone (`--freeze backbone`, the transfer-fast preset) trains as it did in its run: the backbone
+    passes over the pool once (its vectors cached like a training's), and each fold trains a fresh head on them.
     """
     from cnnkit.engine.fit import fit
     from cnnkit.engine.inference import predict_logits
-    from cnnkit.stages.model import model_for
 
     check_pool(pool, folds)
     count, classes = len(pool.labels), len(pool.classes)
     fold_of = np.random.default_rng(config.seed).permutation(count) % folds
     probabilities = np.zeros((count, classes), np.float32)
     config = replace(config, keep="last", patience=None, budget=None, ema=None)
+    inputs, fresh_model = _fold_inputs(config, pool, code, log)
     for fold in range(folds):
         held = torch.from_numpy(fold_of == fold)
-        trained = Split(pool.images[~held], pool.labels[~held])
-        scored = Split(pool.images[held], pool.labels[held])
+        trained = Split(inputs[~held], pool.labels[~held])
+        scored = Split(inputs[held], pool.labels[held])
         if len(torch.unique(trained.labels)) < 2:
             raise CnnkitError(f"{pool.name}: fold {fold + 1} trains on fewer than two classes; an audit of labels "
                               "needs at least two classes with several images each")
         data = Dataset(pool.name, pool.classes, trained, scored, scored)
-        model = model_for(config, data, code=code)
+        model = fresh_model(data)
         fit(model, data, config=config, progress=False)
         logits = predict_logits(model, scored.images, batch_size=config.eval_batch_size)
         probabilities[held.numpy()] = torch.softmax(logits.float(), dim=1).cpu().numpy()
         log(f"fold {fold + 1}/{folds}: {int(held.sum()):,} images scored by a model that never saw them")
     return probabilities
+
+
+def _fold_inputs(config: TrainConfig, pool: AuditImages, code: UserCode | None,
+                 log: Callable[[str], None]) -> tuple[torch.Tensor, Callable[[Dataset], torch.nn.Module]]:
+    """What each fold's model takes (the pool's images, or with a frozen backbone their pooled vectors) and a
+    function giving a fold its untrained model (the recipe's, built on the fold's data; or the head as it starts)."""
+    from cnnkit.stages.model import model_for
+
+    if config.freeze != "backbone":
+        return pool.images, lambda fold: model_for(config, fold, code=code)
+    from cnnkit.engine.features import features_folder, frozen_features
+
+    whole = Split(pool.images, pool.labels)
+    data = Dataset(pool.name, pool.classes, whole, whole.take(slice(0, 0)), whole.take(slice(0, 0)))
+    model = model_for(config, data, code=code)
+    head, features, summary = frozen_features(model, data, device=torch.device("cpu"),
+                                              batch_size=config.eval_batch_size,
+                                              folder=features_folder(config.data_dir), log=log)
+    log(summary.describe())
+    start = {name: tensor.clone() for name, tensor in head.state_dict().items()}
+
+    def fresh_head(fold: Dataset) -> torch.nn.Module:
+        head.load_state_dict(start)
+        return head
+
+    return features.train.images, fresh_head
 
 
 def check_pool(pool: AuditImages, folds: int) -> None:
@@ -318,10 +348,10 @@ class AuditResult:
         return len({pair.index_a if pair.split_a == "test" else pair.index_b for pair in self.pairs if pair.leak})
 
 
-def audit(target: str, out: str | Path | None = None, *, folds: int = 5, epochs: int = 3, preset: str | None = None,
-          model: str | None = None, max_distance: int = NEAR_DISTANCE, data_dir: str | None = None,
-          limit: int | None = None, labels: bool = True, duplicates: bool = True, seed: int = 0,
-          trust_code: bool = False, log: Callable[[str], None] = print) -> AuditResult:
+def audit(target: str, out: str | Path | None = None, *, folds: int = 5, epochs: int | None = None,
+          preset: str | None = None, model: str | None = None, max_distance: int = NEAR_DISTANCE,
+          data_dir: str | None = None, limit: int | None = None, labels: bool = True, duplicates: bool = True,
+          seed: int = 0, trust_code: bool = False, log: Callable[[str], None] = print) -> AuditResult:
     """Audit a run's dataset (with the run's recipe) or a dataset (with `preset`/`model`), writing what it finds
     into `out` (a run's own RUN/audit by default; a dataset needs `out`). A run whose model is a user's
     FILE.py is audited with that very file (its recorded SHA-256) and only with `trust_code`, as load_run."""
@@ -361,11 +391,20 @@ def _require(*packages: str | None) -> None:
                           'not installed: pip install "cnnkit[audit]"')
 
 
-def _recipe(target: str, *, preset: str | None, model: str | None, epochs: int, data_dir: str | None,
+def _recipe(target: str, *, preset: str | None, model: str | None, epochs: int | None, data_dir: str | None,
             seed: int, trust_code: bool) -> tuple[TrainConfig, str, Path | None, UserCode | None]:
     """(the cross-validation recipe, the dataset, the run directory or None, the verified code of a run's FILE.py
     model or None) for a run or a dataset name."""
-    fixed = {"epochs": epochs, "seed": seed, "data_dir": data_dir}
+    config, dataset, run_dir, code = _recorded_recipe(target, preset=preset, model=model, data_dir=data_dir,
+                                                      seed=seed, trust_code=trust_code)
+    if epochs is None:  # a head on cached features trains in seconds: as many epochs as its recipe says
+        epochs = config.epochs if config.freeze == "backbone" else FOLD_EPOCHS
+    return replace(config, epochs=epochs), dataset, run_dir, code
+
+
+def _recorded_recipe(target: str, *, preset: str | None, model: str | None, data_dir: str | None, seed: int,
+                     trust_code: bool) -> tuple[TrainConfig, str, Path | None, UserCode | None]:
+    fixed = {"seed": seed, "data_dir": data_dir}
     if not (Path(target).expanduser() / "model.json").is_file():
         return resolve_config(preset, model=model, **fixed), target, None, None
     run_dir = Path(target).expanduser()
@@ -373,7 +412,7 @@ def _recipe(target: str, *, preset: str | None, model: str | None, epochs: int, 
     recorded = read_run_config(run_dir)
     # The recipe, not the machine it ran on: device, threads, processes and compilation are this machine's to choose.
     machine = {"device", "threads", "devices", "compile"}
-    kept = {"model", "model_kwargs", "pretrained", "freeze_bn", *FIT_FIELDS} - machine
+    kept = {"model", "model_kwargs", "pretrained", "freeze", "freeze_bn", *FIT_FIELDS} - machine
     options = {key: value for key, value in recorded.options.items() if key in kept}
     code = None
     if model is not None or preset is not None:

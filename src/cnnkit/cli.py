@@ -578,8 +578,9 @@ def _add_audit(sub) -> None:
     p.add_argument("--out", metavar="DIR", help="folder for label_issues.csv, duplicates.csv and their contact "
                                                 "sheets (default for a run: RUN/audit)")
     p.add_argument("--folds", type=_positive_int, default=5, metavar="K", help="cross-validation folds (default 5)")
-    p.add_argument("--epochs", type=_positive_int, default=3, metavar="N",
-                   help="training epochs of each fold's model (default 3)")
+    p.add_argument("--epochs", type=_positive_int, metavar="N",
+                   help="training epochs of each fold's model (default 3; with a frozen backbone the recipe's own, "
+                        "as its head trains on cached features in seconds)")
     p.add_argument("--preset", metavar="NAME", help="the recipe of each fold's model (default: the run's, or "
                                                     "cnnkit's default model for a dataset)")
     p.add_argument("--model", metavar="NAME", help="the architecture of each fold's model")

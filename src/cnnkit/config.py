@@ -283,8 +283,8 @@ class TrainConfig:
     # airbench trains BatchNorm biases 64x faster with BatchNorm scales frozen; with cnnkit's trainable scales,
     # 64 (and airbench's decay strength) made cifar10-fast unstable (val 76.5% vs 84.7% after 7 epochs, seed 0).
     bias_lr_scale: float = option(1.0, "learning rate of every bias (BatchNorm shifts too, not its scales) as a "
-                                       "multiple of --lr (the CIFAR speed runs use 64)", scope="fit", low=0, low_open=True,
-                                  high=1e4)
+                                       "multiple of --lr (the CIFAR speed runs use 64)", scope="fit", low=0,
+                                  low_open=True, high=1e4)
     head_lr_scale: float = option(1.0, "learning rate of the head (the last linear layer) as a multiple of --lr "
                                        "(with --optimizer muon, whose --lr is the kernels' rate)", scope="fit",
                                   low=0, low_open=True, high=1e5, metavar="F")

@@ -455,7 +455,8 @@ def _facts_section(m: Metrics) -> str:
     rows = [[key, _number(value)] for key, value in m.scalars().items()]
     if not rows:
         return ""
-    return "<h2>Run facts</h2><p>From <code>metrics.json</code>.</p>" + _table(["metric", "value"], rows, text_columns=2)
+    return ("<h2>Run facts</h2><p>From <code>metrics.json</code>.</p>"
+            + _table(["metric", "value"], rows, text_columns=2))
 
 
 def _config_section(config: RunConfig) -> str:

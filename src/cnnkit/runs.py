@@ -1,8 +1,8 @@
 """The run directory: everything one training produced, saved so it loads with no other input.
 
 Layout of RUNS_DIR/NAME/: config.json, history.csv, steps.csv, metrics.json, model.safetensors, model.json,
-history.png, confusion_matrix.png, per_class.png, errors.png, report.html. A run is assembled in a hidden staging directory and
-renamed into place only when complete, so an interrupted training leaves no half-written run.
+history.png, confusion_matrix.png, per_class.png, errors.png, report.html. A run is assembled in a hidden staging
+directory and renamed into place only when complete, so an interrupted training leaves no half-written run.
 A named run claims its name when it starts (`.NAME.lock`, flocked), so a second training with the same
 --name fails at once instead of after its training. Staging directories and claims are flocked by their
 process; the next start removes those whose process is gone (`sweep_runs_dir`), except a staging

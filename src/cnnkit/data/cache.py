@@ -35,10 +35,10 @@ from cnnkit.fileio import atomic_path, atomic_write, pread_into, read_json, swee
 if TYPE_CHECKING:
     from cnnkit.data.disk import DiskImages
 
-__all__ = ["CACHE_VERSION", "CacheWriter", "FolderData", "ListedFile", "cache_key", "entry_meta", "read_cache",
-           "remove_stale_entries"]
+__all__ = ["CACHE_VERSION", "CacheWriter", "FolderData", "ListedFile", "Skipped", "cache_key", "entry_meta",
+           "read_cache", "remove_stale_entries"]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a skipped file is [file, reason refused] (was one string, the reason in brackets)
 #: Bytes moved per read/write when failed images are squeezed out of a file: a bounded buffer.
 _COMPACT_BYTES = 16 << 20
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range, do not wait
@@ -57,17 +57,33 @@ class ListedFile(Protocol):
     def split(self) -> str: ...
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A file of the folder that is not among the images. `refused` is the image policy's reason when a flag
+    would admit it ("9000x9000 is 81.0 megapixels, over the cap of 64": --max-megapixels); empty when the file
+    is simply unreadable or undecodable."""
+
+    file: str  # relative to the folder
+    refused: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.file} ({self.refused})" if self.refused else self.file
+
+
 @dataclass
 class FolderData:
-    """A decoded image folder (what data/folder.py decodes and this cache keeps): uint8 (N, C, H, W) images (arrays, or DiskImages when left on disk) and int64
-    labels per split."""
+    """A decoded image folder (what data/folder.py decodes and this cache keeps): uint8 (N, C, H, W) images
+    (arrays, or DiskImages when left on disk) and int64 labels per split."""
 
     classes: list[str]
     splits: dict[str, tuple[np.ndarray | DiskImages, np.ndarray]]  # "train" always; "val" / "test" when present
-    skipped: list[str] = field(default_factory=list)  # unreadable files, relative to the folder
+    skipped: list[Skipped] = field(default_factory=list)
     image_size: tuple[int, int] = (0, 0)  # (height, width)
     channels: int = 0
     from_cache: bool = False
+    #: The file of each image of each split, relative to the folder, in the order of its arrays (what `cnnkit
+    #: audit` names its findings by). Filled from the listing that every load makes, so not kept in the cache.
+    files: dict[str, list[str]] = field(default_factory=dict)
 
 
 def cache_key(
@@ -106,7 +122,7 @@ def read_cache(entry_dir: Path, *, on_disk: bool = False) -> FolderData | None:
     return FolderData(
         classes=list(meta["classes"]),
         splits=splits,
-        skipped=list(meta["skipped"]),
+        skipped=[Skipped(str(file), str(refused)) for file, refused in meta["skipped"]],
         image_size=tuple(meta["image_size"]),
         channels=int(meta["channels"]),
         from_cache=True,
@@ -296,7 +312,7 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def entry_meta(*, classes: list[str], skipped: list[str], image_size: tuple[int, int], channels: int,
+def entry_meta(*, classes: list[str], skipped: list[Skipped], image_size: tuple[int, int], channels: int,
                source: Path, request: tuple) -> dict[str, Any]:
     """meta.json of an entry but its "splits" (CacheWriter.commit adds them): what read_cache rebuilds
     FolderData from, and what finds the stale entries of the same folder."""
@@ -305,7 +321,7 @@ def entry_meta(*, classes: list[str], skipped: list[str], image_size: tuple[int,
         "source": str(source),
         "request": _request_json(request),
         "classes": classes,
-        "skipped": skipped,
+        "skipped": [[item.file, item.refused] for item in skipped],
         "image_size": list(image_size),
         "channels": channels,
     }

@@ -29,7 +29,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cnnkit.data.cache import CacheWriter, FolderData, cache_key, entry_meta, read_cache, remove_stale_entries
+from cnnkit.data.cache import (CacheWriter, FolderData, Skipped, cache_key, entry_meta, read_cache,
+                               remove_stale_entries)
 from cnnkit.data.images import (GRAYSCALE_MODES, IMAGE_EXTENSIONS, ImageRefused, Probe, hidden_name, open_image, probe,
                                 to_array, walk_images)
 from cnnkit.data.registry import image_folder
@@ -91,9 +92,19 @@ def load_image_folder(
         if min(image_size) < 1:
             raise CnnkitError(f"{root}: image size must be positive, got {image_size}")
     classes, entries = _scan(root)
-    request = (image_size, channels)
+    data = _load_entries(root, classes, entries, (image_size, channels), cache_dir, progress=progress,
+                         workers=workers, on_disk=on_disk)
+    data.files = _kept_files(root, entries, data)
+    return data
+
+
+def _load_entries(root: Path, classes: list[str], entries: list[_Entry], request: tuple,
+                  cache_dir: str | os.PathLike[str] | None, *, progress: bool, workers: int | None,
+                  on_disk: bool) -> FolderData:
+    """The decoded images of the listing: from the cache, or decoded (into the cache when it can be written)."""
     if cache_dir is None:
         return _decode_to_memory(root, classes, entries, request, progress=progress, workers=workers)
+    image_size, channels = request
     entry_dir = Path(cache_dir) / "imagefolder" / cache_key(entries, image_size, channels,
                                                            auto_test=AUTO_TEST_FRACTION)
     cached = read_cache(entry_dir, on_disk=on_disk)
@@ -104,7 +115,7 @@ def load_image_folder(
         _decode_to_cache(root, classes, entries, request, entry_dir, progress=progress, workers=workers)
     except OSError as error:
         # A read-only or full cache directory costs this run its memory and the next one a re-decode.
-        warnings.warn(f"could not write the image cache in {entry_dir}: {error}; decoding into memory", stacklevel=2)
+        warnings.warn(f"could not write the image cache in {entry_dir}: {error}; decoding into memory", stacklevel=3)
         return _decode_to_memory(root, classes, entries, request, progress=progress, workers=workers)
     remove_stale_entries(entry_dir, root, request)
     data = read_cache(entry_dir, on_disk=on_disk)
@@ -114,20 +125,17 @@ def load_image_folder(
     return data
 
 
-def kept_files(folder: str | os.PathLike[str], data: FolderData) -> dict[str, list[str]]:
-    """The file (relative to the folder) of each image of each split of `data`, in the order of its arrays:
-    the listing, less the skipped files. For `cnnkit audit`, whose findings name files, not array rows."""
-    _, entries = _scan(Path(folder).expanduser().resolve())
-    # A skipped file the image policy refused carries its reason after its name: "big.png (9000x9000 is ...)".
-    skipped = set(data.skipped) | {name.rsplit(" (", 1)[0] for name in data.skipped if name.endswith(")")}
+def _kept_files(root: Path, entries: Sequence[_Entry], data: FolderData) -> dict[str, list[str]]:
+    """The file of each image of each split, in the order of its arrays: the listing less the skipped files."""
+    skipped = {item.file for item in data.skipped}
     files: dict[str, list[str]] = {split: [] for split in data.splits}
     for entry in entries:
         if entry.relpath not in skipped and entry.split in files:
             files[entry.split].append(entry.relpath)
     for split, (_, labels) in data.splits.items():
-        if len(files[split]) != len(labels):
-            raise CnnkitError(f"{folder}: the folder changed while it was read ({split}: {len(files[split])} files "
-                              f"for {len(labels)} images); run again")
+        if len(files[split]) != len(labels):  # a cache entry of the same listing holds other images: never made
+            raise CnnkitError(f"{root}: {split} has {len(labels)} decoded images for {len(files[split])} files; "
+                              "delete the image cache (--data-dir DIR/imagefolder) and run again")
     return files
 
 
@@ -439,11 +447,12 @@ def _check_train_classes(root: Path, classes: Sequence[str], train_labels: Seque
                           "remove the class folder")
 
 
-def _skipped(entries: Sequence[_Entry], decoded: np.ndarray, reasons: dict[int, str]) -> list[str]:
-    """The files that did not decode, by relpath; one the image policy refused carries its reason ("big.png
-    (9000x9000 is 81.0 megapixels, over the cap of 64)"), since a flag fixes it and "unreadable" would mislead."""
-    return sorted(entry.relpath + (f" ({reasons[index]})" if index in reasons else "")
-                  for index, (entry, ok) in enumerate(zip(entries, decoded, strict=True)) if not ok)
+def _skipped(entries: Sequence[_Entry], decoded: np.ndarray, reasons: dict[int, str]) -> list[Skipped]:
+    """The files that did not decode, by relpath; one the image policy refused keeps its reason, since a flag
+    fixes it and "unreadable" would mislead."""
+    return sorted((Skipped(entry.relpath, reasons.get(index, ""))
+                   for index, (entry, ok) in enumerate(zip(entries, decoded, strict=True)) if not ok),
+                  key=lambda item: item.file)
 
 
 def _infer_target(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnkit.data.cache import Skipped
 from cnnkit.data.cifar import read_cifar10, read_cifar100
 from cnnkit.data.download import DATA_ENV, data_root, dataset_dir, fetch_dataset, missing_files, split_roles
 from cnnkit.data.idx import read_idx
@@ -36,7 +37,7 @@ class RawData:
     train: Split | None  # None only when the caller asked for the test split alone (load_test_raw)
     test: Split | None
     val: Split | None = None  # only when the source provides one (a folder's val/)
-    skipped: list[str] = field(default_factory=list)  # unreadable image files, relative to the folder
+    skipped: list[Skipped] = field(default_factory=list)  # an image folder's files that are not among its images
 
 
 def load_raw(

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from cnnkit.data.balance import balanced_order
+from cnnkit.data.cache import Skipped
 from cnnkit.data.registry import image_folder
 from cnnkit.data.disk import ChunkWindow, DiskImages, chunked_order, fits_in_memory
 from cnnkit.errors import CnnkitError
@@ -105,7 +106,7 @@ class Dataset:
     val: Split
     test: Split
     val_source: str = "held-out"
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)  # an image folder's files that are not among its images
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from cnnkit.errors import CnnkitError
+from cnnkit.registry import Registry
 
 Builder = Callable[..., nn.Module]
 
@@ -26,16 +26,16 @@ class ModelEntry:
     standardize: bool
 
 
-_MODELS: dict[str, ModelEntry] = {}
+#: The one name -> entry map (cnnkit.registry.Registry: its unknown-name error lists the known names and
+#: suggests the closest, as for optimizers and schedules).
+_MODELS: Registry[ModelEntry] = Registry("model")
 
 
 def register_model(name: str, description: str, *, standardize: bool = False) -> Callable[[Builder], Builder]:
     """Register `builder(input_shape=(C, H, W), num_classes=K, **kwargs) -> nn.Module` under `name`."""
 
     def decorate(builder: Builder) -> Builder:
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} registered twice")
-        _MODELS[name] = ModelEntry(name, builder, description, standardize)
+        _MODELS.register(name)(ModelEntry(name, builder, description, standardize))
         return builder
 
     return decorate
@@ -43,7 +43,7 @@ def register_model(name: str, description: str, *, standardize: bool = False) ->
 
 def list_models() -> list[ModelEntry]:
     _load_families()
-    return sorted(_MODELS.values(), key=lambda entry: entry.name)
+    return [_MODELS.get(name) for name in sorted(_MODELS.names())]
 
 
 def model_names() -> list[str]:
@@ -52,10 +52,7 @@ def model_names() -> list[str]:
 
 def get_entry(name: str) -> ModelEntry:
     _load_families()
-    if name not in _MODELS:
-        known = ", ".join(sorted(_MODELS))
-        raise CnnkitError(f"unknown model {name!r}; known models: {known}")
-    return _MODELS[name]
+    return _MODELS.get(name)
 
 
 def _load_families() -> None:

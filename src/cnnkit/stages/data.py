@@ -50,10 +50,11 @@ def data_warnings(config: TrainConfig, data: Dataset) -> list[str]:
     than the training set (a preset made for 50,000 images takes one step an epoch on a few hundred)."""
     warnings = []
     if data.skipped:
-        capped = any("over the cap" in name for name in data.skipped)
+        shown = ", ".join(map(str, data.skipped[:10]))
         warnings.append(f"skipped {len(data.skipped)} unreadable file(s): "
-                        f"{printable(', '.join(data.skipped[:10]))}{' ...' if len(data.skipped) > 10 else ''}"
-                        + ("; raise the pixel cap with --max-megapixels to use the large ones" if capped else ""))
+                        f"{printable(shown)}{' ...' if len(data.skipped) > 10 else ''}"
+                        + ("; raise the pixel cap with --max-megapixels to use the large ones"
+                           if any(item.refused for item in data.skipped) else ""))
     found = imbalance_of(data.train.labels, data.classes)
     if found is not None and config.class_weight == "none" and config.sampler == "shuffle":
         warnings.append(f"the training classes are imbalanced {printable(found.text())}: the model will favour "
