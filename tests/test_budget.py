@@ -22,7 +22,7 @@ from cnnkit.engine.callbacks.budget import epochs_that_fit
 from cnnkit.engine.callbacks.checkpoint import Checkpoint
 from cnnkit.engine.checkpoint import planned_epochs, read_checkpoint
 from cnnkit.engine.fit import fit
-from cnnkit.engine.optim import lr_at
+from cnnkit.engine.optim import SCHEDULES
 from cnnkit.errors import CnnkitError
 from cnnkit.models import build_model
 from slices import SHARED_DATA, mnist_dataset
@@ -76,8 +76,8 @@ def test_a_budget_cuts_the_run_and_its_schedule_ends_at_the_new_count():
     steps = int(history.steps["step"][-1])
     assert steps == 3 * 8  # 512 images at 64 a step
     # The learning rate of the last step is the schedule's over 3 epochs, not over the 10 configured.
-    assert history.history["lr"][-1] == pytest.approx(lr_at(steps - 1, steps, OPTIONS["lr"], "onecycle", 0.2))
-    assert history.history["lr"][-1] != pytest.approx(lr_at(steps - 1, 80, OPTIONS["lr"], "onecycle", 0.2))
+    assert history.history["lr"][-1] == pytest.approx(SCHEDULES.get("onecycle")(steps - 1, steps, OPTIONS["lr"], 0.2))
+    assert history.history["lr"][-1] != pytest.approx(SCHEDULES.get("onecycle")(steps - 1, 80, OPTIONS["lr"], 0.2))
     assert history.train_seconds < BUDGET
 
 

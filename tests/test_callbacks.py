@@ -13,7 +13,7 @@ from torch import nn
 from cnnkit.engine.callbacks import EMA, Callback, EarlyStopping, History
 from cnnkit.engine.callbacks.ema import ema_decay
 from cnnkit.engine.fit import fit
-from cnnkit.engine.optim import lr_at
+from cnnkit.engine.optim import SCHEDULES
 from cnnkit.errors import CnnkitError
 from cnnkit.models import build_model
 from slices import mnist_dataset
@@ -238,7 +238,7 @@ def test_multi_process_without_a_process_group_is_a_clear_error():
 
 
 def test_cosine_schedule_warms_up_then_follows_half_a_cosine():
-    rates = [lr_at(step, 100, 0.1, "cosine", 0.1) for step in range(100)]
+    rates = [SCHEDULES.get("cosine")(step, 100, 0.1, 0.1) for step in range(100)]
     assert rates[9] == pytest.approx(0.1) and rates[0] == pytest.approx(0.01)
     assert rates[10 + 45] == pytest.approx(0.05, rel=0.05)  # half-way through the decay: half the peak
     assert all(a >= b for a, b in zip(rates[9:], rates[10:])) and rates[-1] < 0.001

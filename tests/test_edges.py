@@ -576,3 +576,33 @@ def test_sigterm_lets_the_requests_in_flight_finish(trained, tmp_path):
     _, stderr = process.communicate(timeout=30)
     assert answers == [200] * 6, (answers, stderr)
     assert process.returncode == 0 and "Traceback" not in stderr, stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Out of memory (a ulimit, a container's limit) is the machine's, not a bug: one line naming what asks for less
+
+
+def vm_data_after(code: str) -> int:
+    """VmData (what RLIMIT_DATA counts) of a fresh Python after running `code`, in bytes."""
+    report = "print(next(l for l in open('/proc/self/status') if l.startswith('VmData')).split()[1])"
+    return 1024 * int(subprocess.run([sys.executable, "-c", f"{code}\n{report}"], capture_output=True, text=True,
+                                     check=True).stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_DATA and /proc/self/status are Linux's")
+def test_running_out_of_memory_is_one_line_and_leaves_no_run(tmp_path):
+    import resource
+
+    # A cap between what the command line needs and what loading torch needs: torch's import, inside the command,
+    # is what runs out.
+    light = vm_data_after("import numpy, cnnkit.cli")
+    heavy = vm_data_after("import numpy, cnnkit.cli, torch")
+    cap = (light + heavy) // 2
+    runs = tmp_path / "runs"
+    result = subprocess.run([sys.executable, "-m", "cnnkit", "train", "--data-dir", str(SHARED_DATA), "--runs-dir",
+                             str(runs), "--epochs", "1", "--limit-train", "500", "--no-checkpoint"],
+                            capture_output=True, text=True, timeout=120,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_DATA, (cap, cap)))
+    assert one_error_line(result).startswith("cnnkit: error: out of memory; ask for less at a time"), \
+        (light, heavy, result.stderr[-2000:])
+    assert everything_under(runs) == []

@@ -9,7 +9,7 @@ from cnnkit.config import resolve_config
 from cnnkit.data.augment import random_shift
 from cnnkit.engine.evaluate import evaluate
 from cnnkit.engine.fit import fit
-from cnnkit.engine.optim import lr_at
+from cnnkit.engine.optim import SCHEDULES
 from cnnkit.models import build_model
 from slices import mnist_dataset
 
@@ -81,11 +81,11 @@ def test_evaluate_matches_a_direct_count():
 
 
 def test_onecycle_warms_up_then_decays_to_zero():
-    rates = [lr_at(step, 100, 0.01, "onecycle", 0.2) for step in range(100)]
+    rates = [SCHEDULES.get("onecycle")(step, 100, 0.01, 0.2) for step in range(100)]
     assert max(rates) == pytest.approx(0.01)
     assert rates.index(max(rates)) == 19
     assert rates[0] < rates[10] < rates[19] and rates[50] > rates[90] > rates[99] >= 0
-    assert lr_at(7, 100, 0.01, "constant", 0.0) == 0.01
+    assert SCHEDULES.get("constant")(7, 100, 0.01, 0.0) == 0.01
 
 
 def test_random_shift_translates_each_image_within_bounds():

@@ -328,9 +328,9 @@ def test_an_audit_of_a_folder_larger_than_its_memory_is_one_line_naming_a_sample
     import re
 
     folder, rng = tmp_path / "images", np.random.default_rng(0)
-    for label in range(2):  # 3,000 distinct 128x128 colour images: 147 MB decoded, held ~3 times by an audit
+    for label in range(2):  # 6,000 distinct 128x128 colour images: 295 MB decoded, held ~3 times by an audit
         (folder / f"c{label}").mkdir(parents=True)
-        for index in range(1500):
+        for index in range(3000):
             pixels = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(folder / f"c{label}" / f"{index}.bmp")
     audit = [sys.executable, "-m", "cnnkit", "audit", f"imagefolder:{folder}", "--data-dir", str(tmp_path / "cache"),
@@ -338,11 +338,11 @@ def test_an_audit_of_a_folder_larger_than_its_memory_is_one_line_naming_a_sample
     refused = subprocess.run(audit, capture_output=True, text=True, preexec_fn=capped(CAP), timeout=300)
     line = refused.stderr.strip()
     assert refused.returncode == 1 and "\n" not in line and "Traceback" not in line, refused.stderr[-2000:]
-    assert line.startswith(f"cnnkit: error: imagefolder:{folder}: its 3,000 images would take") and "--limit" in line
+    assert line.startswith(f"cnnkit: error: imagefolder:{folder}: its 6,000 images would take") and "--limit" in line
     assert not (tmp_path / "audit").exists()  # refused before anything was written
     sample = int(re.search(r"--limit (\d+)", line).group(1))  # as a user would type it: no thousands separator
-    assert 10 <= sample < 2700, line
+    assert 10 <= sample < 5400, line
     done = subprocess.run([*audit, "--limit", str(sample), "--only", "duplicates"], capture_output=True, text=True,
                           preexec_fn=capped(CAP), timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"among {sample + 300:,} images" in done.stdout, done.stdout  # the sample and the 10% held out as test
+    assert f"among {sample + 600:,} images" in done.stdout, done.stdout  # the sample and the 10% held out as test

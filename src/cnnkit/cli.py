@@ -801,6 +801,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem is None:  # not one a user can fix: a bug, with its traceback
             raise
         return user_error(problem, 1, debug)
+    except MemoryError:  # the machine's (or a ulimit's) memory, not a bug: one line with what asks for less
+        return user_error("out of memory; ask for less at a time (--batch-size, --eval-batch-size; --stream yes for "
+                          "an image folder; --limit for an audit) or free memory", 1, debug)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was saved", file=sys.stderr)
         return 130

@@ -304,7 +304,8 @@ def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
     """
     for parameter, values in optimizer.state.items():
         for key, value in values.items():
-            if isinstance(value, torch.Tensor) and value.shape == parameter.shape and value.stride() != parameter.stride():
+            if (isinstance(value, torch.Tensor) and value.shape == parameter.shape
+                    and value.stride() != parameter.stride()):
                 values[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
 
 

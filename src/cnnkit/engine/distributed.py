@@ -130,3 +130,28 @@ def all_reduce_min(values: torch.Tensor, world: World) -> torch.Tensor:
     if world.distributed:
         torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MIN)
     return values
+
+
+def all_gather(value: torch.Tensor, world: World) -> list[torch.Tensor]:
+    """Every rank's `value` (all of one shape), in rank order; [value] for one process."""
+    if not world.distributed:
+        return [value]
+    gathered = [torch.empty_like(value) for _ in range(world.world_size)]
+    torch.distributed.all_gather(gathered, value)
+    return gathered
+
+
+def barrier(world: World) -> None:
+    """Wait until every rank is here; nothing to wait for in one process."""
+    if world.distributed:
+        torch.distributed.barrier()
+
+
+def rank0_flag(flag: bool, world: World) -> bool:
+    """Rank 0's `flag`, on every rank of the process group (a tensor broadcast: no pickling)."""
+    if not world.distributed:
+        return flag
+    on_gpu = torch.distributed.get_backend() == "nccl"
+    value = torch.tensor([int(flag)], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    torch.distributed.broadcast(value, src=0)
+    return bool(value.item())

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnkit.data.tensors import Split
-from cnnkit.engine.distributed import World, broadcast_buffers
+from cnnkit.engine.distributed import World, all_gather, broadcast_buffers
 from cnnkit.engine.inference import predict_logits
 
 
@@ -162,8 +162,6 @@ def sharded_logits(model: nn.Module, split: Split, world: World, *, batch_size: 
     so the report is that of one model. Shares differ by at most one image; each is padded to the longest
     for the all-gather and the padding dropped when the images are put back in order.
     """
-    import torch.distributed as dist
-
     broadcast_buffers(model)
     size, ranks = len(split), world.world_size
     if size < ranks:  # a share would be empty: too small to be worth splitting
@@ -173,6 +171,5 @@ def sharded_logits(model: nn.Module, split: Split, world: World, *, batch_size: 
     rows = -(-size // ranks)
     padded = local.new_zeros(rows, local.shape[1])
     padded[: len(local)] = local
-    gathered = [torch.empty_like(padded) for _ in range(ranks)]
-    dist.all_gather(gathered, padded)
+    gathered = all_gather(padded, world)
     return torch.stack(gathered, dim=1).reshape(rows * ranks, -1)[:size]  # image i: rank i % W, row i // W

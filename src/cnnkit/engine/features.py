@@ -160,7 +160,8 @@ def read_cached(path: Path, count: int, width: int) -> torch.Tensor | None:
         vectors = read_weights(path).get("features")
     except (CnnkitError, UnreadableFile):
         return None  # a damaged or foreign file: computed again and replaced
-    if not isinstance(vectors, torch.Tensor) or vectors.dtype != torch.float32 or tuple(vectors.shape) != (count, width):
+    if (not isinstance(vectors, torch.Tensor) or vectors.dtype != torch.float32
+            or tuple(vectors.shape) != (count, width)):
         return None
     return vectors
 

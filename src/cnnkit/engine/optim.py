@@ -145,11 +145,6 @@ def cosine(step: int, total_steps: int, peak: float, warmup: float) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def lr_at(step: int, total_steps: int, peak: float, schedule: str, warmup: float) -> float:
-    """Learning rate of `step` under the named schedule."""
-    return SCHEDULES.get(schedule)(step, total_steps, peak, warmup)
-
-
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's rate: `lr` times the group's "lr_scale" (1 when it has none)."""
     for group in optimizer.param_groups:

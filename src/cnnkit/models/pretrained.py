@@ -150,7 +150,8 @@ def hub_weights(architecture: str, name: str, known: Backbone) -> FoundWeights:
     repo, _, revision = name.partition("@")
     label = f"--pretrained {HUB_PREFIX}{name}"
     if not _HUB_NAME.fullmatch(repo) or ".." in repo:
-        raise CnnkitError(f"{label}: not a Hub repository name; write hf-hub:ORG/NAME, e.g. hf-hub:{known.hub or 'timm/resnet50.a1_in1k'}")
+        example = known.hub or "timm/resnet50.a1_in1k"
+        raise CnnkitError(f"{label}: not a Hub repository name; write hf-hub:ORG/NAME, e.g. hf-hub:{example}")
     weights = hub_file(repo, "model.safetensors", revision or None, label)
     config = hub_config(hub_file(repo, "config.json", revision or None, label), label)
     found = config.get("architecture")
@@ -177,8 +178,8 @@ def hub_file(repo: str, filename: str, revision: str | None, label: str) -> Path
         return Path(hf_hub_download(repo, filename, revision=revision))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):  # before EntryNotFoundError, its base
         raise CnnkitError(f"{label}: {filename} is not in the Hugging Face cache and the Hub cannot be reached "
-                          f"(or HF_HUB_OFFLINE is set); on a machine with internet run `hf download {repo} model.safetensors "
-                          "config.json` and copy its cache (HF_HUB_CACHE), or pass the file: --pretrained FILE") from None
+                          f"(or HF_HUB_OFFLINE is set); on a machine with internet run `hf download {repo} "
+                          "model.safetensors config.json` and copy its cache (HF_HUB_CACHE), or pass the file: --pretrained FILE") from None
     except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as error:
         raise CnnkitError(f"{label}: {filename} is not in that repository ({first_line(error)})") from None
     except (HfHubHTTPError, OSError, ValueError) as error:

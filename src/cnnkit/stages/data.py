@@ -19,7 +19,7 @@ from cnnkit.data.tensors import Dataset, load_dataset
 from cnnkit.errors import CnnkitError
 from cnnkit.text import printable
 from cnnkit.engine.checkpoint import data_fingerprint
-from cnnkit.engine.distributed import World
+from cnnkit.engine.distributed import World, barrier, rank0_flag
 from cnnkit.models.tta import check_tta
 
 
@@ -85,19 +85,11 @@ def load_in_turn(config: TrainConfig, progress: bool, world: World) -> Dataset:
     if not world.distributed:
         return dataset_for(config, progress)
     data = dataset_for(config, progress, processes=world.world_size) if world.is_main else None
-    torch.distributed.barrier()
-    streamed = rank0_flag(data is not None and data.streamed)
+    barrier(world)
+    streamed = rank0_flag(data is not None and data.streamed, world)
     if data is None:
         data = dataset_for(dataclasses.replace(config, stream="yes" if streamed else "no"), progress)
     return data
-
-
-def rank0_flag(flag: bool) -> bool:
-    """Rank 0's `flag`, on every rank of the process group (a tensor broadcast: no pickling)."""
-    on_gpu = torch.distributed.get_backend() == "nccl"
-    value = torch.tensor([int(flag)], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
-    torch.distributed.broadcast(value, src=0)
-    return bool(value.item())
 
 
 def dataset_fingerprint(data: Dataset) -> str:
