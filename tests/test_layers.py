@@ -9,6 +9,7 @@ was how `runs` and `engine.checkpoint`, and `data.cache` and `data.folder`, came
 from __future__ import annotations
 
 import ast
+from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cnnkit"
@@ -87,3 +88,106 @@ def test_the_check_sees_an_upward_import(tmp_path):
     tree = ast.parse("def f():\n    from cnnkit.api import train\n")
     assert imported(tree) == [("cnnkit.api", 2)] and layer_of("cnnkit.api") > layer_of("cnnkit.models.transfer")
     assert layer_of("cnnkit.models.transfer") > layer_of("cnnkit.models.builder")  # the longest listed name wins
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An import inside a function must earn its place: keeping torch (or an optional extra) out of a module that does
+# without it, keeping `cnnkit --help` quick, breaking a cycle, or a comment on its line saying why. Any other
+# belongs at the top of the file, where a reader sees what the module depends on.
+
+#: What a module is heavy for importing (torch takes ~1.2 s to import; the rest are optional extras).
+HEAVY = {"torch", "matplotlib", "onnx", "onnxruntime", "onnxscript", "captum", "cleanlab", "imagehash", "fastapi",
+         "uvicorn", "starlette", "safetensors", "huggingface_hub", "tensorboard"}
+#: What `cnnkit --help` imports (measured with python -X importtime): the command line imports anything else
+#: inside the command that needs it.
+HELP_PATH = {"cnnkit", "cnnkit.cli", "cnnkit.config", "cnnkit.data", "cnnkit.data.registry", "cnnkit.errors",
+             "cnnkit.fileio", "cnnkit.registry", "cnnkit.text"}
+
+
+@dataclass(frozen=True)
+class InnerImport:
+    module: str
+    target: str
+    line: int
+    commented: bool
+
+
+def import_graph() -> tuple[dict[str, set[str]], list[InnerImport]]:
+    """Each module's top-level imports (cnnkit modules by name, others by their package), and every import of a
+    cnnkit module inside a function. Imports under `if TYPE_CHECKING:` run for type checkers only."""
+    modules = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    top: dict[str, set[str]] = {}
+    inner: list[InnerImport] = []
+    for name, path in modules.items():
+        source = path.read_text()
+        tree, lines = ast.parse(source), source.splitlines()
+        top[name] = {".".join(name.split(".")[:depth]) for depth in range(1, name.count(".") + 1)}  # its packages
+        in_function = {id(sub) for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                       for sub in ast.walk(node)}
+        typing_only = {id(sub) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and "TYPE_CHECKING" in ast.unparse(node.test) for sub in ast.walk(node)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only or not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            if isinstance(node, ast.ImportFrom) and node.level:
+                continue
+            others = [node.module] if isinstance(node, ast.ImportFrom) else [alias.name for alias in node.names]
+            for target in [found for found, _ in imported(ast.Module(body=[node], type_ignores=[]))] or others:
+                if target.startswith("cnnkit"):
+                    target = _existing(target, modules)
+                if id(node) in in_function:
+                    if target.startswith("cnnkit"):
+                        inner.append(InnerImport(name, target, node.lineno, "#" in lines[node.lineno - 1]))
+                else:
+                    top[name].add(target if target.startswith("cnnkit") else target.split(".")[0])
+    return top, inner
+
+
+def _existing(name: str, modules: dict) -> str:
+    """The module `name` is or an attribute of (`cnnkit.x.f` -> `cnnkit.x`)."""
+    while name not in modules and "." in name:
+        name = name.rpartition(".")[0]
+    return name
+
+
+def reached(name: str, top: dict[str, set[str]]) -> set[str]:
+    """Every module (and third-party package) importing `name` imports, following top-level imports."""
+    seen, todo = set(), [name]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo += top.get(current, ())
+    return seen
+
+
+def unearned_inner_imports() -> list[str]:
+    top, inner = import_graph()
+    heavy = {name for name in top if reached(name, top) & HEAVY}
+    problems = []
+    for found in inner:
+        earned = (found.commented
+                  or (found.module not in heavy and found.target in heavy)  # keeps torch or an extra out
+                  or (found.module == "cnnkit.cli" and found.target not in HELP_PATH)  # keeps --help quick
+                  or found.module in reached(found.target, top))  # at the top it would be a cycle
+        if not earned:
+            problems.append(f"src/{found.module.replace('.', '/')}.py:{found.line}: {found.module} imports "
+                            f"{found.target} inside a function; import it at the top (or say why in a comment)")
+    return problems
+
+
+def test_imports_inside_functions_keep_torch_out_keep_help_quick_or_break_a_cycle():
+    problems = unearned_inner_imports()
+    assert not problems, "\n".join(problems)
+
+
+def test_help_imports_no_torch_and_only_its_own_modules():
+    """The measured side of the rule: `cnnkit --help` in a real process loads only HELP_PATH of cnnkit."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "cnnkit", "--help"], capture_output=True,
+                          text=True, check=True)
+    loaded = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if "|" in line}
+    assert "torch" not in loaded and "numpy" not in loaded
+    assert {name for name in loaded if name.startswith("cnnkit")} <= HELP_PATH

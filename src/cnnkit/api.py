@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from cnnkit.config import TrainConfig, resolve_config
-from cnnkit.data.tensors import Dataset
+from cnnkit.data.tensors import Dataset, load_test_split
 from cnnkit.engine.callbacks import Callback, History
 from cnnkit.engine.checkpoint import CHECKPOINT_JSON, has_checkpoint, read_training_checkpoint
 from cnnkit.engine.checkpoint import planned_epochs, read_checkpoint_document
@@ -26,13 +26,15 @@ from cnnkit.errors import CnnkitError
 from cnnkit.models.classifier import ImageClassifier, custom_architecture, takes_pixels
 from cnnkit.models.tta import with_tta
 from cnnkit.report import write_report
-from cnnkit.runs import DEFAULT_RUN_NAME, Run, load_run, staged_run
+from cnnkit.runs import DEFAULT_RUN_NAME, Run, load_run, recorded_data_dirs, staged_run
 from cnnkit.stages.data import check_tta_for, load_data
 from cnnkit.stages.model import model_for, run_code, user_model_name
 from cnnkit.stages.prepare import check_room, checkpoint_callbacks, prepare_run, run_callbacks
 from cnnkit.stages.testing import score_test_set
 from cnnkit.stages.training import frozen_stage
 from cnnkit.stages.write import collect_metrics, train_metrics, write_final_report, write_or_rescue, write_run_files
+from cnnkit.data.folder import check_class_folders
+from cnnkit.data.sources import DataLocation, default_location
 
 
 @dataclass
@@ -242,10 +244,6 @@ def evaluate_run(run: str | Path | Run, data_dir: str | None = None, *, limit: i
     test set as training's `limit_eval`. `tta` overrides the run's recorded test-time augmentation.
     `trust_code` lets a run whose model is a user's file run that file (see load_run).
     """
-    from cnnkit.data.folder import check_class_folders
-    from cnnkit.data.sources import DataLocation, default_location
-    from cnnkit.data.tensors import load_test_split
-    from cnnkit.runs import recorded_data_dirs
 
     if not isinstance(run, Run) or (tta is not None and tta != run.tta):
         run = load_run(run.path if isinstance(run, Run) else run, tta=tta, trust_code=trust_code)

@@ -41,6 +41,14 @@ from cnnkit.report import write_report
 from cnnkit.models.user import CUSTOM_PREFIX, UserCode, code_for_run
 from cnnkit.runs import read_run_config, recorded_data_dirs
 from cnnkit.text import printable
+from cnnkit.data.download import data_root
+from cnnkit.data.sources import load_raw
+from cnnkit.data.disk import DiskImages, MEMORY_SHARE, available_memory, fits_in_memory
+from cnnkit.data.folder import load_image_folder
+from cnnkit.engine.fit import fit
+from cnnkit.engine.inference import predict_logits
+from cnnkit.stages.model import model_for
+from cnnkit.engine.features import features_folder, frozen_features
 
 __all__ = ["AuditImages", "DuplicatePair", "LabelIssue", "audit_images", "duplicate_pairs", "find_label_issues",
            "out_of_sample_probabilities", "write_duplicates", "write_label_issues"]
@@ -117,8 +125,6 @@ def audit_images(dataset: str, data_dir: str | None, *, image_size: tuple[int, i
     """Every image of `dataset` (a registered name or imagefolder:PATH) with its file name, split and label.
     `limit` keeps N training images drawn at random (seeded; a folder is listed class by class, so its first N
     would be its first classes), in their order."""
-    from cnnkit.data.download import data_root
-    from cnnkit.data.sources import load_raw
 
     folder = image_folder(dataset)
     if folder is not None:
@@ -145,9 +151,6 @@ def _kept(count: int, limit: int | None) -> torch.Tensor:
 
 
 def _folder_images(folder: str, cache: Path, image_size, channels, limit, progress) -> AuditImages:
-    from cnnkit.data.disk import DiskImages
-    from cnnkit.data.folder import load_image_folder
-
     root = Path(folder).expanduser().resolve()
     # Decoded into the cache chunk by chunk and left there until the room for them is known.
     data = load_image_folder(root, cache, image_size=image_size, channels=channels, progress=progress, on_disk=True)
@@ -168,7 +171,6 @@ def _folder_images(folder: str, cache: Path, image_size, channels, limit, progre
 def check_room(name: str, splits: dict, kept: dict[str, np.ndarray]) -> None:
     """Refuse, before reading them, images the audit cannot hold: it keeps every decoded image it audits in
     memory, about AUDIT_COPIES times at its peak. The way out is a sample of the training images (`--limit`)."""
-    from cnnkit.data.disk import MEMORY_SHARE, available_memory, fits_in_memory
 
     image_bytes = {split: int(np.prod(pixels.shape[1:])) for split, (pixels, _) in splits.items()}
     needed = AUDIT_COPIES * sum(image_bytes[split] * len(rows) for split, rows in kept.items())
@@ -204,8 +206,6 @@ def out_of_sample_probabilities(config: TrainConfig, pool: AuditImages, folds: i
     frozen backbone (`--freeze backbone`, the transfer-fast preset) trains as it did in its run: the backbone
     passes over the pool once (its vectors cached like a training's), and each fold trains a fresh head on them.
     """
-    from cnnkit.engine.fit import fit
-    from cnnkit.engine.inference import predict_logits
 
     check_pool(pool, folds)
     count, classes = len(pool.labels), len(pool.classes)
@@ -233,11 +233,9 @@ def _fold_inputs(config: TrainConfig, pool: AuditImages, code: UserCode | None,
                  log: Callable[[str], None]) -> tuple[torch.Tensor, Callable[[Dataset], torch.nn.Module]]:
     """What each fold's model takes (the pool's images, or with a frozen backbone their pooled vectors) and a
     function giving a fold its untrained model (the recipe's, built on the fold's data; or the head as it starts)."""
-    from cnnkit.stages.model import model_for
 
     if config.freeze != "backbone":
         return pool.images, lambda fold: model_for(config, fold, code=code)
-    from cnnkit.engine.features import features_folder, frozen_features
 
     whole = Split(pool.images, pool.labels)
     data = Dataset(pool.name, pool.classes, whole, whole.take(slice(0, 0)), whole.take(slice(0, 0)))

@@ -17,6 +17,10 @@ from collections.abc import Sequence
 from cnnkit.errors import CnnkitError, describe_os_error
 from cnnkit.fileio import output_path
 from cnnkit.text import markup, printable
+from cnnkit.config import (FIELD_NAMES, LazyChoices, base_type, cli_flag, default_of, field_types, list_presets,
+                           resolve_config, schema)
+from cnnkit import __version__
+from cnnkit.data.registry import DATASETS, get_spec, image_folder
 
 PROG = "cnnkit"
 DEBUG_ENV = "CNNKIT_DEBUG"
@@ -156,7 +160,6 @@ def add_schema_options(parser: argparse.ArgumentParser) -> None:
     Flags default to SUPPRESS, so the namespace holds only what the user typed and presets or config files
     fill in the rest.
     """
-    from cnnkit.config import schema
 
     fields = {field.name: field for field in schema()}
     for title, names in OPTION_GROUPS.items():
@@ -164,8 +167,6 @@ def add_schema_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_schema_group(group, fields) -> None:
-    from cnnkit.config import LazyChoices, base_type, cli_flag, default_of, field_types
-
     for field in fields:
         rule = field.metadata["option"]
         base, _ = base_type(field_types()[field.name])
@@ -206,8 +207,6 @@ def _add_train(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace, started: float) -> int:
-    from cnnkit.config import FIELD_NAMES, cli_flag, resolve_config
-
     overrides = {name: value for name, value in vars(args).items() if name in FIELD_NAMES}
     log = (lambda *a, **k: None) if args.quiet else (lambda message: print(message, flush=True))
     if args.resume is not None:
@@ -240,8 +239,6 @@ RESUME_OPTIONS = frozenset({"threads"})
 
 
 def check_resume_options(args: argparse.Namespace, overrides: dict) -> None:
-    from cnnkit.config import cli_flag
-
     changed = sorted(cli_flag(name) for name in overrides if name not in RESUME_OPTIONS)
     if changed or args.config is not None:
         flags = ", ".join(changed + (["--config"] if args.config is not None else []))
@@ -624,7 +621,6 @@ def _add_report(sub) -> None:
 
 
 def cmd_report(args: argparse.Namespace, started: float) -> int:
-
     from cnnkit.report import write_report
 
     print(write_report(Path(args.run)))
@@ -647,7 +643,6 @@ def _add_datasets(sub) -> None:
 
 def cmd_datasets(args: argparse.Namespace, started: float) -> int:
     from cnnkit.data.download import DATA_ENV, data_root, dataset_present, fetch_dataset
-    from cnnkit.data.registry import DATASETS, get_spec
 
     root = data_root(args.data_dir)
     if args.action == "download":
@@ -679,7 +674,6 @@ def _sample_dataset(args: argparse.Namespace) -> int:
     if not args.name or not args.out:
         raise CnnkitError("`cnnkit datasets sample` needs a dataset and a new folder, e.g. mnist digits")
     data = load_dataset(args.name, args.data_dir, limit_eval=args.count, progress=True)
-    from cnnkit.data.registry import image_folder
 
     prefix = (image_folder(args.name) or args.name).rstrip("/").rsplit("/", 1)[-1]
     folder = write_samples(data.test.images.numpy(), data.test.labels.numpy(), data.classes, args.out, prefix)
@@ -697,7 +691,6 @@ def _add_summary(sub) -> None:
 
 
 def cmd_summary(args: argparse.Namespace, started: float) -> int:
-
     from cnnkit.models import build_model, list_models
     from cnnkit.models.summary import summary_table
 
@@ -714,7 +707,6 @@ def cmd_summary(args: argparse.Namespace, started: float) -> int:
 
 def _dataset_shape(name: str) -> tuple[tuple[int, int, int], int]:
     """Input shape and class count: from the registry, or by loading an image folder (cached after once)."""
-    from cnnkit.data.registry import get_spec, image_folder
 
     if image_folder(name) is None:
         spec = get_spec(name)
@@ -731,8 +723,6 @@ def _add_presets(sub) -> None:
 
 
 def cmd_presets(args: argparse.Namespace, started: float) -> int:
-    from cnnkit.config import list_presets
-
     for preset in list_presets():
         print(f"{preset.name}: {preset.description}")
         if preset.extends:
@@ -753,7 +743,6 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  cnnkit train --data-dir ../shared/data\n  cnnkit train --preset fast\n"
                "  cnnkit predict runs/train digit.png",
     )
-    from cnnkit import __version__
 
     parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
     _add_debug(parser, default=False)

@@ -28,6 +28,7 @@ from cnnkit.errors import CnnkitError
 from cnnkit.fileio import (MAX_BYTES, UnreadableFile, expand_user_path, parse_json, parse_toml, read_json,
                            read_text_capped, run_name_problem)
 from cnnkit.registry import did_you_mean
+from cnnkit.data.registry import DATASETS, image_folder
 
 Spell = Callable[[str], str]
 
@@ -132,8 +133,6 @@ def _check_threads(value: int) -> str | None:
 
 
 def _check_dataset(value: str) -> str | None:
-    from cnnkit.data.registry import DATASETS, image_folder
-
     if (folder := image_folder(value)) is not None:
         return None if folder else "imagefolder: needs a folder, e.g. imagefolder:photos/"
 
@@ -736,7 +735,6 @@ def data_shape_conflict(config: TrainConfig, spell: Spell = python_name) -> str 
     They apply to image folders only: a built-in dataset comes in its published shape, and ignoring the
     request without a word would train on other images than the user asked for. Its own shape is accepted.
     """
-    from cnnkit.data.registry import DATASETS, image_folder
 
     if image_folder(config.dataset) is not None or (config.image_size is None and config.channels is None):
         return None

@@ -37,6 +37,11 @@ from torch import nn
 
 from cnnkit.errors import CnnkitError
 from cnnkit.fileio import atomic_path, expand_user_path, output_path, removing_new_dirs_on_failure
+from cnnkit import __version__
+from cnnkit.runs import Run, load_run, recorded_data_dirs
+from cnnkit.data.folder import check_class_folders
+from cnnkit.data.sources import DataLocation, default_location
+from cnnkit.data.tensors import load_test_split
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_FILENAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -128,7 +133,6 @@ class ExportModule(nn.Module):
 
 def export_metadata(run) -> dict[str, str]:
     """The key/value strings stored with an export (ONNX metadata_props; a JSON file in TorchScript)."""
-    from cnnkit import __version__
 
     classes = run.classes
     return {
@@ -162,7 +166,6 @@ def export_run(run_dir, format: str = "onnx", out: str | Path | None = None,  # 
     safetensors weights, so load only files you trust; it is for deployment targets that need
     TorchScript (C++ libtorch, mobile). ONNX is the portable choice.
     """
-    from cnnkit.runs import Run, load_run
 
     started = time.perf_counter()
     if format not in FORMATS:
@@ -209,10 +212,6 @@ def _output_path(run_dir: Path, format: str, out: str | Path | None) -> Path:  #
 
 def parity_data(run, count: int, data_dir: str | Path | None = None) -> tuple[torch.Tensor, str]:
     """`count` uint8 test images of the run's dataset and what they are; seeded random ones if unavailable."""
-    from cnnkit.data.folder import check_class_folders
-    from cnnkit.data.sources import DataLocation, default_location
-    from cnnkit.data.tensors import load_test_split
-    from cnnkit.runs import recorded_data_dirs
 
     channels, height, width = run.input_shape
     dataset = run.meta.dataset

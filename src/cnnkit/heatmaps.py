@@ -18,6 +18,8 @@ from torch import nn
 from cnnkit.errors import CnnkitError
 from cnnkit.models.tta import TestTimeAugmentation
 from cnnkit.registry import did_you_mean
+from cnnkit.engine.inference import model_device
+from cnnkit.data.images import to_image
 
 INSTALL_HINT = 'pip install "cnnkit[insight]"'
 
@@ -75,7 +77,6 @@ def explain(model: nn.Module, images: np.ndarray | torch.Tensor, target: Sequenc
         from captum.attr import LayerAttribution, LayerGradCam
     except ImportError:
         raise CnnkitError(f"explaining a prediction needs Captum, which is not installed: {INSTALL_HINT}") from None
-    from cnnkit.engine.inference import model_device
 
     if not isinstance(images, torch.Tensor):
         images = torch.from_numpy(np.array(images))  # a copy: a caller's array may be read-only
@@ -132,7 +133,6 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, title: str | None, side: int
     import matplotlib
     from PIL import Image, ImageDraw
 
-    from cnnkit.data.images import to_image
 
     base = to_image(image).convert("RGB").resize((side, side), Image.NEAREST)
     colours = matplotlib.colormaps["jet"](heatmap)[..., :3]

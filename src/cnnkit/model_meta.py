@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit.errors import CnnkitError
-from cnnkit.fileio import UnreadableFile, require_regular_file
+from cnnkit.fileio import UnreadableFile, read_json, require_regular_file
 from cnnkit.inputs import InputSpec, Preprocessing
+from cnnkit.data.registry import DATASETS, image_folder
 
 __all__ = ["MAX_CLASSES", "MAX_PIXELS", "MAX_SIDE", "MODEL_FORMAT", "MODEL_FORMAT_VERSION", "InputSpec",
            "ModelMeta", "Preprocessing", "WeightsHeader", "check_model_meta", "check_recorded", "check_standardisation",
@@ -239,7 +240,6 @@ def _preprocessing(spec: _Fields, shape: dict[str, Any]) -> dict[str, Any]:
 
 def _check_dataset(fields: _Fields, dataset: str, classes: list[str], shape: tuple[int, int, int]) -> None:
     """A built-in dataset fixes the input shape and the classes; an image folder needs a path."""
-    from cnnkit.data.registry import DATASETS, image_folder
 
     spec = DATASETS.get(dataset)
     if spec is not None:
@@ -425,6 +425,5 @@ def similar_run(path: Path) -> str:
 
 def read_model_meta(run_dir: Path) -> ModelMeta:
     """model.json, checked against its schema (types, bounds, the dataset's shape)."""
-    from cnnkit.fileio import read_json
 
     return check_model_meta(read_json(run_dir / "model.json"), run_dir / "model.json")

@@ -26,6 +26,9 @@ from cnnkit.text import printable, portable_name
 from cnnkit.model_meta import ModelMeta
 from cnnkit.preprocess import load_image
 from cnnkit.progress import progress_bar
+from cnnkit.engine.inference import predict_logits
+from cnnkit.heatmaps import explain, named_layer, overlay
+from cnnkit.registry import did_you_mean
 
 __all__ = ["FilePredictions", "Prediction", "expand_image_paths", "find_image_files", "load_image", "predict",
            "predict_files", "predict_images", "prepare", "write_csv"]
@@ -101,7 +104,6 @@ def _file_problem(path: Path) -> str | None:
 
 def predict(model: torch.nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """Class probabilities (N, K) for uint8 images (N, C, H, W)."""
-    from cnnkit.engine.inference import predict_logits
 
     tensor = torch.as_tensor(images)
     if tensor.dtype != torch.uint8 or tensor.ndim != 4:
@@ -211,8 +213,6 @@ def explanation_request(run, explain_class: str | None,
                         explain_layer: str | None) -> tuple[int | None, torch.nn.Module | None]:
     """(the class index to explain or None for each image's predicted class, the layer module or None),
     checked before any image is read: an unknown name is one line with the close ones."""
-    from cnnkit.heatmaps import named_layer
-    from cnnkit.registry import did_you_mean
 
     target = None
     if explain_class is not None:
@@ -229,7 +229,6 @@ def _explained(run, batch: np.ndarray, ranked: list[Prediction], target: int | N
                layer: torch.nn.Module | None) -> list:
     """Each image with the Grad-CAM heatmap of its predicted class (or `target`) over it, titled with the class
     explained and the prediction."""
-    from cnnkit.heatmaps import explain, overlay
 
     targets = [run.classes.index(p.label) if target is None else target for p in ranked]
     maps = explain(run.model, batch, targets, layer=layer)

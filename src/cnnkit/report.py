@@ -29,6 +29,7 @@ from cnnkit.fileio import MAX_BYTES, UnreadableFile, read_capped, read_text_capp
 from cnnkit.config import RunConfig, read_run_config
 from cnnkit.model_meta import ModelMeta, read_model_meta
 from cnnkit.records import HistoryTable, Metrics, read_history_table, read_metrics
+from cnnkit import __version__
 
 REPORT_FILE = "report.html"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -483,7 +484,5 @@ def _size(count: int) -> str:
 
 
 def _footer() -> str:
-    from cnnkit import __version__
-
     return (f"<footer>Written by cnnkit {_e(__version__)} from the files in this run directory; "
             "rebuild it with <code>cnnkit report RUN</code>.</footer>")

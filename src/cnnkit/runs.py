@@ -27,16 +27,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cnnkit.errors import CnnkitError, describe_os_error, os_error_fix
+from cnnkit.errors import CnnkitError, RunInterrupted, RunNotWritten, describe_os_error, os_error_fix
 from cnnkit import fileio
 from cnnkit.fileio import (UnreadableFile, atomic_path, current_umask, lock_fd, read_weights,  # noqa: F401 (re-exported)
                            sweep_stale_temp_files, try_lock, write_text)
 from cnnkit.records import Metrics, read_metrics
 
-from cnnkit.model_meta import MODEL_FORMAT, MODEL_FORMAT_VERSION, weights_record  # noqa: F401 (re-exported)
+from cnnkit.model_meta import (MODEL_FORMAT, MODEL_FORMAT_VERSION, check_recorded, check_standardisation,
+                               read_weights_header, skeleton_state, weights_record)
 from cnnkit.model_meta import ModelMeta, read_model_meta, resolve_run_dir  # noqa: F401 (re-exported)
 from cnnkit.config import RunConfig
 from cnnkit.config import read_run_config as read_config_record
+from cnnkit.data.registry import mirror_ok
 DEFAULT_RUN_NAME = "train"
 
 
@@ -90,7 +92,6 @@ def staged_run(runs_dir: str | Path, name: str | None, *,
 def commit_or_keep(staging: Path, runs_dir: Path, name: str | None) -> Path:
     """Rename the finished staging directory into place; if the disk refuses even that (a full file system
     has no room for the new directory entry), keep it, finished, and say how to move it by hand."""
-    from cnnkit.errors import RunNotWritten
 
     try:
         return _commit(staging, runs_dir, name)
@@ -328,7 +329,6 @@ def resume_hint(staging: Path) -> str:
 
 def raise_resumable(error: BaseException, staging: Path) -> None:
     """Re-raise a failure of a run that has a checkpoint, saying where it is and how to resume it."""
-    from cnnkit.errors import RunInterrupted
 
     if isinstance(error, KeyboardInterrupt):
         raise RunInterrupted(f"training interrupted; {resume_hint(staging)}") from None
@@ -461,7 +461,6 @@ def rebuild_model(run_dir: Path, meta: ModelMeta, *, trust_code: bool = False, m
     from the file's header). A registry model is built on the meta device first (shapes only), so a
     model.json that does not describe these weights costs no memory; only a fitting one is built for real.
     """
-    from cnnkit.model_meta import check_recorded, read_weights_header, skeleton_state
     from cnnkit.models.user import CUSTOM_PREFIX
 
     header = read_weights_header(run_dir / "model.safetensors")
@@ -509,7 +508,6 @@ def _built(run_dir: Path, meta: ModelMeta, trust_code: bool, model: Any):
 def check_weights_fit(run_dir: Path, expected: dict[str, Any], header, meta: ModelMeta) -> None:
     """The weights file must hold exactly the tensors `expected` (the model's state dict, real or on the
     meta device), and the standardisation model.json states."""
-    from cnnkit.model_meta import check_standardisation
     from cnnkit.models.transfer import check_keys
 
     kwargs = f", model_kwargs {json.dumps(meta.model_kwargs)[:80]}" if meta.model_kwargs else ""
@@ -527,7 +525,6 @@ def run_tta(run_dir: Path, meta: ModelMeta, tta: str | None) -> str:
 
     Runs from before model.json recorded `mirror_ok` and `flip` get the dataset's property and no flip.
     """
-    from cnnkit.data.registry import mirror_ok
     from cnnkit.models.tta import check_tta
 
     chosen = meta.tta if tta is None else tta

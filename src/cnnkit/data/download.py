@@ -302,7 +302,7 @@ def _progress(label: str, total: int | None, enabled: bool):
     if not enabled:
         yield lambda amount: None
         return
-    from cnnkit.progress import make_progress
+    from cnnkit.progress import make_progress  # rich only when a bar is drawn: a cached dataset draws none
 
     bar = make_progress("bytes", transient=False)
     task = bar.add_task(label, total=total or None)

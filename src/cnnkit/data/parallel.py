@@ -77,7 +77,7 @@ def run_chunks(
     if not items:
         return
     # Imported here, not at the top: spawned workers import this module and never draw a bar.
-    from cnnkit.progress import progress_bar
+    from cnnkit.progress import progress_bar  # rich only when a bar is drawn: decoding workers never draw one
 
     chunk = max(64, min(2048, len(items) // 32 or 1))
     chunk = min(chunk, max_chunk) if max_chunk else chunk

@@ -16,9 +16,11 @@ import torch
 
 from cnnkit.data.balance import balanced_order
 from cnnkit.data.cache import Skipped
-from cnnkit.data.registry import image_folder
+from cnnkit.data.registry import image_folder, mirror_ok
 from cnnkit.data.disk import ChunkWindow, DiskImages, chunked_order, fits_in_memory
 from cnnkit.errors import CnnkitError
+from cnnkit.data.sources import DataLocation, default_location, load_raw, load_test_raw
+from cnnkit.data.download import data_root
 
 #: Validation images held out of a 60k-size training set by default (else 10%).
 DEFAULT_VAL_IMAGES = 5000
@@ -129,7 +131,6 @@ class Dataset:
         What `flip=auto` follows (data/registry.py's per-dataset property; a colour image folder counts as
         photos, a grayscale one as characters). A Dataset made by hand with another name is never mirrored.
         """
-        from cnnkit.data.registry import mirror_ok
 
         return mirror_ok(self.name, self.input_shape[0])
 
@@ -280,7 +281,6 @@ def load_dataset(
     when `processes` processes (data-parallel, on this machine) could not each hold them comfortably
     (`in_memory_peak`); 'no' always loads them. The images are the same either way; only the training order differs.
     """
-    from cnnkit.data.sources import load_raw
 
     _check_stream(stream)
     try:
@@ -347,8 +347,6 @@ def load_test_split(
     """
     from pathlib import Path
 
-    from cnnkit.data.download import data_root
-    from cnnkit.data.sources import DataLocation, default_location, load_test_raw
 
     if locations is None:
         locations = [DataLocation(Path(data_root(data_dir)), "data_dir") if data_dir else default_location()]

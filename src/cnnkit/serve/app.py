@@ -48,6 +48,9 @@ from cnnkit.fileio import parse_json
 from cnnkit.model_meta import ModelMeta
 from cnnkit.preprocess import load_image
 from cnnkit.records import finite_or_none
+from cnnkit.prediction import predict
+from cnnkit.runs import load_run
+from cnnkit.heatmaps import explain, overlay
 
 __all__ = ["MicroBatcher", "create_app", "serve"]
 
@@ -369,7 +372,6 @@ class Explainer:
         """The heatmap of class `target` over `image` (uint8 C, H, W), as a base64 PNG the size of the page's view."""
         import torch
 
-        from cnnkit.heatmaps import explain, overlay
 
         if self.copy is None:
             self.copy = copy.deepcopy(self.model).to(memory_format=torch.contiguous_format)
@@ -460,8 +462,6 @@ def create_app(run_dir: str | Path, max_upload_mb: float = 10, *, max_batch: int
     """
     import torch
 
-    from cnnkit.prediction import predict
-    from cnnkit.runs import load_run
 
     if not (isinstance(max_upload_mb, (int, float)) and math.isfinite(max_upload_mb) and max_upload_mb > 0):
         raise CnnkitError(f"--max-upload-mb must be a positive number, got {max_upload_mb!r}")

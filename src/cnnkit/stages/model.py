@@ -12,6 +12,9 @@ from cnnkit.models import build_model, model_entry
 from cnnkit.models.classifier import ImageClassifier, custom_architecture
 from cnnkit.models.user import (UserCode, build_body, check_classifier, load_function,
                                 parse_file_spec, read_code, user_body, verified_code)
+from cnnkit.models.transfer import init_from_run, init_meta, load_weights_file
+from cnnkit.models.pretrained import find_pretrained, load_pretrained
+from cnnkit.data.download import data_root
 
 
 def model_for(config: TrainConfig, data: Dataset, user_model: Any = None, code: UserCode | None = None,
@@ -23,7 +26,6 @@ def model_for(config: TrainConfig, data: Dataset, user_model: Any = None, code: 
     custom:<class>); a FILE.py:FUNCTION model is built by running that file's function (`code`, when
     already read and checked; an `init` run of such a model needs `trust_code` and the same file).
     """
-    from cnnkit.models.transfer import init_from_run, init_meta, load_weights_file
 
     init = init_meta(config.init, config.model, config.model_kwargs) if config.init else None
     if init is not None and init[1].code is not None and user_model is None:
@@ -33,7 +35,6 @@ def model_for(config: TrainConfig, data: Dataset, user_model: Any = None, code: 
     if init is not None:  # its features were learned on inputs standardised the earlier run's way
         mean, std = list(init[1].preprocessing.mean), list(init[1].preprocessing.std)
     elif config.pretrained is not None:  # the ImageNet weights' own normalisation, not this data's
-        from cnnkit.models.pretrained import find_pretrained
 
         found = find_pretrained(config.model, config.pretrained)
         mean, std = found.normalisation(data.input_shape[0])
@@ -47,9 +48,6 @@ def model_for(config: TrainConfig, data: Dataset, user_model: Any = None, code: 
     if init is not None:
         model.weights_from = init_from_run(model, config.init, *init, data.classes)
     elif config.pretrained is not None:
-        from cnnkit.data.download import data_root
-        from cnnkit.models.pretrained import load_pretrained
-
         cache = data_root(config.data_dir) / "weights"  # converted weights live with the data cache
         model.weights_from = {"kind": "pretrained", **load_pretrained(model.body, found, cache).to_dict()}
     elif config.weights is not None:

@@ -16,13 +16,15 @@ from cnnkit.engine.callbacks.checkpoint import Checkpoint
 from cnnkit.models.user import UserCode
 from cnnkit.runs import check_free_space, format_size, staged_run, sweep_runs_dir
 from cnnkit.fileio import expand_user_path, sweep_stale_temp_files
+from cnnkit.engine.callbacks.tensorboard import TensorBoardLogger
+from cnnkit.data.download import data_root, dataset_dir
+from cnnkit.data.registry import DATASETS
 
 
 def run_callbacks(config: TrainConfig, run_dir: Path) -> list[Callback]:
     """The callbacks a run option adds, writing into the (staging) run directory so their files move with it."""
     if not config.tensorboard:
         return []
-    from cnnkit.engine.callbacks.tensorboard import TensorBoardLogger
 
     return [TensorBoardLogger(run_dir / "tensorboard")]
 
@@ -41,8 +43,6 @@ def sweep_debris(runs_dir: Path, config: TrainConfig) -> str | None:
 
 def dataset_folder(config: TrainConfig) -> Path | None:
     """Where a registry dataset's files are downloaded to (root/<name>/); None for an image folder."""
-    from cnnkit.data.download import data_root, dataset_dir
-    from cnnkit.data.registry import DATASETS
 
     spec = DATASETS.get(config.dataset.strip().lower())
     return None if spec is None else dataset_dir(spec, data_root(config.data_dir))

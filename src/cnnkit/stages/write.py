@@ -30,7 +30,10 @@ from cnnkit.preprocess import preprocessing_meta
 from cnnkit.report import write_report
 from cnnkit.runs import save_model
 from cnnkit.runs import write_json
-from cnnkit.fileio import atomic_path, write_text
+from cnnkit.fileio import atomic_path, current_umask, write_text
+from cnnkit import __version__
+from cnnkit.heatmaps import explain, overlay
+from cnnkit.engine.checkpoint import remove_checkpoint
 
 
 ERROR_GRID_SIZE = 36
@@ -61,8 +64,6 @@ def model_meta(config: TrainConfig, data: Dataset, model: torch.nn.Module) -> di
 
 
 def _version() -> str:
-    from cnnkit import __version__
-
     return __version__
 
 
@@ -83,8 +84,6 @@ def write_or_rescue(staging: Path, name: str, write: Callable[[Path], None]) -> 
     for folder in rescue_folders():
         rescued = rescue_into(folder, name, write)
         if rescued is not None:
-            from cnnkit.engine.checkpoint import remove_checkpoint
-
             remove_checkpoint(staging)  # the run is whole elsewhere: nothing is left to resume
             raise RunNotWritten(f"the trained run could not be written in {staging.parent} ({problem}); it is saved "
                                 f"whole in {rescued} instead: move it where you want it (mv {rescued} "
@@ -105,7 +104,6 @@ def rescue_folders() -> list[Path]:
 
 def rescue_into(folder: Path, name: str, write: Callable[[Path], None]) -> Path | None:
     """`folder/cnnkit-rescued-*/name` holding the whole run (report included), or None if it does not fit."""
-    from cnnkit.fileio import current_umask
 
     try:
         holder = Path(tempfile.mkdtemp(prefix="cnnkit-rescued-", dir=folder))
@@ -247,7 +245,6 @@ def explain_errors(path: Path, model: torch.nn.Module, data: Dataset, report: Ev
         return
     from PIL import Image
 
-    from cnnkit.heatmaps import explain, overlay
 
     order = confident_errors(data, report, EXPLAINED_COUNT)
     if len(order) == 0:

@@ -20,6 +20,9 @@ from torch import nn
 
 from cnnkit.data.tensors import Split
 from cnnkit.engine.logs import Selection
+from cnnkit.errors import CnnkitError
+from cnnkit.engine.distributed import all_reduce_sum
+from cnnkit.engine.evaluate import loss_and_accuracy
 
 StateDict = dict[str, torch.Tensor]
 
@@ -55,8 +58,6 @@ class TrainState:
 
     def __post_init__(self) -> None:
         if self.score is None:
-            from cnnkit.engine.evaluate import loss_and_accuracy
-
             val, batch_size = self.val, self.eval_batch_size
             self.score = lambda model: loss_and_accuracy(model, val, batch_size=batch_size)
 
@@ -200,8 +201,6 @@ def is_better(value: float, best: float | None, mode: str, min_delta: float = 0.
 
 def monitored(logs: Mapping[str, Any], key: str, who: str) -> float:
     if key not in logs:
-        from cnnkit.errors import CnnkitError
-
         raise CnnkitError(f"{who} monitors {key!r}, which the epoch's logs lack (they have: {', '.join(logs)})")
     return float(logs[key])
 
@@ -232,7 +231,6 @@ class BatchLogs(Mapping):
         """The epoch's mean loss and accuracy; over every rank's images when `world` is data-parallel."""
         if world is None or not world.distributed:
             return {"loss": self["loss"], "accuracy": self["accuracy"]}
-        from cnnkit.engine.distributed import all_reduce_sum
 
         sums = torch.stack([self.loss_sum.double(), self.correct.double(),
                             torch.tensor(float(self.seen), dtype=torch.float64, device=self.loss_sum.device)])

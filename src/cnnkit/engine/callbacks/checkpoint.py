@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit.engine.callbacks.base import Callback, Phase
-from cnnkit.engine.checkpoint import capture_training, checkpoint_epoch, write_checkpoint
-from cnnkit.errors import describe_os_error
+from cnnkit.engine.checkpoint import (CHECKPOINT_JSON, capture_training, checkpoint_epoch, read_checkpoint_document,
+                                      write_checkpoint)
+from cnnkit.errors import CnnkitError, describe_os_error
 
 
 def _to_stderr(message: str) -> None:
@@ -51,8 +52,6 @@ class Checkpoint(Callback):
 
 def discard_unreferenced_tensors(directory: Path) -> None:
     """Remove a tensor file that a failed write left without its checkpoint.json (it would only take space)."""
-    from cnnkit.engine.checkpoint import CHECKPOINT_JSON, read_checkpoint_document
-    from cnnkit.errors import CnnkitError
 
     try:
         named = read_checkpoint_document(directory)["tensors"] if (directory / CHECKPOINT_JSON).is_file() else None
