@@ -7,6 +7,7 @@ torch, plotting and data code are imported inside the command that needs them.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -23,6 +24,8 @@ from cnnkit import __version__
 from cnnkit.data.registry import DATASETS, get_spec, image_folder
 
 PROG = "cnnkit"
+OUT_OF_MEMORY = ("out of memory; ask for less at a time (--batch-size, --eval-batch-size; --stream yes for an image "
+                 "folder; --limit for an audit) or free memory")
 DEBUG_ENV = "CNNKIT_DEBUG"
 
 
@@ -786,13 +789,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.close(devnull)
         return 141
     except OSError as error:
+        if error.errno == errno.ENOMEM:  # an allocation the kernel refused (mmap, a listing): memory, not the path
+            return user_error(OUT_OF_MEMORY, 1, debug)
         problem = describe_os_error(error)
         if problem is None:  # not one a user can fix: a bug, with its traceback
             raise
         return user_error(problem, 1, debug)
     except MemoryError:  # the machine's (or a ulimit's) memory, not a bug: one line with what asks for less
-        return user_error("out of memory; ask for less at a time (--batch-size, --eval-batch-size; --stream yes for "
-                          "an image folder; --limit for an audit) or free memory", 1, debug)
+        return user_error(OUT_OF_MEMORY, 1, debug)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was saved", file=sys.stderr)
         return 130
