@@ -433,6 +433,8 @@ def _recipe(target: str, *, preset: str | None, model: str | None, epochs: int |
                                                       seed=seed, trust_code=trust_code)
     if epochs is None:  # a head on cached features trains in seconds: as many epochs as its recipe says
         epochs = config.epochs if config.freeze == "backbone" else FOLD_EPOCHS
+    if not isinstance(epochs, int) or epochs < 1:
+        raise CnnkitError(f"--epochs must be a whole number of at least 1, got {epochs!r}")
     return replace(config, epochs=epochs), dataset, run_dir, code
 
 
