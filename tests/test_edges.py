@@ -380,13 +380,15 @@ def test_a_hand_edited_checkpoint_is_one_line_and_never_saved_as_a_run(interrupt
             epoch=list(range(1, 101)), history={})), "beyond the 3 epochs"),
         "shape": (lambda s: s["model"].update({weight: s["model"][bias]}), "does not fit this run's model"),
     }
-    runs = tmp_path / "runs"
     cases = []
     for name, (edit, error) in edits.items():
-        copy = edited_copy(staging, runs / f".{name}.partial-x{name}", edit)
+        # A runs folder each: every copy is a run named "seed", and two resumes of one name at once would be
+        # refused for that ("the name is taken") before reaching the edit under test.
+        copy = edited_copy(staging, tmp_path / name / f".{name}.partial-x{name}", edit)
         cases.append(Case(["train", "--resume", str(copy)], error))
     run_all(cases)
-    assert sorted(p.name for p in runs.iterdir()) == sorted(f".{name}.partial-x{name}" for name in edits)
+    for name in edits:  # each copy left as it was: nothing renamed into a run, nothing added beside it
+        assert [p.name for p in (tmp_path / name).iterdir()] == [f".{name}.partial-x{name}"]
 
 
 def test_resuming_a_file_model_needs_trust_and_the_very_file_it_started_with(interrupted, tmp_path):
