@@ -50,6 +50,14 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def existing_module(name: str) -> str:
+    """The module `name` is, or the module it is an attribute of (`cnnkit.x.f` -> `cnnkit.x`)."""
+    while "." in name and not ((PACKAGE.parent / name.replace(".", "/")).is_dir()
+                               or (PACKAGE.parent / (name.replace(".", "/") + ".py")).is_file()):
+        name = name.rpartition(".")[0]
+    return name
+
+
 def imported(tree: ast.AST) -> list[tuple[str, int]]:
     """Every cnnkit module an import statement names (`from cnnkit import x` names cnnkit.x), with its line."""
     found = []
@@ -71,8 +79,7 @@ def upward_imports() -> list[str]:
         for target, line in imported(ast.parse(path.read_text(), str(path))):
             if target in PACKAGE_CONSTANTS:
                 continue
-            target_module = target if (PACKAGE.parent / target.replace(".", "/")).exists() or \
-                (PACKAGE.parent / (target.replace(".", "/") + ".py")).exists() else target.rsplit(".", 1)[0]
+            target_module = existing_module(target)
             if layer_of(target_module) > layer_of(source):
                 problems.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {source} (layer {layer_of(source)}) "
                                 f"imports {target_module} (layer {layer_of(target_module)})")
@@ -134,7 +141,7 @@ def import_graph() -> tuple[dict[str, set[str]], list[InnerImport]]:
             others = [node.module] if isinstance(node, ast.ImportFrom) else [alias.name for alias in node.names]
             for target in [found for found, _ in imported(ast.Module(body=[node], type_ignores=[]))] or others:
                 if target.startswith("cnnkit"):
-                    target = _existing(target, modules)
+                    target = existing_module(target)
                 if id(node) in in_function:
                     if target.startswith("cnnkit"):
                         inner.append(InnerImport(name, target, node.lineno, "#" in lines[node.lineno - 1]))
@@ -143,11 +150,6 @@ def import_graph() -> tuple[dict[str, set[str]], list[InnerImport]]:
     return top, inner
 
 
-def _existing(name: str, modules: dict) -> str:
-    """The module `name` is or an attribute of (`cnnkit.x.f` -> `cnnkit.x`)."""
-    while name not in modules and "." in name:
-        name = name.rpartition(".")[0]
-    return name
 
 
 def reached(name: str, top: dict[str, set[str]]) -> set[str]:

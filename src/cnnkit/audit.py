@@ -43,7 +43,7 @@ from cnnkit.runs import read_run_config, recorded_data_dirs
 from cnnkit.text import printable
 from cnnkit.data.download import data_root
 from cnnkit.data.sources import load_raw
-from cnnkit.data.disk import DiskImages, MEMORY_SHARE, available_memory, fits_in_memory
+from cnnkit.data.disk import MEMORY_SHARE, available_memory, fits_in_memory
 from cnnkit.data.folder import load_image_folder
 from cnnkit.engine.fit import fit
 from cnnkit.engine.inference import predict_logits
@@ -162,8 +162,9 @@ def _folder_images(folder: str, cache: Path, image_size, channels, limit, progre
         keep = kept[split]
         files += [data.files[split][index] for index in keep]
         splits += [split] * len(keep)
-        images.append(torch.from_numpy(pixels.take(keep).load() if isinstance(pixels, DiskImages) else pixels[keep]))
-        labels.append(torch.from_numpy(np.asarray(given)[keep]))
+        read = Split.from_numpy(pixels, given).take(torch.from_numpy(keep)).loaded()  # on disk or in memory
+        images.append(read.images)
+        labels.append(read.labels)
     return AuditImages(f"imagefolder:{root}", list(data.classes), files, splits, torch.cat(images),
                        torch.cat(labels))
 
