@@ -152,7 +152,7 @@ report = {"seconds": seconds.seconds, "planned": budget.planned, "epochs": histo
           "steps": int(history.steps["step"][-1])}
 with open(f"{sys.argv[2]}/rank{dist.get_rank()}.json", "w") as file:  # a file each: no shared stdout
     json.dump(report, file)
-shutdown_distributed()  # cnnkit's exit: a barrier, then leave (gloo aborts a rank without it)
+shutdown_distributed()  # cnnkit's exit: a barrier, then the group destroyed and its threads joined
 '''
 
 
