@@ -1,11 +1,11 @@
-"""What a heatmap costs: explaining one image (Grad-CAM through Captum) against predicting it, on this CPU.
+"""What a heatmap costs: explaining one image (Grad-CAM) against predicting it, on this CPU.
 
     python benchmarks/explain_speed.py [--repeats 200] [--models seed resnet18]
 
 For each model, one image at a time (as the server and `predict --explain` see them): the median time of a
 plain prediction (cnnkit.predict), of cnnkit.explain for the predicted class given (what `predict --explain`
-does: the prediction is already made), and of cnnkit.explain choosing the class itself (one more forward
-pass). Weights are random: the cost does not depend on them. The ratio is the issue's measure (target <= 2x).
+does: the prediction is already made), and of cnnkit.explain choosing the class itself (read off the same
+forward pass). Weights are random: the cost does not depend on them. The ratio is the issue's measure (target <= 2x).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ SHAPES = {"seed": (1, 28, 28), "fast": (1, 28, 28), "airbench": (3, 32, 32), "re
 
 
 def median_ms(call, repeats: int) -> float:
-    call()  # warm up: first-call allocations and Captum's hooks
+    call()  # warm up: first-call allocations and finding the layer
     times = []
     for _ in range(repeats):
         started = time.perf_counter()

@@ -13,8 +13,6 @@ from PIL import Image
 import cnnkit
 from slices import SHARED_DATA
 
-pytest.importorskip("captum", reason='needs Captum: pip install "cnnkit[insight]"')
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
@@ -168,6 +166,34 @@ def test_heatmaps_lie_on_the_patch_that_decides_the_class_and_not_for_random_wei
     trained, untrained = ranks(maps.reshape(len(maps), -1)), ranks(random_maps.reshape(len(maps), -1))
     correlation = [np.corrcoef(a, b)[0, 1] for a, b in zip(trained, untrained)]
     assert np.nanmean(correlation) <= 0.3, np.nanmean(correlation)
+
+
+@pytest.mark.parametrize("name, shape", [("seed", (1, 28, 28)), ("fast", (1, 28, 28)), ("airbench", (3, 32, 32)),
+                                         ("resnet", (3, 40, 40)), ("efficientnet_lite0", (3, 64, 64))])
+def test_the_maps_are_captums_layer_grad_cam_maps(name, shape):
+    """cnnkit's Grad-CAM is written by hand for speed (heatmaps.grad_cam); Captum's LayerGradCam is the reference.
+    Fresh weights of every built-in family, the predicted and a named class, and the same with every weight frozen
+    (a frozen backbone: only the input asks for gradients)."""
+    captum = pytest.importorskip("captum.attr", reason="Captum is the reference: the test extra installs it")
+    from cnnkit.heatmaps import spatial_layer
+
+    model = cnnkit.build_model(name, shape, 5, mean=[0.5] * shape[0], std=[0.25] * shape[0], seed=3).eval()
+    images = np.random.default_rng(0).integers(0, 256, (6, *shape), dtype=np.uint8)
+    batch = torch.from_numpy(images).float()
+    layer = spatial_layer(model, batch[:1])
+    predicted = cnnkit.predict(model, images).argmax(1).tolist()
+    for classes in (predicted, [(label + 2) % 5 for label in predicted]):
+        attribution = captum.LayerGradCam(model, layer).attribute(batch, target=torch.tensor(classes),
+                                                                   relu_attributions=True)
+        upsampled = captum.LayerAttribution.interpolate(attribution, tuple(shape[1:]), "bilinear")[:, 0].detach()
+        expected = (upsampled / upsampled.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)).numpy()
+        assert expected.max() > 0  # some positive evidence to compare
+        assert np.allclose(cnnkit.explain(model, images, classes), expected, atol=1e-5)
+    assert np.array_equal(cnnkit.explain(model, images), cnnkit.explain(model, images, predicted))
+    unfrozen = cnnkit.explain(model, images, predicted)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    assert np.allclose(cnnkit.explain(model, images, predicted), unfrozen, atol=1e-6)
 
 
 def test_cnnkit_explain_stays_the_function_whatever_was_imported_first():

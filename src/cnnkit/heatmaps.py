@@ -1,9 +1,9 @@
-"""Why a model decided: class activation maps (Grad-CAM) over what it saw, through Captum's LayerGradCam.
+"""Why a model decided: class activation maps (Grad-CAM) over what it saw.
 
 Grad-CAM weighs a layer's feature maps by the gradient of the class score and keeps the positive evidence; on
 the last layer that still has a spatial grid it shows where in the image the evidence for a class lies, for any
-network (cnnkit's, a pretrained backbone or a user's), with no change to it. Captum is the well-kept
-implementation (`pip install "cnnkit[insight]"`); cnnkit picks the layer and turns the maps into pictures.
+network (cnnkit's, a pretrained backbone or a user's), with no change to it. cnnkit picks the layer, computes the
+maps (grad_cam says why by hand, not through Captum) and turns them into pictures.
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ from cnnkit.models.tta import TestTimeAugmentation
 from cnnkit.registry import did_you_mean
 from cnnkit.engine.inference import model_device
 from cnnkit.data.images import to_image
-
-INSTALL_HINT = 'pip install "cnnkit[insight]"'
-
 
 def _bare(model: nn.Module) -> nn.Module:
     """The classifier inside a test-time augmentation: its views would run the layer twice, and the image is
@@ -73,11 +70,6 @@ def explain(model: nn.Module, images: np.ndarray | torch.Tensor, target: Sequenc
     (class indices, one or one per image; None: each image's predicted class). Images as `cnnkit.predict` takes
     them: uint8 (N, C, H, W). `layer`: the layer to read (a module of the model, or its dotted name in
     named_modules()); by default the last one with a spatial feature map."""
-    try:
-        from captum.attr import LayerAttribution, LayerGradCam
-    except ImportError:
-        raise CnnkitError(f"explaining a prediction needs Captum, which is not installed: {INSTALL_HINT}") from None
-
     if not isinstance(images, torch.Tensor):
         images = torch.from_numpy(np.array(images))  # a copy: a caller's array may be read-only
     if images.dtype != torch.uint8 or images.ndim != 4:
@@ -85,7 +77,8 @@ def explain(model: nn.Module, images: np.ndarray | torch.Tensor, target: Sequenc
     model = _bare(model)
     device = model_device(model)
     was_training = model.training
-    model.eval()
+    if was_training:  # a walk over every module each way: needless for a model already in eval mode
+        model.eval()
     try:
         chosen = named_layer(model, layer) if isinstance(layer, str) else layer
         if chosen is None:
@@ -94,31 +87,54 @@ def explain(model: nn.Module, images: np.ndarray | torch.Tensor, target: Sequenc
             if shape not in found:
                 found[shape] = spatial_layer(model, images[:1].float().to(device))
             chosen = found[shape]
-        cam = LayerGradCam(model, chosen)
-        maps = []
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size].float().to(device)
-            classes = _targets(target, model, batch, start)
-            attribution = cam.attribute(batch, target=classes, relu_attributions=True)
-            if attribution.ndim != 4 or attribution.shape[-1] * attribution.shape[-2] < 2:
-                raise CnnkitError(f"layer {type(chosen).__name__} gives no spatial feature map (its output is "
-                                  f"{tuple(attribution.shape[1:])} per image): name a convolution or block before "
-                                  "the pooling, or leave the layer out")
-            upsampled = LayerAttribution.interpolate(attribution, tuple(batch.shape[-2:]), "bilinear")
-            maps.append(_normalised(upsampled[:, 0].detach().cpu()))
+        maps = [grad_cam(model, chosen, images[start : start + batch_size].float().to(device), target, start)
+                for start in range(0, len(images), batch_size)]
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     return torch.cat(maps).numpy() if maps else np.zeros((0, *images.shape[-2:]), np.float32)
 
 
-def _targets(target: Sequence[int] | int | None, model: nn.Module, batch: torch.Tensor, start: int) -> torch.Tensor:
-    """The class each image of `batch` is explained for: `target`'s, or the model's prediction when None."""
+def grad_cam(model: nn.Module, layer: nn.Module, batch: torch.Tensor, target: Sequence[int] | int | None,
+             start: int) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al., 2017) of `batch` at `layer`, upsampled to the images' size and normalised.
+
+    Written here rather than called from Captum's LayerGradCam, which gives the same maps (tests/test_explain.py
+    checks it on every built-in architecture): Captum's bookkeeping around each call cost more than the backward
+    pass itself for a small network, and one image of the tutorial's took 2.4x a prediction, where the target is 2x
+    (benchmarks/explain_speed.py). One forward pass also gives the predicted class when none is named.
+    """
+    outputs: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _module, _inputs, output: outputs.append(output))
+    try:
+        with torch.enable_grad():
+            # The input asks for gradients so the layer's output does even when every weight before it is frozen.
+            logits = model(batch.requires_grad_())
+            if not outputs or not isinstance(outputs[-1], torch.Tensor):
+                raise CnnkitError(f"layer {type(layer).__name__} did not run, or gave no tensor, in a forward pass: "
+                                  "name another layer, or leave it out")
+            activations = outputs[-1]  # a layer run more than once: its last run, as Captum reads it
+            if activations.ndim != 4 or activations.shape[-1] * activations.shape[-2] < 2:
+                raise CnnkitError(f"layer {type(layer).__name__} gives no spatial feature map (its output is "
+                                  f"{tuple(activations.shape[1:])} per image): name a convolution or block before "
+                                  "the pooling, or leave the layer out")
+            classes = _targets(target, logits, start)
+            (gradients,) = torch.autograd.grad(logits.gather(1, classes[:, None]).sum(), activations)
+    finally:
+        handle.remove()
+    weights = gradients.mean(dim=(2, 3), keepdim=True)  # each channel's importance: its mean gradient
+    maps = (weights * activations.detach()).sum(dim=1, keepdim=True).clamp_min(0)  # positive evidence only
+    upsampled = nn.functional.interpolate(maps, size=tuple(batch.shape[-2:]), mode="bilinear", align_corners=False)
+    return _normalised(upsampled[:, 0].cpu())
+
+
+def _targets(target: Sequence[int] | int | None, logits: torch.Tensor, start: int) -> torch.Tensor:
+    """The class each image of the batch is explained for: `target`'s, or the model's prediction when None."""
     if target is None:
-        with torch.no_grad():
-            return model(batch).argmax(1)
+        return logits.detach().argmax(1)
     if isinstance(target, int):
-        return torch.full((len(batch),), target, dtype=torch.long, device=batch.device)
-    return torch.as_tensor(list(target)[start : start + len(batch)], device=batch.device)
+        return torch.full((len(logits),), target, dtype=torch.long, device=logits.device)
+    return torch.as_tensor(list(target)[start : start + len(logits)], dtype=torch.long, device=logits.device)
 
 
 def _normalised(maps: torch.Tensor) -> torch.Tensor:

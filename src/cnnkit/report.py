@@ -47,7 +47,7 @@ FIGURE_CAPTIONS = {
     "errors.png": "The test images the model got wrong with the highest confidence: true → predicted "
                   "(confidence, rounded down).",
     "errors_why.png": "The same errors with Grad-CAM heatmaps of the class each was taken for: red is where the "
-                      "evidence for the wrong answer lay (written when Captum is installed).",
+                      "evidence for the wrong answer lay.",
 }
 
 STYLE = """

@@ -342,7 +342,7 @@ def explain_wanted(request: Request) -> bool:
 
 
 class Explainer:
-    """Grad-CAM heatmaps for the server, one at a time on a thread of their own, on a copy of the model: Captum
+    """Grad-CAM heatmaps for the server, one at a time on a thread of their own, on a copy of the model: Grad-CAM
     hooks the layer it reads while it works, and the batcher's forward passes on the served model must not run
     through those hooks; nor may heatmaps waiting their turn hold the threads that decode uploads."""
 
@@ -377,7 +377,7 @@ class Explainer:
             self.copy = copy.deepcopy(self.model).to(memory_format=torch.contiguous_format)
         try:
             heat = explain(self.copy, image[None], target)[0]
-        except CnnkitError as error:  # Captum missing, or a model without a spatial layer
+        except CnnkitError as error:  # a model without a spatial layer
             raise UploadError(501, f"this server cannot explain: {error}") from None
         return picture_base64(overlay(image, heat, None, side=280))
 

@@ -237,11 +237,9 @@ EXPLAINED_COUNT = 12
 
 def explain_errors(path: Path, model: torch.nn.Module, data: Dataset, report: EvalReport) -> None:
     """The most confidently wrong test images, each with the Grad-CAM heatmap of the class it was taken for:
-    where the evidence for the wrong answer lay. Written only where Captum is installed (cnnkit[insight]) and the
-    model has a spatial layer to read; a figure is never a reason for a finished run to fail."""
-    import importlib.util
-
-    if importlib.util.find_spec("captum") is None or data.test.features or len(data.test) == 0:
+    where the evidence for the wrong answer lay. Written where the model has a spatial layer to read; a figure is
+    never a reason for a finished run to fail."""
+    if data.test.features or len(data.test) == 0:
         return
     from PIL import Image
 
@@ -253,7 +251,7 @@ def explain_errors(path: Path, model: torch.nn.Module, data: Dataset, report: Ev
     predicted = report.predictions[order].tolist()
     try:
         maps = explain(model, images, predicted)
-    except Exception:  # noqa: BLE001 - no spatial layer, or a user's network Captum cannot read: no figure
+    except Exception:  # noqa: BLE001 - no spatial layer, or a user's network Grad-CAM cannot read: no figure
         return
     truth = data.test.labels.cpu()[order].tolist()
     tiles = [overlay(image, heat, printable(f"{data.classes[t]} -> {data.classes[p]} ({c:.0%})")[:40], side=160)
