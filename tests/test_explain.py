@@ -153,47 +153,90 @@ def test_heatmaps_lie_on_the_patch_that_decides_the_class_and_not_for_random_wei
     right = cnnkit.predict(model, images).argmax(1).numpy() == labels
     assert right.mean() > 0.9
     maps = cnnkit.explain(model, images)
-    masses = [heat[max(0, y - GROW) : y + PATCH + GROW, max(0, x - GROW) : x + PATCH + GROW].sum() / heat.sum()
-              for heat, (y, x), good in zip(maps, corners, right) if good and heat.sum() > 0]
-    assert np.mean(masses) >= 0.8, np.mean(masses)  # measured: 0.83
+    assert on_the_patch(maps, corners, right) >= 0.8  # measured: 0.92 (0.84 stretched over the whole image)
     fresh = cnnkit.build_model("seed", (1, SIDE, SIDE), 2, mean=[float(pixels.mean())], std=[float(pixels.std())],
                                seed=7)
     random_maps = cnnkit.explain(fresh, images)
 
-    def ranks(values: np.ndarray) -> np.ndarray:
-        return values.argsort(axis=1).argsort(axis=1).astype(float)
+    import warnings
 
-    trained, untrained = ranks(maps.reshape(len(maps), -1)), ranks(random_maps.reshape(len(maps), -1))
-    correlation = [np.corrcoef(a, b)[0, 1] for a, b in zip(trained, untrained)]
-    assert np.nanmean(correlation) <= 0.3, np.nanmean(correlation)
+    from scipy.stats import spearmanr  # average ranks for ties: both maps are zero where no cell looks
+
+    with warnings.catch_warnings():  # an all-zero map (no positive evidence) has no correlation: NaN, left out
+        warnings.simplefilter("ignore")
+        correlation = [spearmanr(a, b)[0] for a, b in zip(maps.reshape(len(maps), -1),
+                                                          random_maps.reshape(len(maps), -1))]
+    assert np.nanmean(correlation) <= 0.3, np.nanmean(correlation)  # measured: 0.24
 
 
-@pytest.mark.parametrize("name, shape", [("seed", (1, 28, 28)), ("fast", (1, 28, 28)), ("airbench", (3, 32, 32)),
-                                         ("resnet", (3, 40, 40)), ("efficientnet_lite0", (3, 64, 64))])
-def test_the_maps_are_captums_layer_grad_cam_maps(name, shape):
-    """cnnkit's Grad-CAM is written by hand for speed (heatmaps.grad_cam); Captum's LayerGradCam is the reference.
-    Fresh weights of every built-in family, the predicted and a named class, and the same with every weight frozen
-    (a frozen backbone: only the input asks for gradients)."""
+@pytest.mark.parametrize("name, shape, grid", [
+    ("seed", (1, 28, 28), ((4.5, 4.5), (4.0, 4.0))),  # 3x3 unpadded convolutions and 2x2 pools: 26, 13, 11, 5 cells
+    ("fast", (1, 48, 48), ((9.5, 9.5), (4.0, 4.0))),  # 5x5 and two 3x3 unpadded, two pools: 44, 22, 20, 10, 8 cells
+    ("airbench", (3, 32, 32), ((4.0, 4.0), (8.0, 8.0))),  # its 2x2 unpadded first convolution, then 31, 15, 7, 3
+    ("resnet", (3, 40, 40), None), ("efficientnet_lite0", (3, 64, 64), None)])  # padded: plain upsampling
+def test_the_maps_are_captums_layer_grad_cam_maps_placed_where_the_cells_look(name, shape, grid):
+    """cnnkit's Grad-CAM is written by hand for speed (heatmaps.grad_cam); Captum's LayerGradCam is the reference,
+    cell for cell. Fresh weights of every built-in family, the predicted and a named class, and the same with
+    every weight frozen (a frozen backbone: only the input asks for gradients). The cells are then placed where
+    they look in the image (worked out by hand in the parameters); padded networks keep Captum's upsampling."""
     captum = pytest.importorskip("captum.attr", reason="Captum is the reference: the test extra installs it")
-    from cnnkit.heatmaps import spatial_layer
+    from cnnkit.heatmaps import Grid, grad_cam, layer_grid, spatial_layer
 
     model = cnnkit.build_model(name, shape, 5, mean=[0.5] * shape[0], std=[0.25] * shape[0], seed=3).eval()
     images = np.random.default_rng(0).integers(0, 256, (6, *shape), dtype=np.uint8)
     batch = torch.from_numpy(images).float()
     layer = spatial_layer(model, batch[:1])
+    assert layer_grid(model, layer, shape, torch.device("cpu")) == (Grid(*grid) if grid else None)
     predicted = cnnkit.predict(model, images).argmax(1).tolist()
     for classes in (predicted, [(label + 2) % 5 for label in predicted]):
-        attribution = captum.LayerGradCam(model, layer).attribute(batch, target=torch.tensor(classes),
-                                                                   relu_attributions=True)
-        upsampled = captum.LayerAttribution.interpolate(attribution, tuple(shape[1:]), "bilinear")[:, 0].detach()
-        expected = (upsampled / upsampled.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)).numpy()
-        assert expected.max() > 0  # some positive evidence to compare
-        assert np.allclose(cnnkit.explain(model, images, classes), expected, atol=1e-5)
+        cells = captum.LayerGradCam(model, layer).attribute(batch, target=torch.tensor(classes),
+                                                             relu_attributions=True).detach()
+        assert cells.max() > 0  # some positive evidence to compare
+        assert torch.allclose(grad_cam(model, layer, batch.clone(), classes), cells, atol=1e-6)
+        if grid is None:
+            upsampled = captum.LayerAttribution.interpolate(cells, tuple(shape[1:]), "bilinear")[:, 0]
+            expected = (upsampled / upsampled.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)).numpy()
+            assert np.allclose(cnnkit.explain(model, images, classes), expected, atol=1e-5)
     assert np.array_equal(cnnkit.explain(model, images), cnnkit.explain(model, images, predicted))
     unfrozen = cnnkit.explain(model, images, predicted)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     assert np.allclose(cnnkit.explain(model, images, predicted), unfrozen, atol=1e-6)
+
+
+def on_the_patch(maps: np.ndarray, corners: np.ndarray, right: np.ndarray) -> float:
+    """The mean share of each correctly classified image's map within its patch's box grown by GROW pixels."""
+    return float(np.mean([heat[max(0, y - GROW) : y + PATCH + GROW, max(0, x - GROW) : x + PATCH + GROW].sum()
+                          / heat.sum() for heat, (y, x), good in zip(maps, corners, right) if good and heat.sum() > 0]))
+
+
+def test_a_map_of_unpadded_convolutions_lies_where_its_cells_look_not_stretched_over_the_image():
+    """`fast` convolves without padding: its last layer's 8x8 cells look at pixels 9.5 to 37.5 of a 48-pixel image.
+    Placed there, more of the map lies on the patch that decides the class than stretched over the whole image
+    (measured: 0.53 against 0.34)."""
+    from cnnkit.data.tensors import Dataset, Split
+    from cnnkit.heatmaps import grad_cam, spatial_layer
+
+    def split(count: int, seed: int) -> tuple[Split, np.ndarray]:
+        images, labels, corners = patch_images(count, seed)
+        return Split(torch.from_numpy(images[:, None]), torch.from_numpy(labels)), corners
+
+    (train, _), (val, _), (test, corners) = split(3000, 0), split(300, 1), split(300, 2)
+    pixels = train.images.float() / 255
+    model = cnnkit.build_model("fast", (1, SIDE, SIDE), 2, mean=[float(pixels.mean())], std=[float(pixels.std())],
+                               seed=0)
+    cnnkit.fit(model, Dataset("patches", ["plus", "ring"], train, val, test), epochs=4, batch_size=64,
+               progress=False)
+    model.eval()
+    images = test.images.numpy()
+    predicted = cnnkit.predict(model, images).argmax(1).numpy()
+    right = predicted == test.labels.numpy()
+    assert right.mean() > 0.9
+    batch = torch.from_numpy(images).float()
+    cells = grad_cam(model, spatial_layer(model, batch[:1]), batch, predicted.tolist())
+    stretched = torch.nn.functional.interpolate(cells, size=(SIDE, SIDE), mode="bilinear")[:, 0].numpy()
+    placed, plain = on_the_patch(cnnkit.explain(model, images), corners, right), on_the_patch(stretched, corners, right)
+    assert placed >= plain + 0.1, (placed, plain)
 
 
 def test_cnnkit_explain_stays_the_function_whatever_was_imported_first():

@@ -3,13 +3,16 @@
 Grad-CAM weighs a layer's feature maps by the gradient of the class score and keeps the positive evidence; on
 the last layer that still has a spatial grid it shows where in the image the evidence for a class lies, for any
 network (cnnkit's, a pretrained backbone or a user's), with no change to it. cnnkit picks the layer, computes the
-maps (grad_cam says why by hand, not through Captum) and turns them into pictures.
+maps (grad_cam says why by hand, not through Captum), places each cell over the pixels it looks at (layer_grid)
+and turns the maps into pictures.
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -64,12 +67,146 @@ def spatial_layer(model: nn.Module, sample: torch.Tensor) -> nn.Module:
     return seen[-1]
 
 
+@dataclass(frozen=True)
+class Grid:
+    """Where a layer's feature-map cells look in the image, per axis (y, x), in input pixels: the centre of the
+    first cell and the step from one cell to the next."""
+
+    first: tuple[float, float]
+    step: tuple[float, float]
+
+
+#: Each layer's Grid by input shape; None where plain upsampling already puts the cells in their place.
+_grids: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], Grid | None]] = weakref.WeakKeyDictionary()
+
+def layer_grid(model: nn.Module, layer: nn.Module, shape: tuple[int, ...], device: torch.device) -> Grid | None:
+    """Where `layer`'s cells look in an image of `shape`, when that differs from plain upsampling by more than half
+    a cell; else None.
+
+    A network of unpadded convolutions or with a crop inside (`fast`, the tutorial's) sees the image's middle:
+    stretching its map over the whole image misplaced the evidence (on 8x8 patches in 48x48 images, 0.34 of
+    `fast`'s map lay on the patch's box; placed where its cells look, 0.53). Padded networks keep plain upsampling.
+    """
+    found = _grids.setdefault(layer, {})
+    if shape not in found:
+        found[shape] = _traced_grid(model, layer, shape, device)
+    return found[shape]
+
+
+def _traced_grid(model: nn.Module, layer: nn.Module, shape: tuple[int, ...], device: torch.device) -> Grid | None:
+    """Follow the image's grid through one forward pass: each convolution, pooling, padding or crop on the main
+    path (a module whose input has the path's current size) moves the cell centres and multiplies their step;
+    branches that pool to 1x1 (squeeze-excitation, the head) leave the path alone. A module that resizes the grid
+    in a way not known here gives None: plain upsampling."""
+    height, width = shape[-2:]
+    path = {"size": (height, width), "first": [0.0, 0.0], "step": [1.0, 1.0], "known": True}
+    at_layer: list[dict] = []
+
+    def follow(module: nn.Module, inputs, output) -> None:
+        source = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+        if (source is None or source.ndim != 4 or not isinstance(output, torch.Tensor) or output.ndim != 4
+                or tuple(source.shape[-2:]) != path["size"] or min(output.shape[-2:]) <= 1):
+            return
+        moves = _grid_moves(module, tuple(source.shape[-2:]), tuple(output.shape[-2:]))
+        if moves is None:
+            path["known"] = False
+            return
+        for axis, (offset, stride) in enumerate(moves):
+            path["first"][axis] += path["step"][axis] * offset
+            path["step"][axis] *= stride
+        path["size"] = tuple(output.shape[-2:])
+
+    def snapshot(_module: nn.Module, _inputs, output) -> None:
+        if isinstance(output, torch.Tensor) and output.ndim == 4:
+            at_layer.append({**path, "first": list(path["first"]), "step": list(path["step"]),
+                             "cells": tuple(output.shape[-2:])})
+
+    leaves = [module for module in model.modules() if not list(module.children())]
+    handles = [module.register_forward_hook(follow) for module in leaves]
+    handles.append(layer.register_forward_hook(snapshot))  # after `follow`, where the layer is a leaf itself
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *shape), device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not at_layer or not at_layer[-1]["known"] or at_layer[-1]["size"] != at_layer[-1]["cells"]:
+        return None
+    traced, cells = at_layer[-1], at_layer[-1]["cells"]
+    grid = Grid(tuple(traced["first"]), tuple(traced["step"]))
+    plain = [shape[-2 + axis] / cells[axis] for axis in (0, 1)]
+    apart = [max(abs(grid.first[axis] - (plain[axis] / 2 - 0.5)),
+                 abs(grid.first[axis] + grid.step[axis] * (cells[axis] - 1) - (plain[axis] * (cells[axis] - 0.5) - 0.5)))
+             / plain[axis] for axis in (0, 1)]
+    return grid if max(apart) > 0.5 and min(cells) > 1 else None
+
+
+def _grid_moves(module: nn.Module, size_in: tuple[int, int], size_out: tuple[int, int]
+                ) -> list[tuple[float, float]] | None:
+    """How `module` moves a grid, per axis: (the first output cell's centre, in input cells; the stride), or None
+    when not known. Same-size modules (normalisation, activation) leave it; a module of no known kind that
+    shrinks both axes evenly is taken for a centre crop."""
+    if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+        kernel, stride = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
+        dilation = _pair(getattr(module, "dilation", 1))
+        declared = module.padding
+        if isinstance(declared, str):  # "same" pads both sides by what the kernel needs, "valid" not at all
+            declared = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation)) if declared == "same" else 0
+        padding = [_leading_padding(*axis, getattr(module, "ceil_mode", False))
+                   for axis in zip(_pair(declared), kernel, stride, dilation, size_in, size_out)]
+        return [(d * (k - 1) / 2 - p, float(s)) for k, s, d, p in zip(kernel, stride, dilation, padding)]
+    if isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)):
+        left, _right, top, _bottom = module.padding
+        return [(-float(top), 1.0), (-float(left), 1.0)]
+    if size_in == size_out:
+        return [(0.0, 1.0), (0.0, 1.0)]
+    shrunk = [size_in[axis] - size_out[axis] for axis in (0, 1)]
+    if all(amount > 0 and amount % 2 == 0 for amount in shrunk):
+        return [(amount / 2, 1.0) for amount in shrunk]
+    return None
+
+
+def _leading_padding(declared: int, kernel: int, stride: int, dilation: int, size_in: int, size_out: int,
+                     ceil_mode: bool) -> float:
+    """The padding before the first pixel: the declared one when it gives the output's size, else TensorFlow's
+    "same" (the padding a subclass adds in its forward, as EfficientNet-Lite's convolutions do: the extra pixel,
+    when the total is odd, after the last)."""
+    span = size_in + 2 * declared - dilation * (kernel - 1) - 1
+    if (-(-span // stride) if ceil_mode else span // stride) + 1 == size_out:
+        return float(declared)
+    return float(max((size_out - 1) * stride + dilation * (kernel - 1) + 1 - size_in, 0) // 2)
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def placed(maps: torch.Tensor, grid: Grid | None, size: tuple[int, int]) -> torch.Tensor:
+    """Cell maps (N, 1, h, w) at the images' `size`: bilinear upsampling, or each cell at the centre of what it
+    looks at (`grid`), fading to zero a cell beyond the outer ones."""
+    if grid is None:
+        return nn.functional.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    sampling = _sampling(grid, size, tuple(maps.shape[-2:])).to(maps.device).expand(len(maps), -1, -1, -1)
+    return nn.functional.grid_sample(maps, sampling, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _sampling(grid: Grid, size: tuple[int, int], cells: tuple[int, int]) -> torch.Tensor:
+    """grid_sample's grid (1, H, W, 2) for `placed`: each pixel's place among the cells, -1 and 1 being the first
+    and the last cell's centres (made once per layer and image size: a tenth of a small network's heatmap time)."""
+    axes = [((torch.arange(pixels, dtype=torch.float32) - grid.first[axis]) / grid.step[axis]) * 2 / (count - 1) - 1
+            for axis, (pixels, count) in enumerate(zip(size, cells))]
+    y, x = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack((x, y), dim=-1)[None]
+
+
 def explain(model: nn.Module, images: np.ndarray | torch.Tensor, target: Sequence[int] | int | None = None, *,
             layer: nn.Module | str | None = None, batch_size: int = 64) -> np.ndarray:
     """One map per image, float32 (N, H, W) in [0, 1] at the images' size: where the evidence for `target` lies
     (class indices, one or one per image; None: each image's predicted class). Images as `cnnkit.predict` takes
     them: uint8 (N, C, H, W). `layer`: the layer to read (a module of the model, or its dotted name in
-    named_modules()); by default the last one with a spatial feature map."""
+    named_modules()); by default the last one with a spatial feature map. Each of its cells lands on the pixels it
+    looks at (layer_grid), for a network that crops or convolves without padding too."""
     if not isinstance(images, torch.Tensor):
         images = torch.from_numpy(np.array(images))  # a copy: a caller's array may be read-only
     if images.dtype != torch.uint8 or images.ndim != 4:
@@ -87,7 +224,9 @@ def explain(model: nn.Module, images: np.ndarray | torch.Tensor, target: Sequenc
             if shape not in found:
                 found[shape] = spatial_layer(model, images[:1].float().to(device))
             chosen = found[shape]
-        maps = [grad_cam(model, chosen, images[start : start + batch_size].float().to(device), target, start)
+        grid = layer_grid(model, chosen, tuple(images.shape[1:]), device)
+        maps = [_normalised(placed(grad_cam(model, chosen, images[start : start + batch_size].float().to(device),
+                                            target, start), grid, tuple(images.shape[-2:]))[:, 0].cpu())
                 for start in range(0, len(images), batch_size)]
     finally:
         if was_training:
@@ -96,8 +235,9 @@ def explain(model: nn.Module, images: np.ndarray | torch.Tensor, target: Sequenc
 
 
 def grad_cam(model: nn.Module, layer: nn.Module, batch: torch.Tensor, target: Sequence[int] | int | None,
-             start: int) -> torch.Tensor:
-    """Grad-CAM (Selvaraju et al., 2017) of `batch` at `layer`, upsampled to the images' size and normalised.
+             start: int = 0) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al., 2017) of `batch` at `layer`: one map per image (N, 1, h, w) over the layer's
+    cells, the positive evidence for each image's class (`target`, from image `start` of the whole call).
 
     Written here rather than called from Captum's LayerGradCam, which gives the same maps (tests/test_explain.py
     checks it on every built-in architecture): Captum's bookkeeping around each call cost more than the backward
@@ -123,9 +263,7 @@ def grad_cam(model: nn.Module, layer: nn.Module, batch: torch.Tensor, target: Se
     finally:
         handle.remove()
     weights = gradients.mean(dim=(2, 3), keepdim=True)  # each channel's importance: its mean gradient
-    maps = (weights * activations.detach()).sum(dim=1, keepdim=True).clamp_min(0)  # positive evidence only
-    upsampled = nn.functional.interpolate(maps, size=tuple(batch.shape[-2:]), mode="bilinear", align_corners=False)
-    return _normalised(upsampled[:, 0].cpu())
+    return (weights * activations.detach()).sum(dim=1, keepdim=True).clamp_min(0)  # positive evidence only
 
 
 def _targets(target: Sequence[int] | int | None, logits: torch.Tensor, start: int) -> torch.Tensor:
