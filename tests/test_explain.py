@@ -169,12 +169,13 @@ def test_heatmaps_lie_on_the_patch_that_decides_the_class_and_not_for_random_wei
     assert np.nanmean(correlation) <= 0.3, np.nanmean(correlation)  # measured: 0.24
 
 
-@pytest.mark.parametrize("name, shape, grid", [
-    ("seed", (1, 28, 28), ((4.5, 4.5), (4.0, 4.0))),  # 3x3 unpadded convolutions and 2x2 pools: 26, 13, 11, 5 cells
-    ("fast", (1, 48, 48), ((9.5, 9.5), (4.0, 4.0))),  # 5x5 and two 3x3 unpadded, two pools: 44, 22, 20, 10, 8 cells
-    ("airbench", (3, 32, 32), ((4.0, 4.0), (8.0, 8.0))),  # its 2x2 unpadded first convolution, then 31, 15, 7, 3
-    ("resnet", (3, 40, 40), None), ("efficientnet_lite0", (3, 64, 64), None)])  # padded: plain upsampling
-def test_the_maps_are_captums_layer_grad_cam_maps_placed_where_the_cells_look(name, shape, grid):
+@pytest.mark.parametrize("name, shape, kwargs, grid", [
+    ("seed", (1, 28, 28), {}, ((4.5, 4.5), (4.0, 4.0))),  # 3x3 unpadded convolutions, 2x2 pools: 26, 13, 11, 5 cells
+    ("fast", (1, 48, 48), {}, ((9.5, 9.5), (4.0, 4.0))),  # 5x5, two 3x3 unpadded, two pools: 44, 22, 20, 10, 8 cells
+    ("fast", (1, 28, 28), {"crop": 2}, ((11.5, 11.5), (4.0, 4.0))),  # the MNIST preset's: 24, 20, 10, 8, 4, 2 cells
+    ("airbench", (3, 32, 32), {}, ((4.0, 4.0), (8.0, 8.0))),  # its 2x2 unpadded first convolution, then 31, 15, 7, 3
+    ("resnet", (3, 40, 40), {}, None), ("efficientnet_lite0", (3, 64, 64), {}, None)])  # padded: plain upsampling
+def test_the_maps_are_captums_layer_grad_cam_maps_placed_where_the_cells_look(name, shape, kwargs, grid):
     """cnnkit's Grad-CAM is written by hand for speed (heatmaps.grad_cam); Captum's LayerGradCam is the reference,
     cell for cell. Fresh weights of every built-in family, the predicted and a named class, and the same with
     every weight frozen (a frozen backbone: only the input asks for gradients). The cells are then placed where
@@ -182,7 +183,7 @@ def test_the_maps_are_captums_layer_grad_cam_maps_placed_where_the_cells_look(na
     captum = pytest.importorskip("captum.attr", reason="Captum is the reference: the test extra installs it")
     from cnnkit.heatmaps import Grid, grad_cam, layer_grid, spatial_layer
 
-    model = cnnkit.build_model(name, shape, 5, mean=[0.5] * shape[0], std=[0.25] * shape[0], seed=3).eval()
+    model = cnnkit.build_model(name, shape, 5, mean=[0.5] * shape[0], std=[0.25] * shape[0], seed=3, **kwargs).eval()
     images = np.random.default_rng(0).integers(0, 256, (6, *shape), dtype=np.uint8)
     batch = torch.from_numpy(images).float()
     layer = spatial_layer(model, batch[:1])

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from cnnkit.errors import CnnkitError
+from cnnkit.models.fast import CenterCrop
 from cnnkit.models.tta import TestTimeAugmentation
 from cnnkit.registry import did_you_mean
 from cnnkit.engine.inference import model_device
@@ -80,8 +81,8 @@ class Grid:
 _grids: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], Grid | None]] = weakref.WeakKeyDictionary()
 
 def layer_grid(model: nn.Module, layer: nn.Module, shape: tuple[int, ...], device: torch.device) -> Grid | None:
-    """Where `layer`'s cells look in an image of `shape`, when that differs from plain upsampling by more than half
-    a cell; else None.
+    """Where `layer`'s cells look in an image of `shape`, when that differs from plain upsampling in scale, or by
+    more than half a cell; else None.
 
     A network of unpadded convolutions or with a crop inside (`fast`, the tutorial's) sees the image's middle:
     stretching its map over the whole image misplaced the evidence (on 8x8 patches in 48x48 images, 0.34 of
@@ -138,14 +139,16 @@ def _traced_grid(model: nn.Module, layer: nn.Module, shape: tuple[int, ...], dev
     apart = [max(abs(grid.first[axis] - (plain[axis] / 2 - 0.5)),
                  abs(grid.first[axis] + grid.step[axis] * (cells[axis] - 1) - (plain[axis] * (cells[axis] - 0.5) - 0.5)))
              / plain[axis] for axis in (0, 1)]
-    return grid if max(apart) > 0.5 and min(cells) > 1 else None
+    rescaled = max(abs(grid.step[axis] / plain[axis] - 1) for axis in (0, 1))
+    # Padded networks: the same step, the cells shifted by under half a cell (a stride-2 convolution centres its
+    # first cell on the first pixel; upsampling puts it half a step in). Kept, as every tool draws them.
+    return grid if (max(apart) > 0.5 or rescaled > 0.1) and min(cells) > 1 else None
 
 
 def _grid_moves(module: nn.Module, size_in: tuple[int, int], size_out: tuple[int, int]
                 ) -> list[tuple[float, float]] | None:
     """How `module` moves a grid, per axis: (the first output cell's centre, in input cells; the stride), or None
-    when not known. Same-size modules (normalisation, activation) leave it; a module of no known kind that
-    shrinks both axes evenly is taken for a centre crop."""
+    when not known. Same-size modules (normalisation, activation) leave it."""
     if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
         kernel, stride = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
         dilation = _pair(getattr(module, "dilation", 1))
@@ -158,12 +161,11 @@ def _grid_moves(module: nn.Module, size_in: tuple[int, int], size_out: tuple[int
     if isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)):
         left, _right, top, _bottom = module.padding
         return [(-float(top), 1.0), (-float(left), 1.0)]
+    if isinstance(module, CenterCrop):
+        return [(float(module.border), 1.0), (float(module.border), 1.0)]
     if size_in == size_out:
         return [(0.0, 1.0), (0.0, 1.0)]
-    shrunk = [size_in[axis] - size_out[axis] for axis in (0, 1)]
-    if all(amount > 0 and amount % 2 == 0 for amount in shrunk):
-        return [(amount / 2, 1.0) for amount in shrunk]
-    return None
+    return None  # adaptive pooling, resizing, a user's own strided module: not followed
 
 
 def _leading_padding(declared: int, kernel: int, stride: int, dilation: int, size_in: int, size_out: int,
