@@ -153,7 +153,7 @@ def test_heatmaps_lie_on_the_patch_that_decides_the_class_and_not_for_random_wei
     right = cnnkit.predict(model, images).argmax(1).numpy() == labels
     assert right.mean() > 0.9
     maps = cnnkit.explain(model, images)
-    assert on_the_patch(maps, corners, right) >= 0.8  # measured: 0.92 (0.84 stretched over the whole image)
+    assert on_the_patch(maps, corners, right) >= 0.8  # measured: 0.93 (0.84 stretched over the whole image)
     fresh = cnnkit.build_model("seed", (1, SIDE, SIDE), 2, mean=[float(pixels.mean())], std=[float(pixels.std())],
                                seed=7)
     random_maps = cnnkit.explain(fresh, images)
@@ -174,6 +174,7 @@ def test_heatmaps_lie_on_the_patch_that_decides_the_class_and_not_for_random_wei
     ("fast", (1, 48, 48), {}, ((9.5, 9.5), (4.0, 4.0))),  # 5x5, two 3x3 unpadded, two pools: 44, 22, 20, 10, 8 cells
     ("fast", (1, 28, 28), {"crop": 2}, ((11.5, 11.5), (4.0, 4.0))),  # the MNIST preset's: 24, 20, 10, 8, 4, 2 cells
     ("airbench", (3, 32, 32), {}, ((4.0, 4.0), (8.0, 8.0))),  # its 2x2 unpadded first convolution, then 31, 15, 7, 3
+    ("resnet18", (3, 200, 200), {}, ((0.0, 0.0), (32.0, 32.0))),  # 7 cells 32 px apart, not 200/7 as stretched
     ("resnet", (3, 40, 40), {}, None), ("efficientnet_lite0", (3, 64, 64), {}, None)])  # padded: plain upsampling
 def test_the_maps_are_captums_layer_grad_cam_maps_placed_where_the_cells_look(name, shape, kwargs, grid):
     """cnnkit's Grad-CAM is written by hand for speed (heatmaps.grad_cam); Captum's LayerGradCam is the reference,
@@ -184,6 +185,14 @@ def test_the_maps_are_captums_layer_grad_cam_maps_placed_where_the_cells_look(na
     from cnnkit.heatmaps import Grid, grad_cam, layer_grid, spatial_layer
 
     model = cnnkit.build_model(name, shape, 5, mean=[0.5] * shape[0], std=[0.25] * shape[0], seed=3, **kwargs).eval()
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # fresh networks start some layers at zero (ResNet-18's head and last BatchNorms): no
+        for module in model.modules():  # evidence to compare. Random values instead, as training would leave them.
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                module.bias.normal_(0.0, 0.2, generator=generator)
+            elif isinstance(module, torch.nn.Linear) and not module.weight.any():
+                module.weight.normal_(0.0, 0.05, generator=generator)
     images = np.random.default_rng(0).integers(0, 256, (6, *shape), dtype=np.uint8)
     batch = torch.from_numpy(images).float()
     layer = spatial_layer(model, batch[:1])
@@ -192,7 +201,7 @@ def test_the_maps_are_captums_layer_grad_cam_maps_placed_where_the_cells_look(na
     for classes in (predicted, [(label + 2) % 5 for label in predicted]):
         cells = captum.LayerGradCam(model, layer).attribute(batch, target=torch.tensor(classes),
                                                              relu_attributions=True).detach()
-        assert cells.max() > 0  # some positive evidence to compare
+        assert cells.max() > 0 or classes is not predicted  # evidence for the predicted classes, to compare
         assert torch.allclose(grad_cam(model, layer, batch.clone(), classes), cells, atol=1e-6)
         if grid is None:
             upsampled = captum.LayerAttribution.interpolate(cells, tuple(shape[1:]), "bilinear")[:, 0]
@@ -238,6 +247,46 @@ def test_a_map_of_unpadded_convolutions_lies_where_its_cells_look_not_stretched_
     stretched = torch.nn.functional.interpolate(cells, size=(SIDE, SIDE), mode="bilinear")[:, 0].numpy()
     placed, plain = on_the_patch(cnnkit.explain(model, images), corners, right), on_the_patch(stretched, corners, right)
     assert placed >= plain + 0.1, (placed, plain)
+
+
+def test_a_layer_read_before_an_in_place_activation_gives_captums_maps():
+    """`fast` puts ReLU(inplace=True) after each BatchNorm: a kept output changed by it later gave maps up to 0.38
+    off Captum's (on maps peaking at 0.67) before the hook handed the network a copy."""
+    captum = pytest.importorskip("captum.attr", reason="Captum is the reference: the test extra installs it")
+    from cnnkit.heatmaps import grad_cam, named_layer
+
+    model = cnnkit.build_model("fast", (1, 28, 28), 5, mean=[0.5], std=[0.25], seed=3).eval()
+    batch = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (6, 1, 28, 28), dtype=np.uint8)).float()
+    classes = cnnkit.predict(model, batch.to(torch.uint8).numpy()).argmax(1).tolist()
+    for name in ("body.3", "body.7", "body.10"):  # the three BatchNorms
+        layer = named_layer(model, name)
+        cells = captum.LayerGradCam(model, layer).attribute(batch, target=torch.tensor(classes)).detach()
+        assert torch.allclose(grad_cam(model, layer, batch, classes), cells.clamp_min(0), atol=1e-6), name
+
+
+def test_cells_land_where_the_grid_says_and_targets_are_checked():
+    from torch import nn
+
+    from cnnkit.heatmaps import Grid, layer_grid, placed, spatial_layer
+    from cnnkit.models.fast import CenterCrop
+
+    cells = torch.zeros(1, 1, 3, 3)
+    cells[0, 0, 1, 2] = 1.0  # the middle row's last cell: at pixel (4.5 + 4, 4.5 + 8) = (8.5, 12.5)
+    picture = placed(cells, Grid((4.5, 4.5), (4.0, 4.0)), (20, 20))[0, 0]
+    rows, columns = torch.nonzero(picture == picture.max(), as_tuple=True)
+    assert set(rows.tolist()) == {8, 9} and set(columns.tolist()) == {12, 13}
+    assert picture[:4].max() == 0 and picture[:, :8].max() == 0  # a cell away from the lit one: nothing
+    # The same layer inside a model that crops first looks elsewhere: grids are kept per model.
+    model = cnnkit.build_model("fast", (1, 48, 48), 2, seed=0).eval()
+    layer = spatial_layer(model, torch.zeros(1, 1, 48, 48))
+    cropped = nn.Sequential(CenterCrop(6), model).eval()
+    assert layer_grid(model, layer, (1, 48, 48), torch.device("cpu")).first == (9.5, 9.5)
+    assert layer_grid(cropped, layer, (1, 60, 60), torch.device("cpu")).first == (15.5, 15.5)
+    images = np.zeros((3, 1, 48, 48), np.uint8)
+    assert cnnkit.explain(model, images, [1]).shape == (3, 48, 48)  # one class for all
+    for target, words in (([0, 1], "2 target classes for 3 images"), (5, "class 5 is not one of this model's 2")):
+        with pytest.raises(cnnkit.CnnkitError, match=words):
+            cnnkit.explain(model, images, target)
 
 
 def test_cnnkit_explain_stays_the_function_whatever_was_imported_first():

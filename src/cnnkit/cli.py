@@ -458,8 +458,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--show-input", metavar="DIR", help="write each image as the model saw it (after "
                                                         "preprocessing) as a PNG in DIR")
     p.add_argument("--explain", metavar="DIR", help="write each image with a heatmap of where the evidence for its "
-                                                     "predicted class lies (Grad-CAM) as a PNG in DIR; needs "
-                                                     'pip install "cnnkit[insight]"')
+                                                     "predicted class lies (Grad-CAM) as a PNG in DIR")
     p.add_argument("--explain-class", metavar="CLASS", help="with --explain: the class whose evidence to show "
                                                              "(default: each image's predicted class)")
     p.add_argument("--explain-layer", metavar="NAME", help="with --explain: the layer to read, by its name in the "

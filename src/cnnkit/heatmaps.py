@@ -26,9 +26,13 @@ from cnnkit.engine.inference import model_device
 from cnnkit.data.images import to_image
 
 def _bare(model: nn.Module) -> nn.Module:
-    """The classifier inside a test-time augmentation: its views would run the layer twice, and the image is
-    explained as it is."""
-    return model.model if isinstance(model, TestTimeAugmentation) else model
+    """The classifier inside a test-time augmentation (its views would run the layer twice, and the image is
+    explained as it is) or a data-parallel wrapper (its replicas would each run the layer on a part of the batch)."""
+    if isinstance(model, TestTimeAugmentation):
+        return _bare(model.model)
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return _bare(model.module)
+    return model
 
 
 def named_layer(model: nn.Module, name: str, option: str = "layer") -> nn.Module:
@@ -47,16 +51,19 @@ _found_layers: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], nn.Mod
 
 
 def spatial_layer(model: nn.Module, sample: torch.Tensor) -> nn.Module:
-    """The last layer, in the order a forward pass runs them, whose output is a feature map larger than 1x1: the
-    layer Grad-CAM reads when none is named (found by running `sample` once, so any architecture works)."""
+    """The last module to finish, in a forward pass, with a feature map larger than 1x1 as its output: the layer
+    Grad-CAM reads when none is named (found by running `sample` once, so any architecture works).
+
+    Blocks count, not only the layers inside them: a residual block that adds its shortcut and applies its ReLU as
+    functions (timm's ResNets, as cnnkit writes them) finishes after its last BatchNorm, and only its own output
+    has the shortcut in it (reading that BatchNorm, ResNet-18's maps with fresh weights were all zero)."""
     seen: list[nn.Module] = []
 
     def record(module: nn.Module, _inputs, output) -> None:
         if isinstance(output, torch.Tensor) and output.ndim == 4 and output.shape[-1] * output.shape[-2] > 1:
             seen.append(module)
 
-    leaves = [module for module in model.modules() if not list(module.children())]
-    handles = [module.register_forward_hook(record) for module in leaves]
+    handles = [module.register_forward_hook(record) for module in model.modules() if module is not model]
     try:
         with torch.no_grad():
             model(sample)
@@ -77,8 +84,10 @@ class Grid:
     step: tuple[float, float]
 
 
-#: Each layer's Grid by input shape; None where plain upsampling already puts the cells in their place.
-_grids: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], Grid | None]] = weakref.WeakKeyDictionary()
+#: Each model's Grid by (layer, input shape); None where plain upsampling already puts the cells in their place. By
+#: model, not by layer: the same layer inside a model that crops first looks elsewhere.
+_grids: weakref.WeakKeyDictionary[nn.Module, dict[tuple[nn.Module, tuple[int, ...]], Grid | None]] = \
+    weakref.WeakKeyDictionary()
 
 def layer_grid(model: nn.Module, layer: nn.Module, shape: tuple[int, ...], device: torch.device) -> Grid | None:
     """Where `layer`'s cells look in an image of `shape`, when that differs from plain upsampling in scale, or by
@@ -88,10 +97,10 @@ def layer_grid(model: nn.Module, layer: nn.Module, shape: tuple[int, ...], devic
     stretching its map over the whole image misplaced the evidence (on 8x8 patches in 48x48 images, 0.34 of
     `fast`'s map lay on the patch's box; placed where its cells look, 0.53). Padded networks keep plain upsampling.
     """
-    found = _grids.setdefault(layer, {})
-    if shape not in found:
-        found[shape] = _traced_grid(model, layer, shape, device)
-    return found[shape]
+    found = _grids.setdefault(model, {})
+    if (layer, shape) not in found:
+        found[(layer, shape)] = _traced_grid(model, layer, shape, device)
+    return found[(layer, shape)]
 
 
 def _traced_grid(model: nn.Module, layer: nn.Module, shape: tuple[int, ...], device: torch.device) -> Grid | None:
@@ -155,8 +164,11 @@ def _grid_moves(module: nn.Module, size_in: tuple[int, int], size_out: tuple[int
         declared = module.padding
         if isinstance(declared, str):  # "same" pads both sides by what the kernel needs, "valid" not at all
             declared = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation)) if declared == "same" else 0
-        padding = [_leading_padding(*axis, getattr(module, "ceil_mode", False))
-                   for axis in zip(_pair(declared), kernel, stride, dilation, size_in, size_out)]
+        if type(module) in (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d):  # PyTorch's own: the padding it declares
+            padding = [float(amount) for amount in _pair(declared)]
+        else:  # a subclass may pad in its forward (EfficientNet-Lite's TensorFlow-style "same")
+            padding = [_leading_padding(*axis) for axis in zip(_pair(declared), kernel, stride, dilation, size_in,
+                                                                size_out)]
         return [(d * (k - 1) / 2 - p, float(s)) for k, s, d, p in zip(kernel, stride, dilation, padding)]
     if isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)):
         left, _right, top, _bottom = module.padding
@@ -168,13 +180,11 @@ def _grid_moves(module: nn.Module, size_in: tuple[int, int], size_out: tuple[int
     return None  # adaptive pooling, resizing, a user's own strided module: not followed
 
 
-def _leading_padding(declared: int, kernel: int, stride: int, dilation: int, size_in: int, size_out: int,
-                     ceil_mode: bool) -> float:
-    """The padding before the first pixel: the declared one when it gives the output's size, else TensorFlow's
-    "same" (the padding a subclass adds in its forward, as EfficientNet-Lite's convolutions do: the extra pixel,
-    when the total is odd, after the last)."""
-    span = size_in + 2 * declared - dilation * (kernel - 1) - 1
-    if (-(-span // stride) if ceil_mode else span // stride) + 1 == size_out:
+def _leading_padding(declared: int, kernel: int, stride: int, dilation: int, size_in: int, size_out: int) -> float:
+    """A subclass's padding before the first pixel: the declared one when it gives the output's size, else
+    TensorFlow's "same" (what EfficientNet-Lite's convolutions add in their forward: the extra pixel, when the
+    total is odd, after the last)."""
+    if (size_in + 2 * declared - dilation * (kernel - 1) - 1) // stride + 1 == size_out:
         return float(declared)
     return float(max((size_out - 1) * stride + dilation * (kernel - 1) + 1 - size_in, 0) // 2)
 
@@ -188,14 +198,14 @@ def placed(maps: torch.Tensor, grid: Grid | None, size: tuple[int, int]) -> torc
     looks at (`grid`), fading to zero a cell beyond the outer ones."""
     if grid is None:
         return nn.functional.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-    sampling = _sampling(grid, size, tuple(maps.shape[-2:])).to(maps.device).expand(len(maps), -1, -1, -1)
+    sampling = _sampling(grid, size, tuple(maps.shape[-2:])).to(maps).expand(len(maps), -1, -1, -1)
     return nn.functional.grid_sample(maps, sampling, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
 @functools.lru_cache(maxsize=64)
 def _sampling(grid: Grid, size: tuple[int, int], cells: tuple[int, int]) -> torch.Tensor:
     """grid_sample's grid (1, H, W, 2) for `placed`: each pixel's place among the cells, -1 and 1 being the first
-    and the last cell's centres (made once per layer and image size: a tenth of a small network's heatmap time)."""
+    and the last cell's centres (made once per layer and image size, not at every call)."""
     axes = [((torch.arange(pixels, dtype=torch.float32) - grid.first[axis]) / grid.step[axis]) * 2 / (count - 1) - 1
             for axis, (pixels, count) in enumerate(zip(size, cells))]
     y, x = torch.meshgrid(*axes, indexing="ij")
@@ -215,8 +225,10 @@ def explain(model: nn.Module, images: np.ndarray | torch.Tensor, target: Sequenc
         raise CnnkitError(f"explain takes uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
     model = _bare(model)
     device = model_device(model)
-    was_training = model.training
-    if was_training:  # a walk over every module each way: needless for a model already in eval mode
+    classes = _checked_targets(target, len(images))
+    modes = {module: module.training for module in model.modules()}
+    training = any(modes.values())
+    if training:  # dropout off, BatchNorm's statistics kept; each module's own mode restored after
         model.eval()
     try:
         chosen = named_layer(model, layer) if isinstance(layer, str) else layer
@@ -228,18 +240,19 @@ def explain(model: nn.Module, images: np.ndarray | torch.Tensor, target: Sequenc
             chosen = found[shape]
         grid = layer_grid(model, chosen, tuple(images.shape[1:]), device)
         maps = [_normalised(placed(grad_cam(model, chosen, images[start : start + batch_size].float().to(device),
-                                            target, start), grid, tuple(images.shape[-2:]))[:, 0].cpu())
+                                            None if classes is None else classes[start : start + batch_size]),
+                                   grid, tuple(images.shape[-2:]))[:, 0].cpu())
                 for start in range(0, len(images), batch_size)]
     finally:
-        if was_training:
-            model.train()
+        if training:
+            for module, mode in modes.items():
+                module.training = mode
     return torch.cat(maps).numpy() if maps else np.zeros((0, *images.shape[-2:]), np.float32)
 
 
-def grad_cam(model: nn.Module, layer: nn.Module, batch: torch.Tensor, target: Sequence[int] | int | None,
-             start: int = 0) -> torch.Tensor:
+def grad_cam(model: nn.Module, layer: nn.Module, batch: torch.Tensor, classes: Sequence[int] | None) -> torch.Tensor:
     """Grad-CAM (Selvaraju et al., 2017) of `batch` at `layer`: one map per image (N, 1, h, w) over the layer's
-    cells, the positive evidence for each image's class (`target`, from image `start` of the whole call).
+    cells, the positive evidence for each image's class (`classes`, one per image; None: the predicted ones).
 
     Written here rather than called from Captum's LayerGradCam, which gives the same maps (tests/test_explain.py
     checks it on every built-in architecture): Captum's bookkeeping around each call cost more than the backward
@@ -247,11 +260,11 @@ def grad_cam(model: nn.Module, layer: nn.Module, batch: torch.Tensor, target: Se
     (benchmarks/explain_speed.py). One forward pass also gives the predicted class when none is named.
     """
     outputs: list[torch.Tensor] = []
-    handle = layer.register_forward_hook(lambda _module, _inputs, output: outputs.append(output))
+    handle = layer.register_forward_hook(_keep_output(outputs))
     try:
         with torch.enable_grad():
             # The input asks for gradients so the layer's output does even when every weight before it is frozen.
-            logits = model(batch.requires_grad_())
+            logits = model(batch.detach().requires_grad_())
             if not outputs or not isinstance(outputs[-1], torch.Tensor):
                 raise CnnkitError(f"layer {type(layer).__name__} did not run, or gave no tensor, in a forward pass: "
                                   "name another layer, or leave it out")
@@ -260,21 +273,44 @@ def grad_cam(model: nn.Module, layer: nn.Module, batch: torch.Tensor, target: Se
                 raise CnnkitError(f"layer {type(layer).__name__} gives no spatial feature map (its output is "
                                   f"{tuple(activations.shape[1:])} per image): name a convolution or block before "
                                   "the pooling, or leave the layer out")
-            classes = _targets(target, logits, start)
-            (gradients,) = torch.autograd.grad(logits.gather(1, classes[:, None]).sum(), activations)
+            chosen = logits.detach().argmax(1) if classes is None else torch.as_tensor(
+                list(classes), dtype=torch.long, device=logits.device)
+            if len(chosen) and not 0 <= int(chosen.min()) <= int(chosen.max()) < logits.shape[1]:
+                raise CnnkitError(f"explain: class {int(chosen.max()) if int(chosen.min()) >= 0 else int(chosen.min())}"
+                                  f" is not one of this model's {logits.shape[1]} classes (0 to {logits.shape[1] - 1})")
+            (gradients,) = torch.autograd.grad(logits.gather(1, chosen[:, None]).sum(), activations, allow_unused=True)
     finally:
         handle.remove()
+    if gradients is None:
+        raise CnnkitError(f"layer {type(layer).__name__} does not lead to the model's answer (no gradient reaches it): "
+                          "name a layer on the way to the output, or leave it out")
     weights = gradients.mean(dim=(2, 3), keepdim=True)  # each channel's importance: its mean gradient
     return (weights * activations.detach()).sum(dim=1, keepdim=True).clamp_min(0)  # positive evidence only
 
 
-def _targets(target: Sequence[int] | int | None, logits: torch.Tensor, start: int) -> torch.Tensor:
-    """The class each image of the batch is explained for: `target`'s, or the model's prediction when None."""
+def _keep_output(outputs: list[torch.Tensor]):
+    """A forward hook that keeps the layer's output and hands the network a copy: an in-place operation after the
+    layer (a ReLU(inplace=True) after a BatchNorm) would otherwise change the kept activations, and the maps
+    (measured: up to 0.38 off Captum's on `fast`'s last BatchNorm, whose maps peak at 0.67)."""
+
+    def keep(_module: nn.Module, _inputs, output):
+        outputs.append(output)
+        return output.clone() if isinstance(output, torch.Tensor) else output
+
+    return keep
+
+
+def _checked_targets(target: Sequence[int] | int | None, count: int) -> list[int] | None:
+    """One class per image: `target` as given, one class for all, or None for each image's predicted class."""
     if target is None:
-        return logits.detach().argmax(1)
-    if isinstance(target, int):
-        return torch.full((len(logits),), target, dtype=torch.long, device=logits.device)
-    return torch.as_tensor(list(target)[start : start + len(logits)], dtype=torch.long, device=logits.device)
+        return None
+    classes = [target] if isinstance(target, (int, np.integer)) else [int(value) for value in target]
+    if len(classes) == 1:
+        return classes * count
+    if len(classes) != count:
+        raise CnnkitError(f"explain: {len(classes)} target classes for {count} images; give one class, one per "
+                          "image, or None for each image's predicted class")
+    return classes
 
 
 def _normalised(maps: torch.Tensor) -> torch.Tensor:

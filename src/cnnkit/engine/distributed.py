@@ -83,12 +83,14 @@ def init_distributed(device: str = "auto") -> World:
 
 def shutdown_distributed(wait: bool = True) -> None:
     """Leave the process group, after a barrier when `wait` (no rank leaves while another still needs it;
-    after a failure there is none, as the other processes may never reach it). The group is destroyed here, its
-    threads joined, so none of them is still at work when the interpreter exits (release_pinned_group)."""
+    after a failure there is none, as the other processes may never reach it). After the barrier the group is
+    destroyed here, its threads joined, so none of them is still at work when the interpreter exits, once nothing
+    else (a DistributedDataParallel wrapper still referenced) holds it: release_pinned_group. After a failure it is
+    left to the process's exit instead: a collective no peer will match would hold the join until gloo's timeout."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         if wait:
             torch.distributed.barrier()
-        release_pinned_group(torch.distributed.group.WORLD)
+            release_pinned_group(torch.distributed.group.WORLD)
         torch.distributed.destroy_process_group()
 
 

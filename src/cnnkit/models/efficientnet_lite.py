@@ -166,6 +166,7 @@ class EfficientNetLite(nn.Module):
         self.blocks = nn.Sequential(*stages)
         self.conv_head = SameConv2d(channels, HEAD_CHANNELS, 1)
         self.bn2 = batch_norm(HEAD_CHANNELS)
+        self.act2 = nn.ReLU6()  # a module, not F.relu6: the last feature map is its output, for a heatmap's hook
         self.num_features = HEAD_CHANNELS
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(HEAD_CHANNELS, num_classes)
@@ -174,7 +175,7 @@ class EfficientNetLite(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map (N, 1280, H/32, W/32): what a heatmap or a frozen-feature cache reads."""
         x = F.relu6(self.bn1(self.conv_stem(adapt_input(x, self.repeat_gray, self.resolution))))
-        return F.relu6(self.bn2(self.conv_head(self.blocks(x))))
+        return self.act2(self.bn2(self.conv_head(self.blocks(x))))
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Logits of a feature map; its pooled vector (N, 1280) with `pre_logits`, as timm's models do."""
