@@ -283,6 +283,9 @@ def test_cells_land_where_the_grid_says_and_targets_are_checked():
     for target, words in (([0, 1], "2 target classes for 3 images"), (5, "class 5 is not one of this model's 2")):
         with pytest.raises(cnnkit.CnnkitError, match=words):
             cnnkit.explain(model, images, target)
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(48 * 48, 2))  # no spatial layer at all
+    with pytest.raises(cnnkit.CnnkitError, match="no layer with a spatial feature map"):
+        cnnkit.explain(flat, images)
 
 
 def test_cnnkit_explain_stays_the_function_whatever_was_imported_first():
