@@ -89,6 +89,7 @@ class Grid:
 _grids: weakref.WeakKeyDictionary[nn.Module, dict[tuple[nn.Module, tuple[int, ...]], Grid | None]] = \
     weakref.WeakKeyDictionary()
 
+
 def layer_grid(model: nn.Module, layer: nn.Module, shape: tuple[int, ...], device: torch.device) -> Grid | None:
     """Where `layer`'s cells look in an image of `shape`, when that differs from plain upsampling in scale, or by
     more than half a cell; else None.
@@ -145,9 +146,10 @@ def _traced_grid(model: nn.Module, layer: nn.Module, shape: tuple[int, ...], dev
     traced, cells = at_layer[-1], at_layer[-1]["cells"]
     grid = Grid(tuple(traced["first"]), tuple(traced["step"]))
     plain = [shape[-2 + axis] / cells[axis] for axis in (0, 1)]
-    apart = [max(abs(grid.first[axis] - (plain[axis] / 2 - 0.5)),
-                 abs(grid.first[axis] + grid.step[axis] * (cells[axis] - 1) - (plain[axis] * (cells[axis] - 0.5) - 0.5)))
-             / plain[axis] for axis in (0, 1)]
+    last = [grid.first[axis] + grid.step[axis] * (cells[axis] - 1) for axis in (0, 1)]
+    apart = [max(abs(grid.first[axis] - (plain[axis] / 2 - 0.5)), abs(last[axis] - (plain[axis] * (cells[axis] - 0.5)
+                                                                                      - 0.5))) / plain[axis]
+             for axis in (0, 1)]
     rescaled = max(abs(grid.step[axis] / plain[axis] - 1) for axis in (0, 1))
     # Padded networks: the same step, the cells shifted by under half a cell (a stride-2 convolution centres its
     # first cell on the first pixel; upsampling puts it half a step in). Kept, as every tool draws them.
@@ -256,8 +258,8 @@ def grad_cam(model: nn.Module, layer: nn.Module, batch: torch.Tensor, classes: S
 
     Written here rather than called from Captum's LayerGradCam, which gives the same maps (tests/test_explain.py
     checks it on every built-in architecture): Captum's bookkeeping around each call cost more than the backward
-    pass itself for a small network, and one image of the tutorial's took 2.4x a prediction, where the target is 2x
-    (benchmarks/explain_speed.py). One forward pass also gives the predicted class when none is named.
+    pass itself for a small network, which put one image of the tutorial's over the issue's target of 2x a
+    prediction (benchmarks/RESULTS.md). One forward pass also gives the predicted class when none is named.
     """
     outputs: list[torch.Tensor] = []
     handle = layer.register_forward_hook(_keep_output(outputs))
@@ -293,8 +295,8 @@ def _keep_output(outputs: list[torch.Tensor]):
     """A forward hook that keeps the layer's output as the leaf gradients are taken at, turns gradients on for
     the rest of the forward pass, and hands the network a copy.
 
-    The layers before run without a graph: Grad-CAM needs the gradient at the layer only, and that graph cost as
-    much again as the forward pass for ResNet-18 some of the time (22 ms against 15). A leaf also asks for
+    The layers before run without a graph: Grad-CAM needs the gradient at the layer only, and building that graph
+    made ResNet-18's heatmaps cost up to 1.6x a prediction in some runs (benchmarks/RESULTS.md). A leaf also asks for
     gradients when every weight is frozen. The copy: an in-place operation after the layer (a ReLU(inplace=True)
     after a BatchNorm) would otherwise change the kept activations, and the maps (measured: up to 0.38 off
     Captum's on `fast`'s last BatchNorm, whose maps peak at 0.67)."""
