@@ -288,6 +288,42 @@ def test_cells_land_where_the_grid_says_and_targets_are_checked():
         cnnkit.explain(flat, images)
 
 
+def test_explain_takes_models_and_arguments_as_users_write_them():
+    """Found by a hostile reading: a Dropout shared by the body and the head made the default layer a flat one; a
+    bad `layer` left hooks behind; inference_mode, a 0-d target and a swapped layer each failed or misled."""
+    from torch import nn
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.drop, self.fc1, self.fc2 = nn.Dropout(0.25), nn.Linear(8, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            x = self.drop(torch.relu(self.c2(torch.relu(self.c1(x))))).mean((2, 3))
+            return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+    torch.manual_seed(0)
+    model = Shared().train()
+    images = np.random.default_rng(0).integers(0, 256, (4, 1, 16, 16), dtype=np.uint8)
+    maps = cnnkit.explain(model, images)
+    assert maps.shape == (4, 16, 16) and model.training and model.drop.training  # each mode restored
+    with torch.inference_mode():
+        assert np.array_equal(cnnkit.explain(model, images), maps)
+    target = cnnkit.predict(model.eval(), images[:1]).argmax()  # a 0-d tensor, as argmax gives it
+    assert cnnkit.explain(model, images[:1], target).shape == (1, 16, 16)
+    for options, words in (({"layer": 3}, "layer must be a module"), ({"batch_size": 0}, "batch_size must be"),
+                           ({"target": 2.5}, "target must be class indices"), ({"layer": ""}, "no layer of that")):
+        with pytest.raises(cnnkit.CnnkitError, match=words):
+            cnnkit.explain(model, images, **options)
+    assert not any(module._forward_hooks for module in model.modules())  # nothing left behind
+    model.c1 = nn.Conv2d(1, 8, 5)  # unpadded now: the cells move, and the grid is traced again
+    assert cnnkit.explain(model, images).shape == (4, 16, 16)
+    from cnnkit.heatmaps import _grids
+
+    assert any(grid is not None for grid in _grids[model].values())
+
+
 def test_cnnkit_explain_stays_the_function_whatever_was_imported_first():
     """The function lived in a module of its own name, cnnkit/explain.py: importing that module (as predict
     --explain and the server do) rebound `cnnkit.explain` to the module, and `cnnkit.explain(model, images)` then

@@ -9,7 +9,10 @@ and turns the maps into pictures.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
+import operator
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +25,6 @@ from cnnkit.errors import CnnkitError
 from cnnkit.models.fast import CenterCrop
 from cnnkit.models.tta import TestTimeAugmentation
 from cnnkit.registry import did_you_mean
-from cnnkit.engine.inference import model_device
 from cnnkit.data.images import to_image
 
 def _bare(model: nn.Module) -> nn.Module:
@@ -38,16 +40,18 @@ def _bare(model: nn.Module) -> nn.Module:
 def named_layer(model: nn.Module, name: str, option: str = "layer") -> nn.Module:
     """The module called `name` in model.named_modules() (what `print(model)` shows, dotted), or one line
     naming close names and the default."""
-    modules = dict(_bare(model).named_modules())
-    if not name or name not in modules:
-        raise CnnkitError(f"{option} {name!r}: no layer of that name in this model{did_you_mean(name, list(modules))}; "
+    modules = {key: module for key, module in _bare(model).named_modules() if key}
+    if name not in modules:
+        hint = did_you_mean(name, list(modules)) if name else ""
+        raise CnnkitError(f"{option} {name!r}: no layer of that name in this model{hint}; "
                           "leave it out for the last layer with a spatial feature map")
     return modules[name]
 
 
 #: The layer found for each model (one forward pass saved per call: explaining one image at a time, as the
 #: server does, costs 3 passes instead of 4).
-_found_layers: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], nn.Module]] = weakref.WeakKeyDictionary()
+_found_layers: weakref.WeakKeyDictionary[nn.Module, dict[tuple[tuple[int, ...], int], nn.Module]] = \
+    weakref.WeakKeyDictionary()
 
 
 def spatial_layer(model: nn.Module, sample: torch.Tensor) -> nn.Module:
@@ -57,22 +61,36 @@ def spatial_layer(model: nn.Module, sample: torch.Tensor) -> nn.Module:
     Blocks count, not only the layers inside them: a residual block that adds its shortcut and applies its ReLU as
     functions (timm's ResNets, as cnnkit writes them) finishes after its last BatchNorm, and only its own output
     has the shortcut in it (reading that BatchNorm, ResNet-18's maps with fresh weights were all zero)."""
-    seen: list[nn.Module] = []
+    finished: dict[nn.Module, tuple[int, bool]] = {}  # each module's last call: when it finished, spatial or not
+    counter = itertools.count()
 
     def record(module: nn.Module, _inputs, output) -> None:
-        if isinstance(output, torch.Tensor) and output.ndim == 4 and output.shape[-1] * output.shape[-2] > 1:
-            seen.append(module)
+        spatial = isinstance(output, torch.Tensor) and output.ndim == 4 and output.shape[-1] * output.shape[-2] > 1
+        finished[module] = (next(counter), spatial)
 
-    handles = [module.register_forward_hook(record) for module in model.modules() if module is not model]
+    with _hooked([module for module in model.modules() if module is not model], record), torch.no_grad():
+        model(sample)
+    # A module run again later on something flat (one ReLU or Dropout shared by the body and the head) is read at
+    # its last run, as grad_cam reads it: it counts only when that last run is spatial.
+    candidates = [(order, module) for module, (order, spatial) in finished.items() if spatial]
+    if not candidates:
+        raise CnnkitError("this model has no layer with a spatial feature map to explain")
+    return max(candidates, key=lambda pair: pair[0])[1]
+
+
+@contextlib.contextmanager
+def _hooked(modules: Sequence[nn.Module], hook):
+    """`hook` as a forward hook on each of `modules` for the duration, removed after whatever happens (a module
+    that cannot take one, a TorchScript module, is left out)."""
+    handles = []
     try:
-        with torch.no_grad():
-            model(sample)
+        for module in modules:
+            if not isinstance(module, torch.jit.ScriptModule):
+                handles.append(module.register_forward_hook(hook))
+        yield
     finally:
         for handle in handles:
             handle.remove()
-    if not seen:
-        raise CnnkitError("this model has no layer with a spatial feature map to explain")
-    return seen[-1]
 
 
 @dataclass(frozen=True)
@@ -86,11 +104,12 @@ class Grid:
 
 #: Each model's Grid by (layer, input shape); None where plain upsampling already puts the cells in their place. By
 #: model, not by layer: the same layer inside a model that crops first looks elsewhere.
-_grids: weakref.WeakKeyDictionary[nn.Module, dict[tuple[nn.Module, tuple[int, ...]], Grid | None]] = \
+_grids: weakref.WeakKeyDictionary[nn.Module, dict[tuple[nn.Module, tuple[int, ...], int], Grid | None]] = \
     weakref.WeakKeyDictionary()
 
 
-def layer_grid(model: nn.Module, layer: nn.Module, shape: tuple[int, ...], device: torch.device) -> Grid | None:
+def layer_grid(model: nn.Module, layer: nn.Module, shape: tuple[int, ...], device: torch.device,
+               modules: int = 0) -> Grid | None:
     """Where `layer`'s cells look in an image of `shape`, when that differs from plain upsampling in scale, or by
     more than half a cell; else None.
 
@@ -98,10 +117,10 @@ def layer_grid(model: nn.Module, layer: nn.Module, shape: tuple[int, ...], devic
     stretching its map over the whole image misplaced the evidence (on 8x8 patches in 48x48 images, 0.34 of
     `fast`'s map lay on the patch's box; placed where its cells look, 0.53). Padded networks keep plain upsampling.
     """
-    found = _grids.setdefault(model, {})
-    if (layer, shape) not in found:
-        found[(layer, shape)] = _traced_grid(model, layer, shape, device)
-    return found[(layer, shape)]
+    found = _grids.setdefault(model, {})  # `modules`: what identifies the model's modules now (explain's key)
+    if (layer, shape, modules) not in found:
+        found[(layer, shape, modules)] = _traced_grid(model, layer, shape, device)
+    return found[(layer, shape, modules)]
 
 
 def _traced_grid(model: nn.Module, layer: nn.Module, shape: tuple[int, ...], device: torch.device) -> Grid | None:
@@ -133,14 +152,9 @@ def _traced_grid(model: nn.Module, layer: nn.Module, shape: tuple[int, ...], dev
                              "cells": tuple(output.shape[-2:])})
 
     leaves = [module for module in model.modules() if not list(module.children())]
-    handles = [module.register_forward_hook(follow) for module in leaves]
-    handles.append(layer.register_forward_hook(snapshot))  # after `follow`, where the layer is a leaf itself
-    try:
-        with torch.no_grad():
-            model(torch.zeros((1, *shape), device=device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    # `snapshot` after `follow`, where the layer is a leaf itself.
+    with _hooked(leaves, follow), _hooked([layer], snapshot), torch.no_grad():
+        model(torch.zeros((1, *shape), device=device))
     if not at_layer or not at_layer[-1]["known"] or at_layer[-1]["size"] != at_layer[-1]["cells"]:
         return None
     traced, cells = at_layer[-1], at_layer[-1]["cells"]
@@ -225,8 +239,12 @@ def explain(model: nn.Module, images: np.ndarray | torch.Tensor, target: Sequenc
         images = torch.from_numpy(np.array(images))  # a copy: a caller's array may be read-only
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise CnnkitError(f"explain takes uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise CnnkitError(f"explain: batch_size must be a whole number of at least 1, got {batch_size!r}")
+    if layer is not None and not isinstance(layer, (str, nn.Module)):
+        raise CnnkitError(f"explain: layer must be a module of the model or its name, got {type(layer).__name__}")
     model = _bare(model)
-    device = model_device(model)
+    device = next(iter(model.parameters()), torch.empty(0)).device
     classes = _checked_targets(target, len(images))
     modes = {module: module.training for module in model.modules()}
     training = any(modes.values())
@@ -234,17 +252,22 @@ def explain(model: nn.Module, images: np.ndarray | torch.Tensor, target: Sequenc
         model.eval()
     try:
         chosen = named_layer(model, layer) if isinstance(layer, str) else layer
+        if isinstance(chosen, torch.jit.ScriptModule):
+            raise CnnkitError(f"layer {type(chosen).__name__} is TorchScript, which takes no hooks: name a layer "
+                              "that is plain PyTorch, or leave it out")
+        # By input size (a model may take any) and by the model's modules (one swapped since: found anew).
+        key = (tuple(images.shape[1:]), hash(tuple(map(id, modes))))
         if chosen is None:
-            found = _found_layers.setdefault(model, {})  # by input shape: a model may take any size
-            shape = tuple(images.shape[1:])
-            if shape not in found:
-                found[shape] = spatial_layer(model, images[:1].float().to(device))
-            chosen = found[shape]
-        grid = layer_grid(model, chosen, tuple(images.shape[1:]), device)
-        maps = [_normalised(placed(grad_cam(model, chosen, images[start : start + batch_size].float().to(device),
-                                            None if classes is None else classes[start : start + batch_size]),
-                                   grid, tuple(images.shape[-2:]))[:, 0].cpu())
-                for start in range(0, len(images), batch_size)]
+            found = _found_layers.setdefault(model, {})
+            if key not in found:
+                found[key] = spatial_layer(model, images[:1].float().to(device))
+            chosen = found[key]
+        grid = layer_grid(model, chosen, tuple(images.shape[1:]), device, key[1])
+        with torch.inference_mode(False):  # called inside a caller's inference_mode: gradients all the same
+            maps = [_normalised(placed(grad_cam(model, chosen, images[start : start + batch_size].float().to(device),
+                                                None if classes is None else classes[start : start + batch_size]),
+                                       grid, tuple(images.shape[-2:]))[:, 0].cpu())
+                    for start in range(0, len(images), batch_size)]
     finally:
         if training:
             for module, mode in modes.items():
@@ -317,7 +340,11 @@ def _checked_targets(target: Sequence[int] | int | None, count: int) -> list[int
     """One class per image: `target` as given, one class for all, or None for each image's predicted class."""
     if target is None:
         return None
-    classes = [target] if isinstance(target, (int, np.integer)) else [int(value) for value in target]
+    try:
+        values = [target] if np.ndim(target) == 0 else list(target)
+        classes = [operator.index(value.item() if hasattr(value, "item") else value) for value in values]
+    except TypeError:
+        raise CnnkitError(f"explain: target must be class indices (whole numbers), got {target!r:.60}") from None
     if len(classes) == 1:
         return classes * count
     if len(classes) != count:
