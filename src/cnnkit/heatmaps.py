@@ -282,7 +282,9 @@ def grad_cam(model: nn.Module, layer: nn.Module, batch: torch.Tensor, classes: S
     Written here rather than called from Captum's LayerGradCam, which gives the same maps (tests/test_explain.py
     checks it on every built-in architecture): Captum's bookkeeping around each call cost more than the backward
     pass itself for a small network, which put one image of the tutorial's over the issue's target of 2x a
-    prediction (benchmarks/RESULTS.md). One forward pass also gives the predicted class when none is named.
+    prediction (benchmarks/RESULTS.md). One forward pass also gives the predicted class when none is named. The
+    layers before `layer` run without gradients (_keep_output): a model whose forward asks torch.is_grad_enabled()
+    there takes its inference path, as it does in predict().
     """
     outputs: list[torch.Tensor] = []
     handle = layer.register_forward_hook(_keep_output(outputs))
