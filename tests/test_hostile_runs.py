@@ -291,7 +291,10 @@ def test_a_name_in_use_is_refused_at_once_and_the_next_start_sweeps_only_dead_pr
     live_writer = None
     try:
         # Two trainings with one name: the second is refused while the first trains (and goes on training).
-        first = start(*TRAIN, "--epochs", "30", "--threads", "1", "--runs-dir", str(runs), "--name", "twice", "--quiet")
+        # 300 epochs: it is killed long before. 30 took 6.5 s alone, and a CI run once finished them while the
+        # refused second training started up beside other tests, leaving nothing to sweep.
+        first = start(*TRAIN, "--epochs", "300", "--threads", "1", "--runs-dir", str(runs), "--name", "twice",
+                      "--quiet")
         resumable = wait_for_checkpoint(runs, 1, first)
         before = sorted(runs.iterdir())
         second = cnnkit(*TRAIN, "--runs-dir", str(runs), "--name", "twice", "--quiet")
@@ -305,7 +308,7 @@ def test_a_name_in_use_is_refused_at_once_and_the_next_start_sweeps_only_dead_pr
 
         # A training killed before its first checkpoint (its start sweeps the dead claim, keeps the checkpoint),
         # a download killed half-way, and one still going.
-        doomed = start(*TRAIN, "--epochs", "30", "--no-checkpoint", "--runs-dir", str(runs), "--name", "doomed")
+        doomed = start(*TRAIN, "--epochs", "300", "--no-checkpoint", "--runs-dir", str(runs), "--name", "doomed")
         wait_until(lambda: any(runs.glob(".doomed.partial-*")), doomed)
         code, stdout = killed(doomed)
         assert code == -signal.SIGKILL

@@ -199,7 +199,8 @@ def test_resume_refuses_a_finished_run_changed_options_and_changed_data(tmp_path
 
 def test_a_run_in_use_cannot_be_resumed_twice(tmp_path):
     runs = tmp_path / "runs"
-    process = subprocess.Popen([sys.executable, "-m", "cnnkit", *TRAIN, "--epochs", "30", "--runs-dir", str(runs)],
+    # 300 epochs, stopped long before: 30 leave only seconds for the second process to start beside other tests.
+    process = subprocess.Popen([sys.executable, "-m", "cnnkit", *TRAIN, "--epochs", "300", "--runs-dir", str(runs)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         staging = wait_for_checkpoint(runs, 1, process)
