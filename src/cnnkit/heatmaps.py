@@ -48,8 +48,8 @@ def named_layer(model: nn.Module, name: str, option: str = "layer") -> nn.Module
     return modules[name]
 
 
-#: The layer found for each model (one forward pass saved per call: explaining one image at a time, as the
-#: server does, costs 3 passes instead of 4).
+#: The layer found for each model (a forward pass saved on every call after the first: a heatmap is then one
+#: forward pass and a backward from the logits to the layer).
 _found_layers: weakref.WeakKeyDictionary[nn.Module, dict[tuple[tuple[int, ...], int], nn.Module]] = \
     weakref.WeakKeyDictionary()
 
