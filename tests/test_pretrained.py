@@ -276,6 +276,16 @@ def test_what_a_frozen_backbone_cannot_do_is_one_line(flags, error, tmp_path):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_tta_auto_is_no_conflict_for_a_frozen_backbone():
+    """auto means the mirror only where training mirrors; features are never mirrored, so it means none there."""
+    from cnnkit.config import TrainConfig, frozen_conflict
+
+    frozen = TrainConfig(model="efficientnet_lite0", pretrained="imagenet", freeze="backbone", tta="auto")
+    assert frozen_conflict(frozen) is None
+    assert "tta flip cannot apply" in frozen_conflict(TrainConfig(model="efficientnet_lite0", pretrained="imagenet",
+                                                                  freeze="backbone", tta="flip"))
+
+
 def test_mnist_trains_on_a_pretrained_backbone_through_its_grayscale_input(tmp_path):
     data = tmp_path / "data"  # the converted weights go to DATA_DIR/weights: never into the shared read-only data
     data.mkdir()

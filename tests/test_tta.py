@@ -179,3 +179,23 @@ def test_training_with_flip_tta_on_digits_is_refused_before_training_unless_flip
                           log=lambda *_: None)
     assert (result.metrics["tta"], result.metrics["flip"]) == ("flip", True)
     assert load_run(result.run_dir).tta == "flip"  # the user's explicit flip=yes: mirrored digits were learnt
+
+
+def test_tta_auto_is_the_mirror_where_training_mirrors_and_none_on_digits(tmp_path):
+    """One preset (transfer-best says tta auto) for photos and digits: what ran is recorded, never "auto"."""
+    runs = {}
+    for flip in ("auto", "yes"):
+        result = cnnkit.train(dataset="mnist", data_dir=str(SHARED_DATA), epochs=1, limit_train=200, limit_eval=100,
+                              tta="auto", flip=flip, threads=1, runs_dir=str(tmp_path / "runs"),
+                              name=f"flip-{flip}", progress=False, log=lambda *_: None)
+        meta = json.loads((result.run_dir / "model.json").read_text())
+        runs[flip] = (result.metrics["tta"], result.metrics["flip"], meta["tta"], load_run(result.run_dir).tta)
+    assert runs["auto"] == ("none", False, "none", "none")  # digits are not mirrored, so neither is the test
+    assert runs["yes"] == ("flip", True, "flip", "flip")  # the user mirrored them: the test views follow
+    photos = extract_cifar_subset(SHARED_DATA / "cifar10-jpg.tar.gz", tmp_path / "photos", CLASSES,
+                                  {"train": 20, "test": 10})
+    result = cnnkit.train(dataset=f"imagefolder:{photos}", epochs=1, tta="auto", model="fast", threads=1,
+                          data_dir=str(tmp_path / "cache"), runs_dir=str(tmp_path / "runs"), name="photos",
+                          progress=False, log=lambda *_: None)
+    assert (result.metrics["tta"], result.metrics["flip"]) == ("flip", True)
+    assert load_run(result.run_dir).tta == "flip"

@@ -27,7 +27,7 @@ from cnnkit.models.classifier import ImageClassifier, custom_architecture, takes
 from cnnkit.models.tta import with_tta
 from cnnkit.report import write_report
 from cnnkit.runs import DEFAULT_RUN_NAME, Run, load_run, recorded_data_dirs, staged_run
-from cnnkit.stages.data import check_tta_for, load_data
+from cnnkit.stages.data import check_tta_for, load_data, with_tta_resolved
 from cnnkit.stages.model import model_for, run_code, user_model_name
 from cnnkit.stages.prepare import check_room, checkpoint_callbacks, prepare_run, run_callbacks
 from cnnkit.stages.testing import score_test_set
@@ -210,6 +210,7 @@ def save_run(model: torch.nn.Module, data: Dataset, history: History, path: str 
         config = dataclasses.replace(config, model=model.architecture)  # custom:<class> is not an option value
     device = next(model.parameters()).device
     with staged_run(path.parent, path.name) as (staging, _):
+        config = with_tta_resolved(config, data)
         check_tta_for(config, data)
         report = evaluate(with_tta(model, config.tta), data.test.to(device), data.classes,
                           batch_size=config.eval_batch_size)

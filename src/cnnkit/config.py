@@ -345,8 +345,9 @@ class TrainConfig:
     eval_batch_size: int = option(1000, "images per validation/test forward pass", scope="fit", low=1, high=1 << 20)
     tta: str = option("none", "test-time augmentation of the final test evaluation, recorded so evaluate, predict, "
                               "export and serve use it too: the mean of the logits over the image and its mirror "
-                              "(flip), 1-px shifts (shift), or both (flip-shift)",
-                      choices=("none", "flip", "shift", "flip-shift"))
+                              "(flip), 1-px shifts (shift), or both (flip-shift); auto: flip where training "
+                              "mirrors images (photos), else none",
+                      choices=("none", "auto", "flip", "shift", "flip-shift"))
     image_size: list[int] | None = option(None, "image folders: resize to HEIGHTxWIDTH (default: the most common size)",
                                           check=_check_image_size, metavar="HxW", parse=_image_size)
     channels: int | None = option(None, "image folders: 1 (grayscale) or 3 (RGB) (default: 1 if all are grayscale)",
@@ -698,8 +699,8 @@ def frozen_conflict(config: TrainConfig, spell: Spell = python_name) -> str | No
     (its features are computed once per image), and --freeze-epochs, which unfreezes."""
     if config.freeze != "backbone":
         return None
-    changing = [name for name, value, off in (("augment", config.augment, "none"), ("mix", config.mix, "none"),
-                                               ("tta", config.tta, "none")) if value != off]
+    changing = [name for name, value, off in (("augment", config.augment, ("none",)), ("mix", config.mix, ("none",)),
+                                               ("tta", config.tta, ("none", "auto"))) if value not in off]
     changing += ["flip"] if config.flip == "yes" else []
     if changing:
         given = ", ".join(f"{spell(name)} {getattr(config, name)}" for name in changing)

@@ -97,6 +97,15 @@ def dataset_fingerprint(data: Dataset) -> str:
     return data_fingerprint(*(split.labels for split in splits), *(split.images for split in splits))
 
 
+def with_tta_resolved(config: TrainConfig, data: Dataset) -> TrainConfig:
+    """`tta auto` made what it means on this data: the mirror view where training mirrors images, else none. One
+    preset then serves photos and digits alike, and the run records (and load_run applies) the views it scored."""
+    if config.tta != "auto":
+        return config
+    mirrors = config.freeze != "backbone" and resolve_flip(config.flip, data.mirror_ok)
+    return dataclasses.replace(config, tta="flip" if mirrors else "none")
+
+
 def check_tta_for(config: TrainConfig, data: Dataset) -> None:
     """Refuse a mirroring test-time augmentation on data whose mirror images are not of their class."""
     check_tta(config.tta, data.mirror_ok, resolve_flip(config.flip, data.mirror_ok), f"dataset {data.name}")
@@ -104,11 +113,12 @@ def check_tta_for(config: TrainConfig, data: Dataset) -> None:
 
 def load_data(config: TrainConfig, world: World, saved: dict[str, Any] | None, *, progress: bool,
               device: torch.device, threads: int, log) -> tuple[Dataset, TrainConfig, str | None]:
-    """The run's data (loaded rank by rank), the config with `stream` resolved to what ran (a resume does the
-    same), and the data's fingerprint when a checkpoint records it or a resume checks it."""
+    """The run's data (loaded rank by rank), the config with `stream` and `tta` resolved to what ran (a resume
+    does the same), and the data's fingerprint when a checkpoint records it or a resume checks it."""
     data = load_in_turn(config, progress, world)
     if config.stream == "auto" and image_folder(data.name) is not None:
         config = dataclasses.replace(config, stream="yes" if data.streamed else "no")
+    config = with_tta_resolved(config, data)
     fingerprint = dataset_fingerprint(data) if config.checkpoint or saved is not None else None
     if saved is not None and saved["meta"].get("data") != fingerprint:
         raise CnnkitError(f"the data of {config.dataset} differs from the data this run started with "
