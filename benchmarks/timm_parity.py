@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+
+from cnnkit.data.images import open_image, to_array
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the one extraction of CIFAR subsets, shared with the tests
@@ -79,8 +80,8 @@ def photos(archive: Path, per_class: int) -> torch.Tensor:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = extract_cifar_subset(archive, Path(tmp), CLASSES, {"test": per_class})
-        arrays = [np.asarray(Image.open(path).convert("RGB")) for path in sorted(root.glob("test/*/*.jpg"))]
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+        arrays = [to_array(open_image(path), (32, 32), 3) for path in sorted(root.glob("test/*/*.jpg"))]
+    images = torch.from_numpy(np.stack(arrays)).float() / 255
     images = F.interpolate(images, size=(224, 224), mode="bilinear", align_corners=False)
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     return (images - mean[:, None, None]) / std[:, None, None]

@@ -25,6 +25,7 @@ from cnnkit.errors import CnnkitError
 from cnnkit.models.fast import CenterCrop
 from cnnkit.models.tta import TestTimeAugmentation
 from cnnkit.registry import did_you_mean
+from cnnkit.engine.inference import model_device
 from cnnkit.data.images import to_image
 
 def _bare(model: nn.Module) -> nn.Module:
@@ -244,7 +245,7 @@ def explain(model: nn.Module, images: np.ndarray | torch.Tensor, target: Sequenc
     if layer is not None and not isinstance(layer, (str, nn.Module)):
         raise CnnkitError(f"explain: layer must be a module of the model or its name, got {type(layer).__name__}")
     model = _bare(model)
-    device = next(iter(model.parameters()), torch.empty(0)).device
+    device = model_device(model)
     classes = _checked_targets(target, len(images))
     modes = {module: module.training for module in model.modules()}
     training = any(modes.values())

@@ -54,7 +54,8 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where the model's parameters are; the CPU for a model that has none (a hand-written one may not)."""
+    return next(model.parameters(), torch.empty(0)).device
 
 
 @torch.inference_mode()
