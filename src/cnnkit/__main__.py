@@ -1,5 +1,5 @@
-"""`python -m cnnkit ...`: the same command line as `cnnkit` (one process; multi-process training is not built yet)."""
+"""`python -m cnnkit ...`: the same command line as `cnnkit` (torchrun's data-parallel processes start this way)."""
 
-from cnnkit.cli import main
+from cnnkit.cli import console_main
 
-raise SystemExit(main())
+console_main()

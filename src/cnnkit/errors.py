@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import errno
 
+#: The exit status of a command stopped by Ctrl-C or SIGTERM: the shell's for a process ended by SIGINT (128 + 2).
+#: `cnnkit` and `python -m cnnkit` turn it into an end by SIGINT itself (cli.console_main).
+INTERRUPTED = 130
+
 
 class CnnkitError(Exception):
     """A user-facing error whose message names the file or value at fault and, where possible, the fix."""
 
 
 class RunInterrupted(CnnkitError):
-    """Training was stopped (Ctrl-C, SIGTERM) after a checkpoint: the message says where and how to resume.
+    """Training was stopped (Ctrl-C, SIGTERM) after a checkpoint: the message says where and how to resume."""
 
-    `exit_code` is the shell's for a process ended by Ctrl-C (128 + SIGINT).
-    """
-
-    exit_code = 130
+    exit_code = INTERRUPTED
 
 
 class TrainingDiverged(CnnkitError):
