@@ -210,6 +210,49 @@ def test_a_frozen_backbone_trains_on_cached_features_and_its_run_predicts_evalua
     assert exported.returncode == 0 and "top-1 agreement 100.00%" in exported.stdout, exported.stderr
 
 
+def test_a_probe_before_fine_tuning_reads_the_cached_features_and_fine_tuning_starts_from_its_head(photo_folder,
+                                                                                                     tmp_path):
+    """--probe-epochs (LP-FT): the head is first trained on the backbone's features, which a --freeze backbone run
+    on the same photos already cached (stochastic depth, a training-only option, leaves the key alone), and the
+    fine-tuning keeps that head: at a learning rate too small to move anything, the probed network scores what a
+    fitted head scores and the unprobed one what a random head does."""
+    runs, data = tmp_path / "runs", tmp_path / "data"
+    common = ["--dataset", f"imagefolder:{photo_folder}", "--model", "efficientnet_lite0", "--pretrained", "imagenet",
+              "--runs-dir", str(runs), "--data-dir", str(data), "--no-checkpoint"]
+    frozen = cnnkit("train", *common, "--model-kwargs", '{"resolution": 64}', "--freeze", "backbone", "--name", "a")
+    assert frozen.returncode == 0, frozen.stderr
+    still = ["--model-kwargs", '{"resolution": 64, "drop_path_rate": 0.2}', "--epochs", "1", "--lr", "1e-9"]
+    probed = cnnkit("train", *common, *still, "--probe-epochs", "15", "--name", "probed")
+    assert probed.returncode == 0, probed.stderr
+    unprobed = cnnkit("train", *common, *still, "--name", "unprobed")
+    assert unprobed.returncode == 0, unprobed.stderr
+    assert "linear probe: the new head trained 15 epochs on the backbone's features (180 cached, 0 computed)" \
+        in probed.stdout, probed.stdout
+    assert len(list((data / "features").glob("*.safetensors"))) == 3  # the frozen run's; the probe made none
+    metrics = {name: json.loads((runs / name / "metrics.json").read_text()) for name in ("a", "probed", "unprobed")}
+    probe = metrics["probed"]["probe"]
+    assert probe["epochs"] == 15 and probe["features"]["cached_images"] == 180 and probe["val_accuracy"] > 0.5
+    assert metrics["probed"]["train_seconds"] >= probe["seconds"] and "probe" not in metrics["unprobed"]
+    accuracy = {name: run["test_accuracy"] for name, run in metrics.items()}
+    assert accuracy["probed"] >= 0.7 and accuracy["unprobed"] <= 0.5, accuracy  # 3 classes: chance is 1/3
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--model", "efficientnet_lite0", "--pretrained", "imagenet", "--freeze", "backbone", "--probe-epochs", "5"],
+     "--freeze backbone trains only the head already; --probe-epochs 5 readies a head for fine-tuning"),
+    (["--model", "fast", "--probe-epochs", "5"], "--probe-epochs needs a backbone with pooled features"),
+])
+def test_what_a_probe_cannot_do_is_one_line(flags, error, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "mnist").symlink_to(SHARED_DATA / "mnist")
+    result = cnnkit("train", *flags, "--data-dir", str(data), "--limit-train", "64", "--limit-eval", "32",
+                    "--runs-dir", str(tmp_path / "runs"))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1 and error in lines[0], result.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 def test_a_frozen_backbone_run_stopped_by_a_signal_resumes_to_the_uninterrupted_weights(photo_folder, tmp_path):
     """The checkpoint of a --freeze backbone run holds its head; `--resume` reads the features from the cache
     and ends bit for bit where the uninterrupted run does."""
@@ -255,6 +298,10 @@ def test_the_feature_cache_key_follows_every_backbone_tensor_and_not_the_head():
     other = build_model("efficientnet_lite0", (3, 32, 32), 3, mean=[127.5] * 3, std=[127.5] * 3, resolution=96)
     other.load_state_dict(model.state_dict())
     assert backbone_key(other, other.body.head_module()) != backbone_key(model, head)  # the input size
+    stochastic = build_model("efficientnet_lite0", (3, 32, 32), 3, mean=[127.5] * 3, std=[127.5] * 3, resolution=64,
+                             drop_path_rate=0.2)
+    stochastic.load_state_dict(model.state_dict())
+    assert backbone_key(stochastic, stochastic.body.head_module()) == backbone_key(model, head)  # training only
 
 
 @pytest.mark.parametrize("flags, error", [

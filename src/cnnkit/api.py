@@ -31,7 +31,7 @@ from cnnkit.stages.data import check_tta_for, load_data, with_tta_resolved
 from cnnkit.stages.model import model_for, run_code, user_model_name
 from cnnkit.stages.prepare import check_room, checkpoint_callbacks, prepare_run, run_callbacks
 from cnnkit.stages.testing import score_test_set
-from cnnkit.stages.training import frozen_stage
+from cnnkit.stages.training import frozen_stage, probe_stage
 from cnnkit.stages.write import collect_metrics, train_metrics, write_final_report, write_or_rescue, write_run_files
 from cnnkit.data.folder import check_class_folders
 from cnnkit.data.sources import DataLocation, default_location
@@ -178,12 +178,13 @@ def _train_process(config: TrainConfig, device: torch.device, world: World, thre
         if main:
             callbacks += checkpoint_callbacks(config, staging, fingerprint, code, saved, log)
             check_room(staging, model, config, resuming=saved is not None)  # before training, not after it
-        trained, fit_data, features = frozen_stage(config, model, data, device, world, log)            # 4. fit
+        probe = probe_stage(config, model, data, device, saved is not None, log)                      # 4. fit
+        trained, fit_data, features = frozen_stage(config, model, data, device, world, log)
         history = fit(trained, fit_data, callbacks=callbacks, progress=progress and main, resume=saved, config=config)
         report = score_test_set(config, trained, fit_data, data.classes, device, world)                # 5. test
         if not main:
             return TrainResult(None, history, {}, model)
-        metrics = collect_metrics(config, data, history, report, features, device, threads, started, world)  # 6.
+        metrics = collect_metrics(config, data, history, report, features, device, threads, started, world, probe)  # 6.
         write_or_rescue(staging, config.name or DEFAULT_RUN_NAME,
                         lambda folder: write_run_files(folder, config, data, model, history, report, metrics))
     run_dir = final[0]

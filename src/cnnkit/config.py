@@ -259,6 +259,11 @@ class TrainConfig:
     freeze: str = option("none", "backbone: train only the head, on the backbone's features computed once per "
                                  "image and cached on disk (DATA_DIR/features), so a later run on the same data "
                                  "does no backbone pass; no image augmentation", choices=("none", "backbone"))
+    probe_epochs: int = option(0, "fine-tuning: first train the new head alone for N epochs on the backbone's "
+                                  "features of the training images, computed once and cached as --freeze backbone "
+                                  "does (a linear probe), then the whole network from that head (LP-FT), instead of "
+                                  "from a random head whose first gradients disturb the pretrained features",
+                                low=0, high=1000, metavar="N")
     freeze_epochs: int = option(0, "train only the head (the last linear layer) for the first N epochs, then "
                                    "everything (fine-tuning)", scope="fit", low=0, metavar="N")
     backbone_lr_scale: float = option(1.0, "learning rate of everything but the head, as a fraction of --lr "
@@ -707,6 +712,9 @@ def frozen_conflict(config: TrainConfig, spell: Spell = python_name) -> str | No
         return (f"{spell('freeze')} backbone trains the head on features computed once per image, so {given} "
                 f"cannot apply: leave {'it' if len(changing) == 1 else 'them'} out, or fine-tune the whole "
                 f"network ({spell('freeze_epochs')} N, or the preset transfer-best)")
+    if config.probe_epochs:
+        return (f"{spell('freeze')} backbone trains only the head already; {spell('probe_epochs')} "
+                f"{config.probe_epochs} readies a head for fine-tuning the whole network: use one")
     if config.freeze_epochs:
         return (f"{spell('freeze')} backbone keeps the backbone frozen for the whole run; "
                 f"{spell('freeze_epochs')} {config.freeze_epochs} would unfreeze it: use one")

@@ -31,6 +31,9 @@ from cnnkit.models.pretrained import pretrained_names
 
 #: Part of every key: a change in how cnnkit computes features retires the old files.
 FORMAT = "cnnkit.features/1"
+#: Model options that act only while training (stochastic depth). Vectors are computed in eval mode, where they
+#: change nothing, so they stay out of the key: a fine-tuning's probe reads what transfer-fast's run cached.
+TRAINING_ONLY_KWARGS = frozenset({"drop_path_rate"})
 SPLITS = ("train", "val", "test")
 
 
@@ -72,23 +75,24 @@ class PooledFeatures(nn.Module):
         return body.forward_head(body.forward_features(self.model.rescale(images)), pre_logits=True)
 
 
-def check_frozen_backbone(model: nn.Module) -> None:
+def check_frozen_backbone(model: nn.Module, option: str = "--freeze backbone") -> None:
     """Refuse a model whose backbone does not say where its features end and its head begins."""
     body = getattr(model, "body", None)
     if not isinstance(model, ImageClassifier) or not all(
             callable(getattr(body, name, None)) for name in ("forward_features", "forward_head", "head_module")):
         name = getattr(model, "architecture", None) or type(model).__name__
-        raise CnnkitError(f"--freeze backbone needs a backbone with pooled features and a separate head "
+        raise CnnkitError(f"{option} needs a backbone with pooled features and a separate head "
                           f"({', '.join(pretrained_names())}); {name} has none: train it whole, or freeze its "
                           "backbone for the first epochs only (--freeze-epochs N)")
 
 
 def backbone_key(model: ImageClassifier, head: nn.Module) -> str:
-    """SHA-256 of everything in `model` that decides a feature vector: the architecture and its options, and
-    every tensor of its state but the head's."""
+    """SHA-256 of everything in `model` that decides a feature vector: the architecture and its options (but
+    training-only ones), and every tensor of its state but the head's."""
 
     digest = hashlib.sha256()
-    described = [FORMAT, __version__, model.architecture, model.model_kwargs, list(model.input_shape or ())]
+    kwargs = {name: value for name, value in model.model_kwargs.items() if name not in TRAINING_ONLY_KWARGS}
+    described = [FORMAT, __version__, model.architecture, kwargs, list(model.input_shape or ())]
     digest.update(json.dumps(described, sort_keys=True, default=str).encode())
     head_tensors = {id(tensor) for tensor in [*head.parameters(), *head.buffers()]}
     for name, tensor in model.state_dict(keep_vars=True).items():
@@ -105,26 +109,30 @@ def features_folder(data_dir: str | None) -> Path:
 
 
 def frozen_features(model: ImageClassifier, data: Dataset, *, device: torch.device, batch_size: int,
-                    folder: Path, log=print) -> tuple[nn.Module, Dataset, FeatureSummary]:
+                    folder: Path, log=print, splits: tuple[str, ...] = SPLITS,
+                    option: str = "--freeze backbone") -> tuple[nn.Module, Dataset, FeatureSummary]:
     """The head of `model` (sharing its parameters) and `data` as the backbone's pooled feature vectors.
 
-    Each split's vectors are read from `folder` when a file of their key is there, else computed in fp32 on
-    `device` and written there. Training the returned head trains `model`'s own head, so the run saves
-    `model` whole, and predict, export and serve see an ordinary network.
+    Each of `splits` has its vectors read from `folder` when a file of their key is there, else computed in
+    fp32 on `device` and written there; a split left out is empty (a probe before fine-tuning never scores the
+    test set on features). Training the returned head trains `model`'s own head, so the run saves `model`
+    whole, and predict, export and serve see an ordinary network. `option` is what asked, for its error.
     """
-    check_frozen_backbone(model)
+    check_frozen_backbone(model, option)
     model.to(device)
     head = model.body.head_module()
     key = backbone_key(model, head)
     pooled = PooledFeatures(model)
-    splits, cached, computed, fit_images, seconds, fit_seconds = {}, 0, 0, 0, 0.0, 0.0
-    for name in SPLITS:
+    width = model.body.num_features
+    vectors_of = {name: Split(torch.empty((0, width)), torch.empty(0, dtype=torch.int64)) for name in SPLITS}
+    cached, computed, fit_images, seconds, fit_seconds = 0, 0, 0, 0.0, 0.0
+    for name in splits:
         split: Split = getattr(data, name)
         path = folder / f"{split_key(key, split)}.safetensors"
-        vectors = read_cached(path, len(split), model.body.num_features)
+        vectors = read_cached(path, len(split), width)
         if vectors is None:
             started = time.perf_counter()
-            vectors = compute(pooled, split, batch_size, model.body.num_features)
+            vectors = compute(pooled, split, batch_size, width)
             keep(path, vectors, log)
             spent = time.perf_counter() - started
             computed, seconds = computed + len(split), seconds + spent
@@ -132,8 +140,8 @@ def frozen_features(model: ImageClassifier, data: Dataset, *, device: torch.devi
                 fit_images, fit_seconds = fit_images + len(split), fit_seconds + spent
         else:
             cached += len(split)
-        splits[name] = Split(vectors.to(device), split.labels.to(device))
-    features = Dataset(data.name, data.classes, splits["train"], splits["val"], splits["test"],
+        vectors_of[name] = Split(vectors.to(device), split.labels.to(device))
+    features = Dataset(data.name, data.classes, vectors_of["train"], vectors_of["val"], vectors_of["test"],
                        val_source=data.val_source, skipped=data.skipped)
     return head, features, FeatureSummary(cached, computed, fit_images, seconds, fit_seconds, str(folder))
 

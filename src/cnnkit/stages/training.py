@@ -1,7 +1,12 @@
 """Stage 4, fit: what trains on what. The whole model on the images, or, with --freeze backbone, its head on
-the backbone's cached features (engine/features.py)."""
+the backbone's cached features (engine/features.py); with --probe-epochs, the head on those features first and
+then the whole model (LP-FT)."""
 
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -10,6 +15,59 @@ from cnnkit.data.tensors import Dataset
 from cnnkit.errors import CnnkitError
 from cnnkit.engine.distributed import World
 from cnnkit.engine.features import FeatureSummary, features_folder, frozen_features
+from cnnkit.engine.fit import fit
+
+#: The probe's head recipe is transfer-fast's (presets/transfer-fast.toml), which 5-fold cross-validation chose
+#: for a new head on EfficientNet-Lite2's features: AdamW at 1e-3, weight decay 0.05, a cosine decay, batches of
+#: 32, no label smoothing. Only its length is an option (--probe-epochs); the rest is the fine-tuning's business.
+PROBE_RECIPE: dict[str, Any] = {"lr": 1e-3, "optimizer": "adamw", "weight_decay": 0.05, "schedule": "cosine",
+                                "warmup": 0.0, "batch_size": 32, "label_smoothing": 0.0, "head_lr_scale": 1.0,
+                                "backbone_lr_scale": 1.0, "bias_lr_scale": 1.0, "augment": "none", "mix": "none",
+                                "flip": "no", "ema": None, "patience": None, "keep": "last", "budget": None,
+                                "freeze_epochs": 0, "freeze_bn": False, "micro_batch": None, "compile": False}
+
+
+@dataclass(frozen=True)
+class ProbeSummary:
+    """What the probe before fine-tuning did, for the log and metrics.json."""
+
+    epochs: int
+    val_accuracy: float  # of the probed head on the validation features: where fine-tuning starts
+    seconds: float  # the backbone's pass over train + validation images (unless cached) and the head's epochs
+    features: FeatureSummary
+
+    def describe(self) -> str:
+        return (f"linear probe: the new head trained {self.epochs} epochs on the backbone's features "
+                f"({self.features.cached_images:,} cached, {self.features.computed_images:,} computed) in "
+                f"{self.seconds:.1f} s, validation accuracy {self.val_accuracy:.4f}; fine-tuning starts from it")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "val_accuracy": self.val_accuracy, "seconds": round(self.seconds, 3),
+                "features": self.features.to_dict()}
+
+
+def probe_stage(config: TrainConfig, model: torch.nn.Module, data: Dataset, device: torch.device,
+                resuming: bool, log) -> ProbeSummary | None:
+    """LP-FT's first half (Kumar et al., 2022): train `model`'s new head in place on the frozen backbone's
+    features of the training images, so that fine-tuning starts from a head that already fits.
+
+    A random head's first, large gradients flow back through the whole pretrained network and disturb the
+    features the head is still learning to read; a fitted head sends small ones. The features cost one backbone
+    pass over train and validation images (no gradients, about a third of a fine-tuning epoch), or none when an
+    earlier --freeze backbone or probe run on the same images cached them. Under torchrun every process probes,
+    fit() training the head data-parallel; a resumed run's checkpoint already holds the probed head.
+    """
+    if not config.probe_epochs or resuming:
+        return None
+    head, features, summary = frozen_features(model, data, device=device, batch_size=config.eval_batch_size,
+                                              folder=features_folder(config.data_dir), log=log,
+                                              splits=("train", "val"), option="--probe-epochs")
+    probe = dataclasses.replace(config, epochs=config.probe_epochs, **PROBE_RECIPE)
+    history = fit(head, features, progress=False, config=probe)
+    result = ProbeSummary(config.probe_epochs, history.history["val_accuracy"][-1],
+                          summary.fit_seconds + history.train_seconds, summary)
+    log(result.describe())
+    return result
 
 
 def frozen_stage(config: TrainConfig, model: torch.nn.Module, data: Dataset, device: torch.device, world: World,

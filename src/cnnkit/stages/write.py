@@ -24,6 +24,7 @@ from cnnkit.engine.evaluate import EvalReport
 from cnnkit.engine.callbacks import History
 from cnnkit.engine.distributed import World
 from cnnkit.engine.features import FeatureSummary
+from cnnkit.stages.training import ProbeSummary
 from cnnkit.models.user import SOURCE_COPY
 from cnnkit.plots import plot_confusion_matrix, plot_errors, plot_history, plot_per_class
 from cnnkit.preprocess import preprocessing_meta
@@ -267,10 +268,14 @@ def explain_errors(path: Path, model: torch.nn.Module, data: Dataset, report: Ev
 
 def collect_metrics(config: TrainConfig, data: Dataset, history: History, report: EvalReport,
                     features: FeatureSummary | None, device: torch.device, threads: int, started: float,
-                    world: World) -> dict[str, Any]:
-    """metrics.json's content: train_metrics, the processes, and what a frozen backbone's feature step did."""
+                    world: World, probe: ProbeSummary | None = None) -> dict[str, Any]:
+    """metrics.json's content: train_metrics, the processes, and what a frozen backbone's feature step or the
+    probe before fine-tuning did (their time is training's)."""
     metrics = train_metrics(config, data, history, report, device, threads, started)
     metrics["processes"] = world.world_size
+    if probe is not None:
+        metrics["train_seconds"] += probe.seconds
+        metrics["probe"] = probe.to_dict()
     if features is not None:  # the backbone's pass over train and validation images is part of training
         metrics["train_seconds"] += features.fit_seconds
         metrics["frozen_features"] = features.to_dict()
