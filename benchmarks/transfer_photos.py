@@ -49,7 +49,7 @@ def run(preset: str, seed: int, folder: Path, work: Path, options: list[str] = (
     if done.returncode != 0:
         raise SystemExit(f"{preset} seed {seed} failed: {done.stderr.strip()[-600:]}")
     metrics = json.loads((work / "runs" / name / "metrics.json").read_text())
-    features = metrics.get("frozen_features")
+    features = metrics.get("frozen_features") or metrics.get("probe", {}).get("features")  # a probe's, too
     through = f", {features['computed_images']:,} images through the backbone" if features else ""
     print(f"  {name}: {100 * metrics['test_accuracy']:.2f}% in {metrics['train_seconds']:.1f} s training, "
           f"{wall:.0f} s whole{through}", flush=True)
