@@ -178,7 +178,7 @@ def _train_process(config: TrainConfig, device: torch.device, world: World, thre
         if main:
             callbacks += checkpoint_callbacks(config, staging, fingerprint, code, saved, log)
             check_room(staging, model, config, resuming=saved is not None)  # before training, not after it
-        probe = probe_stage(config, model, data, device, saved is not None, log)                      # 4. fit
+        probe = probe_stage(config, model, data, device, world, saved is not None, log)               # 4. fit
         trained, fit_data, features = frozen_stage(config, model, data, device, world, log)
         history = fit(trained, fit_data, callbacks=callbacks, progress=progress and main, resume=saved, config=config)
         report = score_test_set(config, trained, fit_data, data.classes, device, world)                # 5. test

@@ -696,6 +696,9 @@ def resolve_config(preset: str | None = None, *, config_file: str | os.PathLike[
         raise CnnkitError(problem)
     if problem := frozen_conflict(config, spell):
         raise CnnkitError(problem)
+    if config.probe_epochs and config.devices > 1:  # before torchrun starts processes that would each refuse it
+        raise CnnkitError(f"{spell('probe_epochs')} fits the head on cached features in one process: add "
+                          f"{spell('probe_epochs')} 0 to train on {spell('devices')} {config.devices}")
     return config
 
 

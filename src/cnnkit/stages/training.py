@@ -46,7 +46,7 @@ class ProbeSummary:
                 "features": self.features.to_dict()}
 
 
-def probe_stage(config: TrainConfig, model: torch.nn.Module, data: Dataset, device: torch.device,
+def probe_stage(config: TrainConfig, model: torch.nn.Module, data: Dataset, device: torch.device, world: World,
                 resuming: bool, log) -> ProbeSummary | None:
     """LP-FT's first half (Kumar et al., 2022): train `model`'s new head in place on the frozen backbone's
     features of the training images, so that fine-tuning starts from a head that already fits.
@@ -54,11 +54,15 @@ def probe_stage(config: TrainConfig, model: torch.nn.Module, data: Dataset, devi
     A random head's first, large gradients flow back through the whole pretrained network and disturb the
     features the head is still learning to read; a fitted head sends small ones. The features cost one backbone
     pass over train and validation images (no gradients, about a third of a fine-tuning epoch), or none when an
-    earlier --freeze backbone or probe run on the same images cached them. Under torchrun every process probes,
-    fit() training the head data-parallel; a resumed run's checkpoint already holds the probed head.
+    earlier --freeze backbone or probe run on the same images cached them. It runs in one process, as a frozen
+    backbone does; a resumed run's checkpoint already holds the probed head.
     """
     if not config.probe_epochs or resuming:
         return None
+    if world.distributed:
+        raise CnnkitError("--probe-epochs fits the head on cached features in one process: add --probe-epochs 0 "
+                          "with --devices or torchrun (or --freeze-epochs N, which trains the head alone on the "
+                          "images first)")
     head, features, summary = frozen_features(model, data, device=device, batch_size=config.eval_batch_size,
                                               folder=features_folder(config.data_dir), log=log,
                                               splits=("train", "val"), option="--probe-epochs")
