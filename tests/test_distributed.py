@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,29 @@ def test_a_two_process_run_killed_after_an_epoch_resumes_to_the_uninterrupted_we
     assert metrics["processes"] == 2 and history == expected_history
     assert all(torch.equal(weights[key], expected_weights[key]) for key in expected_weights)
     assert metrics["test_accuracy"] == expected["test_accuracy"]
+
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_two_process_run_stops_every_process_and_says_how_to_resume(tmp_path):
+    """Ctrl-C reaches the launcher (the terminal's foreground group; torchrun's workers sit in sessions of their
+    own): it passes the signal on, rank 0 names the checkpoint, and the command ends by SIGINT, as one process
+    does, with no traceback from the launcher."""
+    runs = tmp_path / "runs"
+    command = [sys.executable, "-m", "cnnkit", *TRAIN, "--devices", "2", "--epochs", "300", "--runs-dir", str(runs),
+               "--name", "r"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    staging = wait_for_checkpoint(runs, 1, process)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == -signal.SIGINT, stderr
+    assert "Traceback" not in stderr and f"cnnkit train --resume {staging}" in stderr, stderr
+    deadline = time.monotonic() + 60
+    while subprocess.run(["pgrep", "-f", str(runs)], capture_output=True).returncode == 0:  # a rank still alive
+        assert time.monotonic() < deadline, "a training process outlived the interrupted command"
+        time.sleep(0.2)
+    assert staging.is_dir() and not (runs / "r").exists()
 
 
 SHARDED_SCORING = '''

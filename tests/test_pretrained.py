@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -210,29 +211,33 @@ def test_a_frozen_backbone_trains_on_cached_features_and_its_run_predicts_evalua
     assert exported.returncode == 0 and "top-1 agreement 100.00%" in exported.stdout, exported.stderr
 
 
-def test_a_probe_before_fine_tuning_reads_the_cached_features_and_fine_tuning_starts_from_its_head(photo_folder,
-                                                                                                     tmp_path):
-    """--probe-epochs (LP-FT): the head is first trained on the backbone's features, which a --freeze backbone run
-    on the same photos already cached (stochastic depth, a training-only option, leaves the key alone), and the
-    fine-tuning keeps that head: at a learning rate too small to move anything, the probed network scores what a
-    fitted head scores and the unprobed one what a random head does."""
+def test_a_probe_before_fine_tuning_shares_the_feature_cache_and_fine_tuning_starts_from_its_head(photo_folder,
+                                                                                                    tmp_path):
+    """--probe-epochs (LP-FT): the head is first trained on the backbone's features of the training and
+    validation photos (the test photos are not passed through), which a --freeze backbone run on the same photos
+    then reads from the cache (stochastic depth, a training-only option, leaves the key alone); and the
+    fine-tuning keeps that head: at a learning rate too small to move anything, BatchNorm statistics kept, the
+    probed network scores what a fitted head scores and the unprobed one what a random head does."""
     runs, data = tmp_path / "runs", tmp_path / "data"
     common = ["--dataset", f"imagefolder:{photo_folder}", "--model", "efficientnet_lite0", "--pretrained", "imagenet",
               "--runs-dir", str(runs), "--data-dir", str(data), "--no-checkpoint"]
-    frozen = cnnkit("train", *common, "--model-kwargs", '{"resolution": 64}', "--freeze", "backbone", "--name", "a")
-    assert frozen.returncode == 0, frozen.stderr
-    still = ["--model-kwargs", '{"resolution": 64, "drop_path_rate": 0.2}', "--epochs", "1", "--lr", "1e-9"]
+    still = ["--model-kwargs", '{"resolution": 64, "drop_path_rate": 0.2}', "--epochs", "1", "--lr", "1e-9",
+             "--freeze-bn"]
     probed = cnnkit("train", *common, *still, "--probe-epochs", "15", "--name", "probed")
     assert probed.returncode == 0, probed.stderr
+    assert "linear probe: the new head trained 15 epochs on the backbone's features (0 cached, 180 computed)" \
+        in probed.stdout, probed.stdout
+    assert len(list((data / "features").glob("*.safetensors"))) == 2  # training and validation photos only
+    frozen = cnnkit("train", *common, "--model-kwargs", '{"resolution": 64}', "--freeze", "backbone", "--name", "a")
+    assert frozen.returncode == 0, frozen.stderr
+    assert re.search(r"features of 150 images computed in [0-9.]+ s; 180 came from the cache", frozen.stdout), \
+        frozen.stdout
     unprobed = cnnkit("train", *common, *still, "--name", "unprobed")
     assert unprobed.returncode == 0, unprobed.stderr
-    assert "linear probe: the new head trained 15 epochs on the backbone's features (180 cached, 0 computed)" \
-        in probed.stdout, probed.stdout
-    assert len(list((data / "features").glob("*.safetensors"))) == 3  # the frozen run's; the probe made none
     metrics = {name: json.loads((runs / name / "metrics.json").read_text()) for name in ("a", "probed", "unprobed")}
     probe = metrics["probed"]["probe"]
-    assert probe["epochs"] == 15 and probe["features"]["cached_images"] == 180 and probe["val_accuracy"] > 0.5
-    assert metrics["probed"]["train_seconds"] >= probe["seconds"] and "probe" not in metrics["unprobed"]
+    assert probe["epochs"] == 15 and probe["features"]["computed_images"] == 180 and probe["val_accuracy"] > 0.5
+    assert "probe" not in metrics["unprobed"]
     accuracy = {name: run["test_accuracy"] for name, run in metrics.items()}
     assert accuracy["probed"] >= 0.7 and accuracy["unprobed"] <= 0.5, accuracy  # 3 classes: chance is 1/3
 

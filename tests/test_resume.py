@@ -210,3 +210,19 @@ def test_a_run_in_use_cannot_be_resumed_twice(tmp_path):
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=60)
     assert process.returncode == -signal.SIGINT
+
+
+def test_a_checkpoint_resumes_with_the_options_it_recorded_not_what_its_preset_says_today(tmp_path):
+    """A checkpoint records every option; one added since (or a preset value changed since) must not reach the
+    resumed run: a transfer-best run begun before --probe-epochs existed resumes without a probe."""
+    import dataclasses
+
+    from cnnkit.api import config_of
+    from cnnkit.config import resolve_config
+
+    record = dataclasses.asdict(resolve_config("transfer-best"))
+    del record["probe_epochs"]  # not an option yet when this run began
+    record["ema"] = None  # and the preset's 0.999 not what it trained with
+    config = config_of({"meta": {"config": record}}, tmp_path)
+    assert config.probe_epochs == 0 and config.ema is None, config
+    assert config.preset == "transfer-best" and config.model == "efficientnet_lite2" and config.lr == 2.5e-4

@@ -111,7 +111,11 @@ def config_of(state: dict[str, Any], staging: Path) -> TrainConfig:
     if not isinstance(recorded, dict):
         raise CnnkitError(f"{staging}: the checkpoint does not record the run's options")
     where = staging / CHECKPOINT_JSON
-    return resolve_config(spell=lambda name: f"{where}: {name}", **recorded)  # a bad value names the file
+    # The record is every option of the run, so it is resolved without its preset: an option added to cnnkit (or
+    # to the preset) since the run began takes its default, which is what the run had, not the preset's value.
+    values = {name: value for name, value in recorded.items() if name != "preset"}
+    config = resolve_config(spell=lambda name: f"{where}: {name}", **values)  # a bad value names the file
+    return dataclasses.replace(config, preset=recorded.get("preset"))
 
 
 def resumable_dir(path: str | Path) -> Path:

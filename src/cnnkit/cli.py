@@ -258,14 +258,21 @@ def recorded_devices(path: str) -> int:
 def launch_processes(devices: int, argv: list[str]) -> int:
     """Run this same command as `devices` data-parallel processes through torchrun's elastic launcher
     (standalone: a rendezvous on this machine); each process sees RANK and so trains instead of launching."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     launcher = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={devices}", "--module", PROG, *argv])
     try:
         run(launcher)
+    except SignalException:  # Ctrl-C or SIGTERM reached this launcher; it has passed it on to every process,
+        return INTERRUPTED   # whose rank 0 said what was kept
     except ChildFailedError as error:
         codes = sorted({failure.exitcode for failure in error.failures.values()})
+        if set(codes) <= {INTERRUPTED, -signal.SIGINT, -signal.SIGTERM}:  # stopped, not failed: they said so
+            return INTERRUPTED
         print(f"{PROG}: error: a training process failed (exit code {', '.join(map(str, codes))}); "
               "its message is above", file=sys.stderr)
         return next((code for code in codes if code > 0), 1)

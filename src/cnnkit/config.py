@@ -260,7 +260,7 @@ class TrainConfig:
                                  "image and cached on disk (DATA_DIR/features), so a later run on the same data "
                                  "does no backbone pass; no image augmentation", choices=("none", "backbone"))
     probe_epochs: int = option(0, "fine-tuning: first train the new head alone for N epochs on the backbone's "
-                                  "features of the training images, computed once and cached as --freeze backbone "
+                                  "features of the training and validation images, cached as --freeze backbone "
                                   "does (a linear probe), then the whole network from that head (LP-FT), instead of "
                                   "from a random head whose first gradients disturb the pretrained features",
                                 low=0, high=1000, metavar="N")

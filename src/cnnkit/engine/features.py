@@ -81,8 +81,9 @@ def check_frozen_backbone(model: nn.Module, option: str = "--freeze backbone") -
     if not isinstance(model, ImageClassifier) or not all(
             callable(getattr(body, name, None)) for name in ("forward_features", "forward_head", "head_module")):
         name = getattr(model, "architecture", None) or type(model).__name__
+        fix = "add --probe-epochs 0" if option == "--probe-epochs" else "train it whole"
         raise CnnkitError(f"{option} needs a backbone with pooled features and a separate head "
-                          f"({', '.join(pretrained_names())}); {name} has none: train it whole, or freeze its "
+                          f"({', '.join(pretrained_names())}); {name} has none: {fix}, or freeze its "
                           "backbone for the first epochs only (--freeze-epochs N)")
 
 

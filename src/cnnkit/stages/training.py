@@ -15,7 +15,7 @@ from cnnkit.data.tensors import Dataset
 from cnnkit.errors import CnnkitError
 from cnnkit.engine.distributed import World
 from cnnkit.engine.features import FeatureSummary, features_folder, frozen_features
-from cnnkit.engine.fit import fit
+from cnnkit.engine.fit import check_sampler, fit
 
 #: The probe's head recipe is transfer-fast's (presets/transfer-fast.toml), which 5-fold cross-validation chose
 #: for a new head on EfficientNet-Lite2's features: AdamW at 1e-3, weight decay 0.05, a cosine decay, batches of
@@ -63,6 +63,7 @@ def probe_stage(config: TrainConfig, model: torch.nn.Module, data: Dataset, devi
         raise CnnkitError("--probe-epochs fits the head on cached features in one process: add --probe-epochs 0 "
                           "with --devices or torchrun (or --freeze-epochs N, which trains the head alone on the "
                           "images first)")
+    check_sampler(config, data)  # the fine-tuning's refusal, before the probe's work rather than after it
     head, features, summary = frozen_features(model, data, device=device, batch_size=config.eval_batch_size,
                                               folder=features_folder(config.data_dir), log=log,
                                               splits=("train", "val"), option="--probe-epochs")
