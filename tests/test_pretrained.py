@@ -246,8 +246,8 @@ def test_a_probe_before_fine_tuning_shares_the_feature_cache_and_fine_tuning_sta
     (["--model", "efficientnet_lite0", "--pretrained", "imagenet", "--freeze", "backbone", "--probe-epochs", "5"],
      "--freeze backbone trains only the head already; --probe-epochs 5 readies a head for fine-tuning"),
     (["--model", "fast", "--probe-epochs", "5"], "--probe-epochs needs a backbone with pooled features"),
-    (["--preset", "transfer-best", "--devices", "2"], "--probe-epochs fits the head on cached features in one "
-                                                      "process: add --probe-epochs 0 to train on --devices 2"),
+    (["--model", "efficientnet_lite0", "--pretrained", "imagenet", "--probe-epochs", "5", "--devices", "2"],
+     "--probe-epochs fits the head on cached features in one process: add --probe-epochs 0 to train on --devices 2"),
 ])
 def test_what_a_probe_cannot_do_is_one_line(flags, error, tmp_path):
     data = tmp_path / "data"
