@@ -213,8 +213,9 @@ def test_a_run_in_use_cannot_be_resumed_twice(tmp_path):
 
 
 def test_a_checkpoint_resumes_with_the_options_it_recorded_not_what_its_preset_says_today(tmp_path):
-    """A checkpoint records every option; one added since (or a preset value changed since) must not reach the
-    resumed run: a transfer-best run begun before --probe-epochs existed resumes without a probe."""
+    """A checkpoint records every option, so its preset is not applied again: an option the record lacks (added
+    to cnnkit since the run began) takes its default, and a value recorded as none stays none, whatever the
+    preset says today."""
     import dataclasses
 
     from cnnkit.api import config_of
