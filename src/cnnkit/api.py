@@ -180,9 +180,10 @@ def _train_process(config: TrainConfig, device: torch.device, world: World, thre
         code = run_code(config, user_model, saved, trust_code)                                         # 3. model
         model = model_for(config, data, user_model, code, trust_code)
         if main:
-            callbacks += checkpoint_callbacks(config, staging, fingerprint, code, saved, log)
             check_room(staging, model, config, resuming=saved is not None)  # before training, not after it
-        probe = probe_stage(config, model, data, device, world, saved is not None, log)               # 4. fit
+        probe = probe_stage(config, model, data, device, world, saved, log)                           # 4. fit
+        if main:
+            callbacks += checkpoint_callbacks(config, staging, fingerprint, code, saved, log, probe)
         trained, fit_data, features = frozen_stage(config, model, data, device, world, log)
         history = fit(trained, fit_data, callbacks=callbacks, progress=progress and main, resume=saved, config=config)
         report = score_test_set(config, trained, fit_data, data.classes, device, world)                # 5. test
@@ -264,5 +265,5 @@ def evaluate_run(run: str | Path | Run, data_dir: str | None = None, *, limit: i
                            image_size=(height, width), channels=channels, progress=progress)
     if data.classes != run.classes:
         raise CnnkitError(f"{run.path}: the model's classes do not match dataset {data.name}'s")
-    return evaluate(run.model, data.test, data.classes)
+    return evaluate(run.model, data.test, data.classes, batch_size=run.batch_size)
 

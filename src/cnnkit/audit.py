@@ -48,6 +48,7 @@ from cnnkit.data.folder import load_image_folder
 from cnnkit.engine.fit import fit
 from cnnkit.engine.inference import predict_logits
 from cnnkit.stages.model import model_for
+from cnnkit.stages.training import fit_probe
 from cnnkit.engine.features import features_folder, frozen_features
 
 __all__ = ["AuditImages", "DuplicatePair", "LabelIssue", "audit_images", "duplicate_pairs", "find_label_issues",
@@ -214,6 +215,7 @@ def out_of_sample_probabilities(config: TrainConfig, pool: AuditImages, folds: i
     probabilities = np.zeros((count, classes), np.float32)
     config = replace(config, keep="last", patience=None, budget=None, ema=None)
     inputs, fresh_model = _fold_inputs(config, pool, code, log)
+    probe_vectors = _probe_vectors(config, pool, fresh_model, log)
     for fold in range(folds):
         held = torch.from_numpy(fold_of == fold)
         trained = Split(inputs[~held], pool.labels[~held])
@@ -223,6 +225,9 @@ def out_of_sample_probabilities(config: TrainConfig, pool: AuditImages, folds: i
                               "needs at least two classes with several images each")
         data = Dataset(pool.name, pool.classes, trained, scored, scored)
         model = fresh_model(data)
+        if probe_vectors is not None:  # the recipe's probe (--probe-epochs) on this fold's images, as in training
+            seen, unseen = Split(probe_vectors[~held], trained.labels), Split(probe_vectors[held], scored.labels)
+            fit_probe(model.body.head_module(), Dataset(pool.name, pool.classes, seen, unseen, unseen), config)
         fit(model, data, config=config, progress=False)
         logits = predict_logits(model, scored.images, batch_size=config.eval_batch_size)
         probabilities[held.numpy()] = torch.softmax(logits.float(), dim=1).cpu().numpy()
@@ -252,6 +257,22 @@ def _fold_inputs(config: TrainConfig, pool: AuditImages, code: UserCode | None,
         return head
 
     return features.train.images, fresh_head
+
+
+def _probe_vectors(config: TrainConfig, pool: AuditImages, fresh_model: Callable[[Dataset], torch.nn.Module],
+                   log: Callable[[str], None]) -> torch.Tensor | None:
+    """The backbone's pooled vectors of the whole pool, for a fine-tuning recipe with a probe first
+    (--probe-epochs): one backbone pass (cached like a training's), from which each fold's probe takes its
+    training images' rows. None for any other recipe."""
+    if not config.probe_epochs or config.freeze == "backbone":
+        return None
+    whole = Split(pool.images, pool.labels)
+    data = Dataset(pool.name, pool.classes, whole, whole.take(slice(0, 0)), whole.take(slice(0, 0)))
+    _, features, summary = frozen_features(fresh_model(data), data, device=torch.device("cpu"),
+                                           batch_size=config.eval_batch_size, folder=features_folder(config.data_dir),
+                                           log=log, splits=("train",), option="--probe-epochs")
+    log(summary.describe().replace("frozen backbone:", "linear probe:", 1))
+    return features.train.images
 
 
 def check_pool(pool: AuditImages, folds: int) -> None:
@@ -449,7 +470,7 @@ def _recorded_recipe(target: str, *, preset: str | None, model: str | None, data
     recorded = read_run_config(run_dir)
     # The recipe, not the machine it ran on: device, threads, processes and compilation are this machine's to choose.
     machine = {"device", "threads", "devices", "compile"}
-    kept = {"model", "model_kwargs", "pretrained", "freeze", "freeze_bn", *FIT_FIELDS} - machine
+    kept = {"model", "model_kwargs", "pretrained", "freeze", "freeze_bn", "probe_epochs", *FIT_FIELDS} - machine
     options = {key: value for key, value in recorded.options.items() if key in kept}
     code = None
     if model is not None or preset is not None:
@@ -466,5 +487,6 @@ def _recorded_recipe(target: str, *, preset: str | None, model: str | None, data
         located = [path for path, _ in recorded_data_dirs(run_dir, recorded) if path.is_dir()]
         fixed["data_dir"] = str(located[0]) if located else None
     if image_folder(meta.dataset) is not None:  # decoded as the run's images were
-        fixed.update(image_size=[meta.input.height, meta.input.width], channels=meta.input.channels)
+        fixed.update(dataset=meta.dataset, image_size=[meta.input.height, meta.input.width],
+                     channels=meta.input.channels)
     return resolve_config(preset, **{**options, **fixed}), meta.dataset, run_dir, code

@@ -18,7 +18,7 @@ import math
 import os
 import typing
 from types import UnionType
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -587,6 +587,12 @@ class RunConfig:
         value = self.options.get("epochs")
         return value if type(value) is int else None
 
+    @property
+    def eval_batch_size(self) -> int:
+        """The recorded --eval-batch-size, or today's default for a run that recorded none."""
+        value = self.options.get("eval_batch_size")
+        return value if type(value) is int and value >= 1 else TrainConfig.eval_batch_size
+
 
 def read_run_config(path: str | os.PathLike[str]) -> RunConfig:
     """A run's config.json through the one reader (size cap, strict UTF-8, bounded nesting), checked;
@@ -691,7 +697,7 @@ def resolve_config(preset: str | None = None, *, config_file: str | os.PathLike[
     if config.init is not None and config.weights is not None:
         raise CnnkitError(f"{spell('init')} and {spell('weights')} both give the starting weights; use one")
     if config.pretrained is not None:
-        config = with_pretrained_defaults(config, spell)
+        config = with_pretrained_defaults(config, spell, given=values.keys())
     if problem := data_shape_conflict(config, spell):
         raise CnnkitError(problem)
     if problem := frozen_conflict(config, spell):
@@ -724,9 +730,18 @@ def frozen_conflict(config: TrainConfig, spell: Spell = python_name) -> str | No
     return None
 
 
-def with_pretrained_defaults(config: TrainConfig, spell: Spell = python_name) -> TrainConfig:
+#: Input pixels per evaluation batch of a pretrained backbone (batch x resolution^2), unless --eval-batch-size is
+#: given: the images are resized up inside the network, so 1,000 of them at 160 px take 12 GB, and large batches
+#: run slower besides (EfficientNet-Lite2 at 160 px scored 500 test photos in 7.4 s at batch 100 and 22.8 s at 500,
+#: benchmarks/RESULTS.md). 100 images at 160 px; 51 at 224, 37 at 260.
+PRETRAINED_EVAL_PIXELS = 100 * 160 * 160
+
+
+def with_pretrained_defaults(config: TrainConfig, spell: Spell = python_name,
+                             given: Collection[str] = ()) -> TrainConfig:
     """A --pretrained run: its model has ImageNet weights, no other starting weights are given, and the input is
-    resized to the weights' resolution unless model_kwargs says otherwise (recorded there, so a run rebuilds)."""
+    resized to the weights' resolution unless model_kwargs says otherwise (recorded there, so a run rebuilds).
+    Unless `given`, its evaluation batches shrink with that resolution (PRETRAINED_EVAL_PIXELS)."""
     from cnnkit.models.pretrained import BACKBONES
 
     if config.init is not None or config.weights is not None:
@@ -735,10 +750,13 @@ def with_pretrained_defaults(config: TrainConfig, spell: Spell = python_name) ->
     if config.model not in BACKBONES:
         raise CnnkitError(f"{spell('pretrained')}: model {config.model!r} has no ImageNet weights in cnnkit; "
                           f"choose one of {', '.join(BACKBONES)}")
-    if "resolution" in config.model_kwargs:
-        return config
-    resolution = BACKBONES[config.model].resolution
-    return dataclasses.replace(config, model_kwargs={**config.model_kwargs, "resolution": resolution})
+    resolution = config.model_kwargs.get("resolution", BACKBONES[config.model].resolution)
+    if "resolution" not in config.model_kwargs:
+        config = dataclasses.replace(config, model_kwargs={**config.model_kwargs, "resolution": resolution})
+    if "eval_batch_size" not in given and isinstance(resolution, int) and resolution > 0:
+        fitting = max(1, PRETRAINED_EVAL_PIXELS // (resolution * resolution))
+        config = dataclasses.replace(config, eval_batch_size=min(config.eval_batch_size, fitting))
+    return config
 
 
 def data_shape_conflict(config: TrainConfig, spell: Spell = python_name) -> str | None:

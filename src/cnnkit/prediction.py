@@ -140,7 +140,7 @@ def predict_images(run, images: Iterable[ImageLike], top: int = 1) -> list[Predi
     items = list(images)
     names = [str(item) if isinstance(item, (str, Path)) else f"image {i}" for i, item in enumerate(items)]
     arrays = np.stack([prepare(item, run.meta, name) for item, name in zip(items, names)])
-    return _ranked(run, names, predict(run.model, arrays), top)
+    return _ranked(run, names, predict(run.model, arrays, run.batch_size), top)
 
 
 def predict_files(run, inputs: Sequence[str | Path], top: int = 1, *, progress: bool = False,
@@ -174,7 +174,7 @@ def predict_files(run, inputs: Sequence[str | Path], top: int = 1, *, progress: 
                 batch = np.stack(arrays)
                 if inputs_folder is not None:
                     _write_pictures(inputs_folder, chunk, [to_image(image) for image in batch], written, "--show-input")
-                ranked = _ranked(run, [str(path) for path in chunk], predict(run.model, batch), top)
+                ranked = _ranked(run, [str(path) for path in chunk], predict(run.model, batch, run.batch_size), top)
                 if explain_folder is not None:
                     _write_pictures(explain_folder, chunk, _explained(run, batch, ranked, *why), explained,
                                     "--explain")

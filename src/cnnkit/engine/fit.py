@@ -28,6 +28,7 @@ from cnnkit.engine.callbacks import TrainState
 from cnnkit.engine.callbacks import TerminateOnNaN
 from cnnkit.engine.callbacks import TimeBudget
 from cnnkit.engine.callbacks import WeightSelection
+from cnnkit.engine.cpu import keep_freed_memory
 from cnnkit.engine.checkpoint import check_resumed_position, restore_training, restoring
 from cnnkit.engine.distributed import World, all_reduce_sum, broadcast_buffers, current_world, epoch_seed
 from cnnkit.engine.distributed import process_device, wrap_model
@@ -89,6 +90,7 @@ def fit(
         config = fit_config(**{**base, **options, **given})
     world = check_world(rank, world_size)
     check_sampler(config, data)
+    keep_freed_memory()  # as cnnkit.train does, for fit() called on its own (an audit's folds, a notebook)
     device = process_device(resolve_device(config.device), world)
     precision = resolve_precision(config.precision, device)
     on_features = data.train.features  # a frozen backbone's cached features (engine/features.py): a head trains

@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 from torch import nn
+from cnnkit.engine.cpu import keep_freed_memory
 from cnnkit.models.classifier import model_input, takes_pixels
 from cnnkit.errors import CnnkitError
 
@@ -68,6 +69,7 @@ def predict_logits(
     fit() leaves BatchNorm layers training.
     """
 
+    keep_freed_memory()  # every command's forward passes, not only training's (engine/cpu.py says why)
     pixels = takes_pixels(model)  # else a plain nn.Module: float pixel values, as fit() gave it
     device = model_device(model)
     was_training = model.training

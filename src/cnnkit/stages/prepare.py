@@ -14,6 +14,7 @@ from cnnkit.config import TrainConfig
 from cnnkit.engine.callbacks import Callback
 from cnnkit.engine.callbacks.checkpoint import Checkpoint
 from cnnkit.models.user import UserCode
+from cnnkit.stages.training import ProbeSummary
 from cnnkit.runs import check_free_space, format_size, staged_run, sweep_runs_dir
 from cnnkit.fileio import expand_user_path, sweep_stale_temp_files
 from cnnkit.engine.callbacks.tensorboard import TensorBoardLogger
@@ -88,12 +89,15 @@ def prepare_run(config: TrainConfig, staging: Path | None, main: bool, log) -> I
 
 
 def checkpoint_callbacks(config: TrainConfig, staging: Path, fingerprint: str | None, code: UserCode | None,
-                         saved: dict[str, Any] | None, log) -> list[Callback]:
+                         saved: dict[str, Any] | None, log, probe: ProbeSummary | None = None) -> list[Callback]:
     """The checkpoint writer, with what a resume checks against: the options, the data's fingerprint and a user
-    file's SHA-256; none with --no-checkpoint."""
+    file's SHA-256, and what a resume reports: the probe's summary (stages/training.py); none with
+    --no-checkpoint."""
     if not config.checkpoint:
         return []
     record = {"config": config.to_dict(), "data": fingerprint}
+    if probe is not None:
+        record["probe"] = probe.to_dict()
     if code is not None:  # what a resume checks the file against
         record["code"] = {"path": str(code.path), "sha256": code.sha256, "function": code.function}
     if saved is None:

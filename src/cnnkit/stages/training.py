@@ -15,6 +15,7 @@ from cnnkit.data.tensors import Dataset
 from cnnkit.errors import CnnkitError
 from cnnkit.engine.distributed import World
 from cnnkit.engine.features import FeatureSummary, features_folder, frozen_features
+from cnnkit.engine.callbacks import History
 from cnnkit.engine.fit import check_sampler, fit
 
 #: The probe's head recipe is transfer-fast's (presets/transfer-fast.toml), which 5-fold cross-validation chose
@@ -45,9 +46,21 @@ class ProbeSummary:
         return {"epochs": self.epochs, "val_accuracy": self.val_accuracy, "seconds": round(self.seconds, 3),
                 "features": self.features.to_dict()}
 
+    @classmethod
+    def recorded(cls, record: Any) -> ProbeSummary | None:
+        """The summary a checkpoint kept (to_dict's), for a resumed run's metrics; None where it kept none."""
+        try:
+            features = record["features"]
+            computed, seconds = int(features["computed_images"]), float(features["seconds"])
+            return cls(int(record["epochs"]), float(record["val_accuracy"]), float(record["seconds"]),
+                       FeatureSummary(int(features["cached_images"]), computed, computed, seconds, seconds,
+                                      str(features["folder"])))
+        except (KeyError, TypeError, ValueError):
+            return None
+
 
 def probe_stage(config: TrainConfig, model: torch.nn.Module, data: Dataset, device: torch.device, world: World,
-                resuming: bool, log) -> ProbeSummary | None:
+                saved: dict[str, Any] | None, log) -> ProbeSummary | None:
     """LP-FT's first half (Kumar et al., 2022): train `model`'s new head in place on the frozen backbone's
     features of the training images, so that fine-tuning starts from a head that already fits.
 
@@ -55,10 +68,12 @@ def probe_stage(config: TrainConfig, model: torch.nn.Module, data: Dataset, devi
     features the head is still learning to read; a fitted head sends small ones. The features cost one backbone
     pass over train and validation images (no gradients, about a third of a fine-tuning epoch), or none when an
     earlier --freeze backbone or probe run on the same images cached them. It runs in one process, as a frozen
-    backbone does; a resumed run's checkpoint already holds the probed head.
+    backbone does; a resumed run's checkpoint (`saved`) already holds the probed head and the probe's summary.
     """
-    if not config.probe_epochs or resuming:
+    if not config.probe_epochs:
         return None
+    if saved is not None:  # the checkpoint holds the probed head, and what the probe did for metrics.json
+        return ProbeSummary.recorded(saved["meta"].get("probe"))
     if world.distributed:
         raise CnnkitError("--probe-epochs fits the head on cached features in one process: add --probe-epochs 0 "
                           "with --devices or torchrun (or --freeze-epochs N, which trains the head alone on the "
@@ -67,12 +82,17 @@ def probe_stage(config: TrainConfig, model: torch.nn.Module, data: Dataset, devi
     head, features, summary = frozen_features(model, data, device=device, batch_size=config.eval_batch_size,
                                               folder=features_folder(config.data_dir), log=log,
                                               splits=("train", "val"), option="--probe-epochs")
-    probe = dataclasses.replace(config, epochs=config.probe_epochs, **PROBE_RECIPE)
-    history = fit(head, features, progress=False, config=probe)
+    history = fit_probe(head, features, config)
     result = ProbeSummary(config.probe_epochs, history.history["val_accuracy"][-1],
                           summary.fit_seconds + history.train_seconds, summary)
     log(result.describe())
     return result
+
+
+def fit_probe(head: torch.nn.Module, features: Dataset, config: TrainConfig) -> History:
+    """Train `head` on the backbone's `features` for --probe-epochs epochs with the probe's own recipe."""
+    return fit(head, features, progress=False,
+               config=dataclasses.replace(config, epochs=config.probe_epochs, **PROBE_RECIPE))
 
 
 def frozen_stage(config: TrainConfig, model: torch.nn.Module, data: Dataset, device: torch.device, world: World,
