@@ -226,7 +226,7 @@ def test_a_probe_before_fine_tuning_shares_the_feature_cache_and_fine_tuning_sta
     common = ["--dataset", f"imagefolder:{photo_folder}", "--model", "efficientnet_lite0", "--pretrained", "imagenet",
               "--runs-dir", str(runs), "--data-dir", str(data)]
     still = ["--model-kwargs", '{"resolution": 64, "drop_path_rate": 0.2}', "--lr", "1e-9", "--freeze-bn"]
-    process = subprocess.Popen([sys.executable, "-m", "cnnkit", "train", *common, *still, "--epochs", "3",
+    process = subprocess.Popen([sys.executable, "-m", "cnnkit", "train", *common, *still, "--epochs", "10",
                                 "--probe-epochs", "15", "--name", "probed"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     staging = wait_for_checkpoint(runs, 1, process)
@@ -387,11 +387,13 @@ def test_a_wrong_pretrained_request_is_one_line_before_any_data_is_read(flags, e
     ({"model": "efficientnet_lite0", "pretrained": "imagenet", "model_kwargs": {"resolution": 64}}, 625),
     ({"model": "efficientnet_lite0", "pretrained": "imagenet", "eval_batch_size": 1000}, 1000),  # given: kept
     ({"model": "efficientnet_lite0"}, 1000),  # from scratch on the photos' own size
+    ({"model": "efficientnet_lite0", "model_kwargs": {"resolution": 160}}, 100),  # resized up, from scratch too
     ({"preset": "transfer-best"}, 100),
+    ({"preset": "transfer-best", "model_kwargs": {"resolution": 260, "drop_path_rate": 0.2}}, 37),
 ])
 def test_a_pretrained_backbone_evaluates_in_batches_that_fit_its_resolution(options, batch):
     """The photos are resized up inside a pretrained network: 1,000 at once at 160 px took 12 GB, so unless
-    --eval-batch-size is given its evaluation batches hold PRETRAINED_EVAL_PIXELS input pixels."""
+    --eval-batch-size is given its evaluation batches hold RESIZED_EVAL_PIXELS input pixels."""
     from cnnkit.config import resolve_config
 
     assert resolve_config(**options).eval_batch_size == batch

@@ -265,5 +265,5 @@ def evaluate_run(run: str | Path | Run, data_dir: str | None = None, *, limit: i
                            image_size=(height, width), channels=channels, progress=progress)
     if data.classes != run.classes:
         raise CnnkitError(f"{run.path}: the model's classes do not match dataset {data.name}'s")
-    return evaluate(run.model, data.test, data.classes, batch_size=run.batch_size)
+    return evaluate(run.model, data.test, data.classes, batch_size=run.eval_batch_size)
 

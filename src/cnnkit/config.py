@@ -18,7 +18,7 @@ import math
 import os
 import typing
 from types import UnionType
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -347,7 +347,9 @@ class TrainConfig:
     scale_lr: bool = option(False, "multiply --lr by the number of processes (the linear scaling rule for the "
                                    "larger global batch: --batch-size is per process)", scope="fit")
     sync_bn: bool = option(False, "synchronise BatchNorm statistics across processes (CUDA only)", scope="fit")
-    eval_batch_size: int = option(1000, "images per validation/test forward pass", scope="fit", low=1, high=1 << 20)
+    eval_batch_size: int = option(1000, "images per validation/test forward pass, recorded for evaluate, predict and "
+                                        "serve; unless given, fewer for a network that resizes its input up (100 at "
+                                        "160 px)", scope="fit", low=1, high=1 << 20)
     tta: str = option("none", "test-time augmentation of the final test evaluation, recorded so evaluate, predict, "
                               "export and serve use it too: the mean of the logits over the image and its mirror "
                               "(flip), 1-px shifts (shift), or both (flip-shift); auto: flip where training "
@@ -587,12 +589,6 @@ class RunConfig:
         value = self.options.get("epochs")
         return value if type(value) is int else None
 
-    @property
-    def eval_batch_size(self) -> int:
-        """The recorded --eval-batch-size, or today's default for a run that recorded none."""
-        value = self.options.get("eval_batch_size")
-        return value if type(value) is int and value >= 1 else TrainConfig.eval_batch_size
-
 
 def read_run_config(path: str | os.PathLike[str]) -> RunConfig:
     """A run's config.json through the one reader (size cap, strict UTF-8, bounded nesting), checked;
@@ -697,7 +693,10 @@ def resolve_config(preset: str | None = None, *, config_file: str | os.PathLike[
     if config.init is not None and config.weights is not None:
         raise CnnkitError(f"{spell('init')} and {spell('weights')} both give the starting weights; use one")
     if config.pretrained is not None:
-        config = with_pretrained_defaults(config, spell, given=values.keys())
+        config = with_pretrained_defaults(config, spell)
+    if "eval_batch_size" not in values:  # a network that resizes its input up: batches that fit its resolution
+        config = dataclasses.replace(config, eval_batch_size=eval_batch_for(config.model_kwargs.get("resolution"),
+                                                                            config.eval_batch_size))
     if problem := data_shape_conflict(config, spell):
         raise CnnkitError(problem)
     if problem := frozen_conflict(config, spell):
@@ -730,18 +729,23 @@ def frozen_conflict(config: TrainConfig, spell: Spell = python_name) -> str | No
     return None
 
 
-#: Input pixels per evaluation batch of a pretrained backbone (batch x resolution^2), unless --eval-batch-size is
-#: given: the images are resized up inside the network, so 1,000 of them at 160 px take 12 GB, and large batches
-#: run slower besides (EfficientNet-Lite2 at 160 px scored 500 test photos in 7.4 s at batch 100 and 22.8 s at 500,
-#: benchmarks/RESULTS.md). 100 images at 160 px; 51 at 224, 37 at 260.
-PRETRAINED_EVAL_PIXELS = 100 * 160 * 160
+#: Input pixels per evaluation batch of a network that resizes its input (model_kwargs' `resolution`: the
+#: pretrained backbones) unless --eval-batch-size is given: the images are resized up inside the network, so 1,000
+#: of them at 160 px take 12 GB, and large batches run slower besides (EfficientNet-Lite2 at 160 px scored 500 test
+#: photos in 7.4 s at batch 100 and 22.8 s at 500, benchmarks/RESULTS.md). 100 images at 160 px; 51 at 224, 37 at 260.
+RESIZED_EVAL_PIXELS = 100 * 160 * 160
 
 
-def with_pretrained_defaults(config: TrainConfig, spell: Spell = python_name,
-                             given: Collection[str] = ()) -> TrainConfig:
+def eval_batch_for(resolution: Any, batch: int) -> int:
+    """`batch`, or fewer images where a network resizes them up to `resolution` inside (RESIZED_EVAL_PIXELS)."""
+    if type(resolution) is not int or resolution < 1:
+        return batch
+    return min(batch, max(1, RESIZED_EVAL_PIXELS // (resolution * resolution)))
+
+
+def with_pretrained_defaults(config: TrainConfig, spell: Spell = python_name) -> TrainConfig:
     """A --pretrained run: its model has ImageNet weights, no other starting weights are given, and the input is
-    resized to the weights' resolution unless model_kwargs says otherwise (recorded there, so a run rebuilds).
-    Unless `given`, its evaluation batches shrink with that resolution (PRETRAINED_EVAL_PIXELS)."""
+    resized to the weights' resolution unless model_kwargs says otherwise (recorded there, so a run rebuilds)."""
     from cnnkit.models.pretrained import BACKBONES
 
     if config.init is not None or config.weights is not None:
@@ -750,13 +754,10 @@ def with_pretrained_defaults(config: TrainConfig, spell: Spell = python_name,
     if config.model not in BACKBONES:
         raise CnnkitError(f"{spell('pretrained')}: model {config.model!r} has no ImageNet weights in cnnkit; "
                           f"choose one of {', '.join(BACKBONES)}")
-    resolution = config.model_kwargs.get("resolution", BACKBONES[config.model].resolution)
-    if "resolution" not in config.model_kwargs:
-        config = dataclasses.replace(config, model_kwargs={**config.model_kwargs, "resolution": resolution})
-    if "eval_batch_size" not in given and isinstance(resolution, int) and resolution > 0:
-        fitting = max(1, PRETRAINED_EVAL_PIXELS // (resolution * resolution))
-        config = dataclasses.replace(config, eval_batch_size=min(config.eval_batch_size, fitting))
-    return config
+    if "resolution" in config.model_kwargs:
+        return config
+    resolution = BACKBONES[config.model].resolution
+    return dataclasses.replace(config, model_kwargs={**config.model_kwargs, "resolution": resolution})
 
 
 def data_shape_conflict(config: TrainConfig, spell: Spell = python_name) -> str | None:

@@ -39,6 +39,7 @@ from cnnkit.errors import CnnkitError
 from cnnkit.fileio import atomic_path, expand_user_path, output_path, removing_new_dirs_on_failure
 from cnnkit import __version__
 from cnnkit.runs import Run, load_run, recorded_data_dirs
+from cnnkit.engine.cpu import keep_freed_memory
 from cnnkit.data.folder import check_class_folders
 from cnnkit.data.sources import DataLocation, default_location
 from cnnkit.data.tensors import load_test_split
@@ -178,13 +179,15 @@ def export_run(run_dir, format: str = "onnx", out: str | Path | None = None,  # 
     path = _output_path(run.path, format, out)
     images, data = parity_data(run, parity_images, data_dir)
     wrapper = ExportModule(run.model, run.input_shape).eval()
+    keep_freed_memory()  # as every forward pass of cnnkit's (engine/cpu.py)
+    batch_size = min(PARITY_BATCH, run.eval_batch_size)  # a large network's recorded, smaller batch
     with torch.inference_mode():
-        expected = torch.cat([wrapper(batch) for batch in images.split(PARITY_BATCH)]).numpy()
+        expected = torch.cat([wrapper(batch) for batch in images.split(batch_size)]).numpy()
     write = _write_onnx if format == "onnx" else _write_torchscript
     try:
         with removing_new_dirs_on_failure(path.parent), atomic_path(path) as tmp:
             candidate = write(wrapper, run, tmp)
-            max_diff, agreement = compare(expected, candidate, images)
+            max_diff, agreement = compare(expected, candidate, images, batch_size)
             if not (max_diff <= PARITY_TOLERANCE and agreement == 1.0):
                 raise CnnkitError(
                     f"{path}: the {format} export does not match PyTorch on {len(images):,} {data} (max |diff| "
@@ -237,10 +240,10 @@ def parity_data(run, count: int, data_dir: str | Path | None = None) -> tuple[to
 
 
 def compare(expected: np.ndarray, candidate: Callable[[np.ndarray], np.ndarray],
-            images: torch.Tensor) -> tuple[float, float]:
-    """(max |expected - candidate|, top-1 agreement) with `candidate` run on `images` in PARITY_BATCH chunks."""
+            images: torch.Tensor, batch_size: int = PARITY_BATCH) -> tuple[float, float]:
+    """(max |expected - candidate|, top-1 agreement) with `candidate` run on `images` in chunks of `batch_size`."""
     got = np.concatenate([np.asarray(candidate(batch.numpy()), dtype=np.float32)
-                          for batch in images.split(PARITY_BATCH)])
+                          for batch in images.split(batch_size)])
     if got.shape != expected.shape:
         return float("inf"), 0.0
     max_diff = float(np.max(np.abs(got.astype(np.float64) - expected))) if got.size else 0.0

@@ -140,7 +140,7 @@ def predict_images(run, images: Iterable[ImageLike], top: int = 1) -> list[Predi
     items = list(images)
     names = [str(item) if isinstance(item, (str, Path)) else f"image {i}" for i, item in enumerate(items)]
     arrays = np.stack([prepare(item, run.meta, name) for item, name in zip(items, names)])
-    return _ranked(run, names, predict(run.model, arrays, run.batch_size), top)
+    return _ranked(run, names, predict(run.model, arrays, run.eval_batch_size), top)
 
 
 def predict_files(run, inputs: Sequence[str | Path], top: int = 1, *, progress: bool = False,
@@ -174,7 +174,7 @@ def predict_files(run, inputs: Sequence[str | Path], top: int = 1, *, progress: 
                 batch = np.stack(arrays)
                 if inputs_folder is not None:
                     _write_pictures(inputs_folder, chunk, [to_image(image) for image in batch], written, "--show-input")
-                ranked = _ranked(run, [str(path) for path in chunk], predict(run.model, batch, run.batch_size), top)
+                ranked = _ranked(run, [str(path) for path in chunk], predict(run.model, batch, run.eval_batch_size), top)
                 if explain_folder is not None:
                     _write_pictures(explain_folder, chunk, _explained(run, batch, ranked, *why), explained,
                                     "--explain")
@@ -231,7 +231,7 @@ def _explained(run, batch: np.ndarray, ranked: list[Prediction], target: int | N
     explained and the prediction."""
 
     targets = [run.classes.index(p.label) if target is None else target for p in ranked]
-    maps = explain(run.model, batch, targets, layer=layer)
+    maps = explain(run.model, batch, targets, layer=layer, batch_size=min(64, run.eval_batch_size))
     titles = [f"{printable(p.label)}: {p.confidence:.1%}" if target is None else
               f"why {printable(run.classes[target])}? (said {printable(p.label)} {p.confidence:.0%})" for p in ranked]
     return [overlay(image, heatmap, title) for image, heatmap, title in zip(batch, maps, titles)]

@@ -36,7 +36,7 @@ from cnnkit.records import Metrics, read_metrics
 from cnnkit.model_meta import (MODEL_FORMAT, MODEL_FORMAT_VERSION, check_recorded, check_standardisation,
                                read_weights_header, skeleton_state, weights_record)
 from cnnkit.model_meta import ModelMeta, read_model_meta, resolve_run_dir  # noqa: F401 (re-exported)
-from cnnkit.config import RunConfig
+from cnnkit.config import RunConfig, TrainConfig, eval_batch_for
 from cnnkit.config import read_run_config as read_config_record
 from cnnkit.data.registry import mirror_ok
 DEFAULT_RUN_NAME = "train"
@@ -398,11 +398,15 @@ class Run:
         return self.meta.input.shape
 
     @property
-    def batch_size(self) -> int:
-        """Images per forward pass when this run's model scores images: its recorded --eval-batch-size. A large
-        network records a small one (the transfer presets: 100; 1,000 EfficientNet-Lite2 inputs at 160 px take
-        12 GB), which its evaluate, predict and serve then keep to as its training did."""
-        return self.config.eval_batch_size
+    def eval_batch_size(self) -> int:
+        """Images per forward pass when this run's model scores images: its recorded --eval-batch-size. A network
+        that resizes its input up records a small one (1,000 EfficientNet-Lite2 inputs at 160 px take 12 GB),
+        which its evaluate, predict, export and serve then keep to as its training did; a run that recorded none
+        gets the default for its model's resolution."""
+        recorded = self.config.get("eval_batch_size")
+        if type(recorded) is int and recorded >= 1:
+            return recorded
+        return eval_batch_for(self.meta.model_kwargs.get("resolution"), TrainConfig.eval_batch_size)
 
     def __repr__(self) -> str:
         accuracy = self.metrics.test_accuracy

@@ -476,7 +476,7 @@ def create_app(run_dir: str | Path, max_upload_mb: float = 10, *, max_batch: int
 
     def forward(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return predict(run.model, images, run.batch_size).numpy()
+            return predict(run.model, images, run.eval_batch_size).numpy()
 
     forward(np.zeros((1, *run.input_shape), dtype=np.uint8))  # warm up, and fail now if the model cannot run
     explainer = Explainer(run.model)

@@ -73,7 +73,11 @@ def probe_stage(config: TrainConfig, model: torch.nn.Module, data: Dataset, devi
     if not config.probe_epochs:
         return None
     if saved is not None:  # the checkpoint holds the probed head, and what the probe did for metrics.json
-        return ProbeSummary.recorded(saved["meta"].get("probe"))
+        recorded = ProbeSummary.recorded(saved["meta"].get("probe"))
+        if recorded is None:
+            log("linear probe: done before this checkpoint, which does not say what it did (an older cnnkit's); "
+                "metrics.json leaves it out")
+        return recorded
     if world.distributed:
         raise CnnkitError("--probe-epochs fits the head on cached features in one process: add --probe-epochs 0 "
                           "with --devices or torchrun (or --freeze-epochs N, which trains the head alone on the "
