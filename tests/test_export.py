@@ -194,7 +194,7 @@ def test_failed_parity_removes_the_export_and_keeps_an_earlier_file(runs, tmp_pa
     earlier = tmp_path / "keep" / "model.bin"
     earlier.parent.mkdir()
     earlier.write_bytes(b"an earlier good export")
-    monkeypatch.setattr(cnnkit.export, "compare", lambda expected, candidate, images: (0.5, 0.9))
+    monkeypatch.setattr(cnnkit.export, "compare", lambda expected, candidate, images, batch_size: (0.5, 0.9))
     with pytest.raises(CnnkitError, match=r"does not match PyTorch on 10 mnist test images.*nothing was written"):
         export_run(runs["seed"], fmt, out=earlier, parity_images=10)
     assert earlier.read_bytes() == b"an earlier good export"
