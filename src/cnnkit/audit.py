@@ -264,14 +264,14 @@ def _probe_vectors(config: TrainConfig, pool: AuditImages, fresh_model: Callable
     """The backbone's pooled vectors of the whole pool, for a fine-tuning recipe with a probe first
     (--probe-epochs): one backbone pass (cached like a training's), from which each fold's probe takes its
     training images' rows. None for any other recipe."""
-    if not config.probe_epochs or config.freeze == "backbone":
+    if not config.probe_epochs:  # (never with --freeze backbone: resolve_config refuses the two together)
         return None
     whole = Split(pool.images, pool.labels)
     data = Dataset(pool.name, pool.classes, whole, whole.take(slice(0, 0)), whole.take(slice(0, 0)))
     _, features, summary = frozen_features(fresh_model(data), data, device=torch.device("cpu"),
                                            batch_size=config.eval_batch_size, folder=features_folder(config.data_dir),
                                            log=log, splits=("train",), option="--probe-epochs")
-    log(summary.describe().replace("frozen backbone:", "linear probe:", 1))
+    log(summary.describe("linear probe"))
     return features.train.images
 
 

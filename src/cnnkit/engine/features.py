@@ -48,13 +48,13 @@ class FeatureSummary:
     fit_seconds: float  # the share spent on train + validation images
     folder: str
 
-    def describe(self) -> str:
+    def describe(self, step: str = "frozen backbone") -> str:
         total = self.cached_images + self.computed_images
         if not self.computed_images:
-            return (f"frozen backbone: the features of all {total:,} images came from the cache ({self.folder}): "
+            return (f"{step}: the features of all {total:,} images came from the cache ({self.folder}): "
                     "no backbone pass")
         cached = f"; {self.cached_images:,} came from the cache" if self.cached_images else ""
-        return (f"frozen backbone: features of {self.computed_images:,} images computed in {self.seconds:.1f} s"
+        return (f"{step}: features of {self.computed_images:,} images computed in {self.seconds:.1f} s"
                 f"{cached} (kept in {self.folder}: a later run on the same images skips the backbone)")
 
     def to_dict(self) -> dict[str, float | int | str]:
