@@ -26,7 +26,6 @@ from cnnkit.engine.distributed import World
 from cnnkit.engine.features import FeatureSummary
 from cnnkit.stages.training import ProbeSummary
 from cnnkit.models.user import SOURCE_COPY
-from cnnkit.plots import plot_confusion_matrix, plot_errors, plot_history, plot_per_class
 from cnnkit.preprocess import preprocessing_meta
 from cnnkit.report import write_report
 from cnnkit.runs import save_model
@@ -203,6 +202,10 @@ def write_run_files(run_dir: Path, config: TrainConfig, data: Dataset, model: to
     write_text(run_dir / "history.csv", history.to_csv())
     write_text(run_dir / "steps.csv", history.steps_to_csv())
     write_json(run_dir / "metrics.json", metrics)
+    # matplotlib, imported by the one stage that draws, would cost every command's start 0.4 s (predict, evaluate,
+    # each refused option), as much as the rest of cnnkit's own imports but torch.
+    from cnnkit.plots import plot_confusion_matrix, plot_history, plot_per_class  # matplotlib: see above
+
     title = f"{config.model} on {data.name}"
     best_epoch = None if history.selected is None else history.selected.epoch
     plot_history(history.history, run_dir / "history.png", title=title, best_epoch=best_epoch,
@@ -223,6 +226,8 @@ def confident_errors(data: Dataset, report: EvalReport, count: int = ERROR_GRID_
 
 def plot_misclassified(path: Path, data: Dataset, report: EvalReport) -> None:
     """The most confidently wrong test images, true and predicted labels."""
+    from cnnkit.plots import plot_errors  # see write_run_files
+
     labels = data.test.labels.cpu()
     order = confident_errors(data, report)
     images = data.test.images.cpu()[order].numpy()
