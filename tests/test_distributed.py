@@ -121,8 +121,8 @@ def test_a_two_process_run_killed_after_an_epoch_resumes_to_the_uninterrupted_we
 @pytest.mark.slow
 def test_ctrl_c_on_a_two_process_run_stops_every_process_and_says_how_to_resume(tmp_path):
     """Ctrl-C reaches the launcher (the terminal's foreground group; torchrun's workers sit in sessions of their
-    own): it passes the signal on, rank 0 names the checkpoint, and the command ends by SIGINT, as one process
-    does, with no traceback from the launcher."""
+    own): it passes the signal on, rank 0 names the checkpoint in the one line printed, and the command ends by
+    SIGINT at once, as one process does."""
     runs = tmp_path / "runs"
     command = [sys.executable, "-m", "cnnkit", *TRAIN, "--devices", "2", "--epochs", "300", "--runs-dir", str(runs),
                "--name", "r"]
@@ -130,9 +130,15 @@ def test_ctrl_c_on_a_two_process_run_stops_every_process_and_says_how_to_resume(
                                start_new_session=True)
     staging = wait_for_checkpoint(runs, 1, process)
     os.killpg(process.pid, signal.SIGINT)
+    interrupted = time.monotonic()
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == -signal.SIGINT, stderr
-    assert "Traceback" not in stderr and f"cnnkit train --resume {staging}" in stderr, stderr
+    # torchrun kills a process still there 30 s after passing the signal on: a rank that hung on its way out (one
+    # stopped mid all-reduce once did, 2 of 8 launches with the cores busy) is caught by the time, and its
+    # message lost. Measured: 0.4-0.6 s.
+    assert time.monotonic() - interrupted < 25, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]  # rank 0's, and no launcher chatter
+    assert len(lines) == 1 and f"cnnkit train --resume {staging}" in lines[0], stderr
     deadline = time.monotonic() + 60
     while subprocess.run(["pgrep", "-f", str(runs)], capture_output=True).returncode == 0:  # a rank still alive
         assert time.monotonic() < deadline, "a training process outlived the interrupted command"

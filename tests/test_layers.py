@@ -108,7 +108,7 @@ HEAVY = {"torch", "matplotlib", "onnx", "onnxruntime", "onnxscript", "captum", "
 #: What `cnnkit --help` imports (measured with python -X importtime): the command line imports anything else
 #: inside the command that needs it.
 HELP_PATH = {"cnnkit", "cnnkit.cli", "cnnkit.config", "cnnkit.data", "cnnkit.data.registry", "cnnkit.errors",
-             "cnnkit.fileio", "cnnkit.registry", "cnnkit.text"}
+             "cnnkit.fileio", "cnnkit.lifetime", "cnnkit.registry", "cnnkit.text"}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from cnnkit.engine.callbacks import Callback, History
 from cnnkit.engine.checkpoint import CHECKPOINT_JSON, has_checkpoint, read_training_checkpoint
 from cnnkit.engine.checkpoint import planned_epochs, read_checkpoint_document
 from cnnkit.engine.cpu import configure_cpu
-from cnnkit.engine.distributed import World, init_distributed, shutdown_distributed
+from cnnkit.engine.distributed import World, abandon_distributed, init_distributed, shutdown_distributed
 from cnnkit.engine.evaluate import EvalReport, evaluate
 from cnnkit.engine.fit import fit
 from cnnkit.engine.inference import resolve_device, resolve_precision
@@ -159,8 +159,8 @@ def _train_run(config: TrainConfig, device: torch.device, *, progress: bool, sta
         result = _train_process(config, device, world, threads, progress=progress, started=started, log=log,
                                 callbacks=callbacks, user_model=user_model, staging=staging, saved=saved,
                                 trust_code=trust_code)
-    except BaseException:
-        shutdown_distributed(wait=False)  # the other processes may never reach a barrier now
+    except BaseException as error:
+        abandon_distributed(error)
         raise
     shutdown_distributed()
     return result

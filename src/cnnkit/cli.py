@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from cnnkit.errors import INTERRUPTED, CnnkitError, describe_os_error
 from cnnkit.fileio import output_path
+from cnnkit.lifetime import end_without_teardown
 from cnnkit.text import markup, printable
 from cnnkit.config import (FIELD_NAMES, LazyChoices, base_type, cli_flag, default_of, field_types, list_presets,
                            resolve_config, schema)
@@ -258,6 +259,7 @@ def recorded_devices(path: str) -> int:
 def launch_processes(devices: int, argv: list[str]) -> int:
     """Run this same command as `devices` data-parallel processes through torchrun's elastic launcher
     (standalone: a rendezvous on this machine); each process sees RANK and so trains instead of launching."""
+    import logging
     import signal
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -265,6 +267,11 @@ def launch_processes(devices: int, argv: list[str]) -> int:
     from torch.distributed.run import get_args_parser, run
 
     launcher = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={devices}", "--module", PROG, *argv])
+    # Its warnings name torch's own files and say what cnnkit already sees to ("Setting OMP_NUM_THREADS ...": each
+    # process sets its threads; "Sending process 1234 closing signal SIGINT": rank 0 says what was kept); errors show.
+    for name in [name for name in logging.root.manager.loggerDict
+                 if name.startswith("torch.distributed.elastic") or name == "torch.distributed.run"]:
+        logging.getLogger(name).setLevel(logging.ERROR)  # each has its own level (torch's logging settings)
     try:
         run(launcher)
     except SignalException:  # Ctrl-C or SIGTERM reached this launcher; it has passed it on to every process,
@@ -804,7 +811,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemoryError:  # the machine's (or a ulimit's) memory, not a bug: one line with what asks for less
         return user_error(OUT_OF_MEMORY, 1, debug)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing was saved", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # another data-parallel process: rank 0 says what was kept
+            print(f"{PROG}: interrupted; nothing was saved", file=sys.stderr)
         return INTERRUPTED
 
 
@@ -819,6 +827,7 @@ def console_main() -> None:
     clean exit(130) all the same: 6 of 60 trainings interrupted in their first second ended so.
     """
     code = main()
+    end_without_teardown(code, interrupted=code == INTERRUPTED)  # a failed data-parallel process: see there
     if code == INTERRUPTED:
         sys.excepthook = _quiet_interrupt  # the one line naming what was kept is already out
         raise KeyboardInterrupt  # unhandled: CPython finalizes (atexit, flushes), then ends by SIGINT

@@ -27,7 +27,7 @@ if torch.distributed.is_available():
     import torch.distributed.nn.functional  # noqa: F401
 
 from cnnkit.errors import CnnkitError
-from cnnkit.lifetime import die_with_parent
+from cnnkit.lifetime import die_with_parent, keep_until_exit
 
 
 @dataclass(frozen=True)
@@ -81,16 +81,21 @@ def init_distributed(device: str = "auto") -> World:
     return current_world()
 
 
-def shutdown_distributed(wait: bool = True) -> None:
-    """Leave the process group, after a barrier when `wait` (no rank leaves while another still needs it;
-    after a failure there is none, as the other processes may never reach it). After the barrier the group is
-    destroyed here, its threads joined, so none of them is still at work when the interpreter exits, once nothing
-    else (a DistributedDataParallel wrapper still referenced) holds it: release_pinned_group. After a failure it is
-    left to the process's exit instead: a collective no peer will match would hold the join until gloo's timeout."""
+def abandon_distributed(error: BaseException) -> None:
+    """Leave the process group after `error`: no barrier (the other processes may never reach it), and nothing of the
+    group freed before the process ends (lifetime.keep_until_exit: `error`'s traceback holds the model)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if wait:
-            torch.distributed.barrier()
-            release_pinned_group(torch.distributed.group.WORLD)
+        keep_until_exit(error)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group after a barrier (no rank leaves while another still needs it), then destroy it here,
+    its threads joined, so none of them is still at work when the interpreter exits, once nothing else (a
+    DistributedDataParallel wrapper still referenced) holds it: release_pinned_group. After a failure,
+    abandon_distributed instead."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        release_pinned_group(torch.distributed.group.WORLD)
         torch.distributed.destroy_process_group()
 
 
