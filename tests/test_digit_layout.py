@@ -85,7 +85,7 @@ def train_digits(runs: Path, name: str, *options: str) -> Path:
 @pytest.mark.slow
 def test_photos_of_digits_score_within_a_point_of_the_original_images(digit_folders, tmp_path):
     """A model trained with small shifts and rotations (what a photographed digit adds to MNIST's own
-    variation) is as right on photos as on MNIST's images; the tutorial's model, trained without, is near."""
+    variation) is as right on photos as on MNIST's images."""
     plain, photos, labels = digit_folders
     robust = train_digits(tmp_path / "runs", "robust", "--preset", "fast", "--epochs", "3",
                           "--augment", "shift=2,affine=10")
@@ -94,8 +94,8 @@ def test_photos_of_digits_score_within_a_point_of_the_original_images(digit_fold
     # Measured on these 1,000 digits: 99.1% plain, 99.0% photos (gap 0.1 points). The photos' rotation (up to
     # 8 degrees) is what --augment affine=10 teaches; a plain resize of the photos scores 36.0% (seed model).
     assert original >= 0.98 and photographed >= original - 0.01, (original, photographed)
-    tutorial = train_digits(tmp_path / "runs", "tutorial", "--epochs", "2")
-    # Measured: 98.8% plain, 97.8% photos (gap 1.0 point) for the tutorial's seed model after 2 epochs.
-    assert accuracy(tutorial, photos, labels) >= accuracy(tutorial, plain, labels) - 0.02
+    # The tutorial's seed model, trained without the augmentation, is near: 98.8% plain, 97.8% photos after 2 epochs
+    # (1.0 point; after 1 epoch 98.4% and 96.7%). Measured by this test until 2026-12-05, when its 45 s of training
+    # (on one core) went to keep the suite within its time.
     seen = np.asarray(Image.open(tmp_path / "seen" / "0000.png"))
     assert seen.shape == (28, 28) and seen[:3].max() < 30  # --show-input wrote what the model saw
