@@ -49,7 +49,7 @@ from cnnkit.engine.fit import fit
 from cnnkit.engine.inference import predict_logits
 from cnnkit.stages.model import model_for
 from cnnkit.stages.training import fit_probe
-from cnnkit.engine.features import features_folder, frozen_features
+from cnnkit.engine.features import LINEAR_PROBE, features_folder, frozen_features
 
 __all__ = ["AuditImages", "DuplicatePair", "LabelIssue", "audit_images", "duplicate_pairs", "find_label_issues",
            "out_of_sample_probabilities", "write_duplicates", "write_label_issues"]
@@ -270,7 +270,7 @@ def _probe_vectors(config: TrainConfig, pool: AuditImages, fresh_model: Callable
     data = Dataset(pool.name, pool.classes, whole, whole.take(slice(0, 0)), whole.take(slice(0, 0)))
     _, features, summary = frozen_features(fresh_model(data), data, device=torch.device("cpu"),
                                            batch_size=config.eval_batch_size, folder=features_folder(config.data_dir),
-                                           log=log, splits=("train",), option="--probe-epochs")
+                                           log=log, splits=("train",), use=LINEAR_PROBE)
     log(summary.describe("linear probe"))
     return features.train.images
 

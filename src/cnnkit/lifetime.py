@@ -1,9 +1,10 @@
-"""Child processes that die with their parent: no worker outlives the command that started it.
+"""How cnnkit's processes end: children die with their parent, and a failed data-parallel process ends at once.
 
-A decode worker or a torchrun worker blocked on its parent would otherwise live on, holding memory (and
-a training process would go on writing), after its parent is killed with SIGKILL or by the OOM killer,
-which no handler in the parent can see. Linux delivers a chosen signal to a process when its parent
-thread exits (prctl PR_SET_PDEATHSIG); elsewhere this is a no-op.
+No worker outlives the command that started it: a decode worker or a torchrun worker blocked on its parent
+would otherwise live on, holding memory (and a training process would go on writing), after its parent is
+killed with SIGKILL or by the OOM killer, which no handler in the parent can see. Linux delivers a chosen signal
+to a process when its parent thread exits (prctl PR_SET_PDEATHSIG); elsewhere this is a no-op. And a failed
+data-parallel process holds what must not be freed and ends without Python's teardown (keep_until_exit).
 """
 
 from __future__ import annotations

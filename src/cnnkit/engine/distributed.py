@@ -83,7 +83,8 @@ def init_distributed(device: str = "auto") -> World:
 
 def abandon_distributed(error: BaseException) -> None:
     """Leave the process group after `error`: no barrier (the other processes may never reach it), and nothing of the
-    group freed before the process ends (lifetime.keep_until_exit: `error`'s traceback holds the model)."""
+    group freed before the process ends (lifetime.keep_until_exit: `error`'s traceback holds the model). A script
+    of the Python API that goes on after such a failure keeps that model in memory."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         keep_until_exit(error)
 

@@ -75,15 +75,26 @@ class PooledFeatures(nn.Module):
         return body.forward_head(body.forward_features(self.model.rescale(images)), pre_logits=True)
 
 
-def check_frozen_backbone(model: nn.Module, option: str = "--freeze backbone") -> None:
+@dataclass(frozen=True)
+class FeatureUse:
+    """What asks for a backbone's pooled features, named in a refusal together with the way around it."""
+
+    option: str
+    instead: str  # what to do when the model has no separate head
+
+
+FROZEN_BACKBONE = FeatureUse("--freeze backbone", "train it whole")
+LINEAR_PROBE = FeatureUse("--probe-epochs", "add --probe-epochs 0")
+
+
+def check_frozen_backbone(model: nn.Module, use: FeatureUse = FROZEN_BACKBONE) -> None:
     """Refuse a model whose backbone does not say where its features end and its head begins."""
     body = getattr(model, "body", None)
     if not isinstance(model, ImageClassifier) or not all(
             callable(getattr(body, name, None)) for name in ("forward_features", "forward_head", "head_module")):
         name = getattr(model, "architecture", None) or type(model).__name__
-        fix = "add --probe-epochs 0" if option == "--probe-epochs" else "train it whole"
-        raise CnnkitError(f"{option} needs a backbone with pooled features and a separate head "
-                          f"({', '.join(pretrained_names())}); {name} has none: {fix}, or freeze its "
+        raise CnnkitError(f"{use.option} needs a backbone with pooled features and a separate head "
+                          f"({', '.join(pretrained_names())}); {name} has none: {use.instead}, or freeze its "
                           "backbone for the first epochs only (--freeze-epochs N)")
 
 
@@ -111,15 +122,15 @@ def features_folder(data_dir: str | None) -> Path:
 
 def frozen_features(model: ImageClassifier, data: Dataset, *, device: torch.device, batch_size: int,
                     folder: Path, log=print, splits: tuple[str, ...] = SPLITS,
-                    option: str = "--freeze backbone") -> tuple[nn.Module, Dataset, FeatureSummary]:
+                    use: FeatureUse = FROZEN_BACKBONE) -> tuple[nn.Module, Dataset, FeatureSummary]:
     """The head of `model` (sharing its parameters) and `data` as the backbone's pooled feature vectors.
 
     Each of `splits` has its vectors read from `folder` when a file of their key is there, else computed in
     fp32 on `device` and written there; a split left out is empty (a probe before fine-tuning never scores the
     test set on features). Training the returned head trains `model`'s own head, so the run saves `model`
-    whole, and predict, export and serve see an ordinary network. `option` is what asked, for its error.
+    whole, and predict, export and serve see an ordinary network. `use` is what asked, for its error.
     """
-    check_frozen_backbone(model, option)
+    check_frozen_backbone(model, use)
     model.to(device)
     head = model.body.head_module()
     key = backbone_key(model, head)

@@ -14,7 +14,7 @@ from cnnkit.config import TrainConfig
 from cnnkit.data.tensors import Dataset
 from cnnkit.errors import CnnkitError
 from cnnkit.engine.distributed import World
-from cnnkit.engine.features import FeatureSummary, features_folder, frozen_features
+from cnnkit.engine.features import LINEAR_PROBE, FeatureSummary, features_folder, frozen_features
 from cnnkit.engine.callbacks import History
 from cnnkit.engine.fit import check_sampler, fit
 
@@ -85,7 +85,7 @@ def probe_stage(config: TrainConfig, model: torch.nn.Module, data: Dataset, devi
     check_sampler(config, data)  # the fine-tuning's refusal, before the probe's work rather than after it
     head, features, summary = frozen_features(model, data, device=device, batch_size=config.eval_batch_size,
                                               folder=features_folder(config.data_dir), log=log,
-                                              splits=("train", "val"), option="--probe-epochs")
+                                              splits=("train", "val"), use=LINEAR_PROBE)
     history = fit_probe(head, features, config)
     result = ProbeSummary(config.probe_epochs, history.history["val_accuracy"][-1],
                           summary.fit_seconds + history.train_seconds, summary)
