@@ -94,7 +94,7 @@ def test_torchrun_with_two_gloo_processes_trains_like_one_and_writes_one_run(tmp
 
 @pytest.mark.slow
 def test_a_two_process_run_killed_after_an_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
-    command = [sys.executable, "-m", "cnnkit", *TRAIN, "--devices", "2", "--epochs", "3", "--ema", "0.9"]
+    command = [sys.executable, "-m", "cnnkit", *TRAIN, "--devices", "2", "--epochs", "2", "--ema", "0.9"]
     whole = subprocess.run([*command, "--runs-dir", str(tmp_path / "whole"), "--name", "r"],
                            capture_output=True, text=True, timeout=600)
     assert whole.returncode == 0, whole.stderr
