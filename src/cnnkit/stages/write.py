@@ -202,8 +202,8 @@ def write_run_files(run_dir: Path, config: TrainConfig, data: Dataset, model: to
     write_text(run_dir / "history.csv", history.to_csv())
     write_text(run_dir / "steps.csv", history.steps_to_csv())
     write_json(run_dir / "metrics.json", metrics)
-    # matplotlib, imported by the one stage that draws, would cost every command's start 0.4 s (predict, evaluate,
-    # each refused option), as much as the rest of cnnkit's own imports but torch.
+    # matplotlib is imported by the one stage that draws: at the top it cost 0.4 s of the start of every command
+    # that imports cnnkit.api (evaluate, and a training refused before it draws), as much as cnnkit's imports but torch.
     from cnnkit.plots import plot_confusion_matrix, plot_history, plot_per_class  # matplotlib: see above
 
     title = f"{config.model} on {data.name}"
