@@ -48,3 +48,39 @@ def test_decode_workers_die_when_their_parent_is_killed():
         for pid in workers if "workers" in locals() else []:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# A command's end: what Python's exit does that anyone can see (threads joined, atexit handlers, output flushed),
+# but not the teardown that frees every module's objects (an object's __del__ at teardown never runs).
+ENDING = """
+import atexit, sys, threading, time
+from cnnkit.lifetime import end_process
+
+class FreedAtTeardown:
+    def __del__(self):
+        print("teardown", flush=True)
+
+kept = FreedAtTeardown()
+atexit.register(print, "atexit")
+threading.Thread(target=lambda: (time.sleep(0.3), print("thread"))).start()
+print("main")  # buffered: a pipe
+sys.stdin.readline()  # the test may close its end of stdout first
+end_process(int(sys.argv[1]), interrupted=sys.argv[2] == "1")
+"""
+
+
+@pytest.mark.parametrize("status, interrupted", [(3, False), (0, True)])
+def test_a_command_ends_after_its_threads_atexit_handlers_and_output_but_without_teardown(status, interrupted):
+    done = subprocess.run([sys.executable, "-c", ENDING, str(status), str(int(interrupted))], input="\n",
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.splitlines() == ["main", "thread", "atexit"] and done.stderr == ""
+    assert done.returncode == (-signal.SIGINT if interrupted else status)
+
+
+def test_a_command_whose_reader_left_ends_quietly_with_the_shells_sigpipe_status():
+    buffered = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}  # as by default
+    process = subprocess.Popen([sys.executable, "-c", ENDING, "0", "0"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=buffered)
+    process.stdout.close()  # `cnnkit predict ... | head -1` once head has its line
+    _, stderr = process.communicate("\n", timeout=60)
+    assert process.returncode == 141 and stderr == ""

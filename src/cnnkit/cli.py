@@ -14,10 +14,11 @@ import sys
 import time
 from pathlib import Path
 from collections.abc import Sequence
+from typing import NoReturn
 
 from cnnkit.errors import INTERRUPTED, CnnkitError, describe_os_error
 from cnnkit.fileio import output_path
-from cnnkit.lifetime import end_without_teardown
+from cnnkit.lifetime import BROKEN_PIPE, end_process
 from cnnkit.text import markup, printable
 from cnnkit.config import (FIELD_NAMES, LazyChoices, base_type, cli_flag, default_of, field_types, list_presets,
                            resolve_config, schema)
@@ -800,7 +801,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit cannot fail again
         os.close(devnull)
-        return 141
+        return BROKEN_PIPE
     except OSError as error:
         if error.errno == errno.ENOMEM:  # an allocation the kernel refused (mmap, a listing): memory, not the path
             return user_error(OUT_OF_MEMORY, 1, debug)
@@ -816,7 +817,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return INTERRUPTED
 
 
-def console_main() -> None:
+def console_main() -> NoReturn:
     """The `cnnkit` command and `python -m cnnkit`: main()'s exit status, except that a command stopped by Ctrl-C
     or SIGTERM, once it has cleaned up and said so, ends the way Python ends an interrupted program: by SIGINT.
 
@@ -824,19 +825,16 @@ def console_main() -> None:
     too instead of going on to the next command. It is also the one end CPython allows for certain: a Ctrl-C
     that lands while library code runs a string through exec (a dataclass or namedtuple being made, as torch's
     first optimizer step does) marks the interpreter, and under `python -m` it kills itself by SIGINT after a
-    clean exit(130) all the same: 6 of 60 trainings interrupted in their first second ended so.
+    clean exit(130) all the same: 6 of 60 trainings interrupted in their first second ended so. Either way the
+    process ends without Python's teardown of its modules (lifetime.end_process).
     """
-    code = main()
-    end_without_teardown(code, interrupted=code == INTERRUPTED)  # a failed data-parallel process: see there
-    if code == INTERRUPTED:
-        sys.excepthook = _quiet_interrupt  # the one line naming what was kept is already out
-        raise KeyboardInterrupt  # unhandled: CPython finalizes (atexit, flushes), then ends by SIGINT
-    raise SystemExit(code)
-
-
-def _quiet_interrupt(kind, value, traceback) -> None:
-    if not issubclass(kind, KeyboardInterrupt):
-        sys.__excepthook__(kind, value, traceback)
+    try:
+        code = main()
+    except SystemExit as exit:  # argparse's --help, --version and usage errors
+        if not isinstance(exit.code, (int, type(None))):
+            raise
+        code = exit.code or 0
+    end_process(code, interrupted=code == INTERRUPTED)
 
 
 def user_error(message: str, code: int, debug: bool) -> int:
