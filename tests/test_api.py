@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 import cnnkit
+from processes import run_cnnkit
 from slices import SHARED_DATA
 
 
@@ -56,8 +57,6 @@ def test_summary_prints_the_keras_table_for_an_api_model():
 
 def test_an_api_trained_model_becomes_a_run_every_cli_verb_accepts(tmp_path):
     import json
-    import subprocess
-    import sys
 
     data = cnnkit.load_dataset("mnist", str(SHARED_DATA), limit_train=2000, limit_eval=300, progress=False)
     model = cnnkit.build_model("seed", data.input_shape, data.num_classes)
@@ -69,8 +68,8 @@ def test_an_api_trained_model_becomes_a_run_every_cli_verb_accepts(tmp_path):
     assert config["model"] == "seed" and config["dataset"] == "mnist" and config["epochs"] == 1
     run = cnnkit.load_run(path)
     assert torch.equal(run.model.body[0].weight, model.body[0].weight.cpu())
-    evaluated = subprocess.run([sys.executable, "-m", "cnnkit", "evaluate", str(path), "--data-dir", str(SHARED_DATA),
-                                "--limit", "300", "--json"], capture_output=True, text=True, check=True)
+    evaluated = run_cnnkit("evaluate", str(path), "--data-dir", str(SHARED_DATA),
+                           "--limit", "300", "--json", check=True)
     assert json.loads(evaluated.stdout)["accuracy"] == metrics["test_accuracy"]
 
 

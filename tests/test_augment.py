@@ -19,6 +19,7 @@ from cnnkit.data.tensors import load_dataset
 from cnnkit.engine.fit import fit
 from cnnkit.errors import CnnkitError
 from cnnkit.models import build_model
+from processes import run_cnnkit
 from slices import SHARED_DATA, extract_cifar_subset, mnist_dataset
 
 CIFAR_CLASSES = ("airplane", "automobile", "frog")
@@ -157,11 +158,9 @@ def test_schema_accepts_pipelines_and_its_help_names_every_item():
 
 
 def test_cli_rejects_a_bad_pipeline_in_one_line(tmp_path):
-    import subprocess
-    import sys
 
-    result = subprocess.run([sys.executable, "-m", "cnnkit", "train", "--augment", "crop=4,eras=0.5",
-                             "--runs-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    result = run_cnnkit("train", "--augment", "crop=4,eras=0.5",
+                        "--runs-dir", str(tmp_path), timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--augment has an unknown item 'eras' (did you mean 'erase'?)" in result.stderr
 

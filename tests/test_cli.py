@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from processes import run_cnnkit
 from slices import SHARED_DATA, extract_cifar_subset, mnist_dataset
 
 RUN_FILES = {"config.json", "history.csv", "metrics.json", "model.safetensors", "model.json", "history.png",
@@ -23,8 +24,7 @@ RUN_FILES = {"config.json", "history.csv", "metrics.json", "model.safetensors", 
 
 
 def cnnkit(*args: str, cwd: Path | None = None, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "cnnkit", *args], capture_output=True, text=True, cwd=cwd,
-                            timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+    result = run_cnnkit(*args, cwd=cwd, timeout=timeout, env={**os.environ, "COLUMNS": "200"})
     if check and result.returncode != 0:
         raise AssertionError(f"cnnkit {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

@@ -19,6 +19,7 @@ import cnnkit
 from cnnkit import comparison
 from cnnkit.errors import CnnkitError
 from cnnkit.plots import plot_comparison
+from processes import run_cnnkit
 from slices import SHARED_DATA
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -27,8 +28,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def cnnkit_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key not in ("CNNKIT_DATA", "CNNKIT_MIRROR")}
     env.update(COLUMNS="200", CNNKIT_MIRROR="http://127.0.0.1:9")  # never the internet, whatever happens
-    return subprocess.run([sys.executable, "-m", "cnnkit", *args], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=300)
+    return run_cnnkit(*args, cwd=cwd, env=env, timeout=300)
 
 
 @pytest.fixture(scope="module")

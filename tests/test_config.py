@@ -3,8 +3,6 @@
 import dataclasses
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -13,6 +11,7 @@ from cnnkit.config import (FIT_FIELDS, TrainConfig, cli_flag, default_of, fit_co
                            option_of, preset_chain, resolve_config, schema)
 from cnnkit.engine.fit import fit
 from cnnkit.errors import CnnkitError
+from processes import run_cnnkit
 
 
 def test_defaults_are_the_tutorial_recipe():
@@ -148,11 +147,11 @@ def test_the_cli_rejects_abbreviated_flags_and_bad_values_in_one_line():
                            (["--optimizer", "adm"], "(did you mean adam?)"),
                            (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
                            (["--optimizer", "adm"], "invalid choice: 'adm'")):
-        result = subprocess.run([sys.executable, "-m", "cnnkit", "train", *argv], capture_output=True, text=True)
+        result = run_cnnkit("train", *argv)
         assert result.returncode != 0 and expected in result.stderr and "Traceback" not in result.stderr
 
 
 def test_presets_command_lists_each_preset_with_what_it_sets_and_its_measurement():
-    out = subprocess.run([sys.executable, "-m", "cnnkit", "presets"], capture_output=True, text=True, check=True).stdout
+    out = run_cnnkit("presets", check=True).stdout
     assert "fast:" in out and "model = fast" in out and "extends seed" in out and "seed:" in out
     assert "measured: 99.22%" in out

@@ -6,8 +6,6 @@ paper, 4-7x larger than MNIST's box, off-centre, rotated up to 8 degrees, blurre
 
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ from PIL import Image
 from cnnkit.data.digit_layout import BOX, is_mnist_layout, to_mnist_layout
 from cnnkit.data.tensors import load_dataset
 from photos import photograph
+from processes import run_cnnkit
 from slices import SHARED_DATA, mnist_dataset
 
 PHOTOS = 1000  # a gap of one point is ten digits: fewer would measure noise
@@ -68,16 +67,15 @@ def digit_folders(tmp_path_factory) -> tuple[Path, Path, list[str]]:
 
 def accuracy(run: Path, folder: Path, labels: list[str], show: Path | None = None) -> float:
     extra = ["--show-input", str(show)] if show else []
-    out = subprocess.run([sys.executable, "-m", "cnnkit", "predict", str(run), str(folder), "--json", *extra],
-                         capture_output=True, text=True, check=True).stdout
+    out = run_cnnkit("predict", str(run), str(folder), "--json", *extra, check=True).stdout
     items = json.loads(out)
     assert [Path(item["file"]).stem for item in items] == [f"{i:04d}" for i in range(len(labels))]
     return float(np.mean([item["label"] == label for item, label in zip(items, labels)]))
 
 
 def train_digits(runs: Path, name: str, *options: str) -> Path:
-    subprocess.run([sys.executable, "-m", "cnnkit", "train", "--data-dir", str(SHARED_DATA), "--runs-dir", str(runs),
-                    "--name", name, "--quiet", "--no-checkpoint", *options], check=True, capture_output=True)
+    run_cnnkit("train", "--data-dir", str(SHARED_DATA), "--runs-dir", str(runs),
+               "--name", name, "--quiet", "--no-checkpoint", *options, check=True)
     assert json.loads((runs / name / "model.json").read_text())["preprocessing"]["layout"] == "mnist"
     return runs / name
 

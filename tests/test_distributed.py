@@ -20,6 +20,7 @@ from cnnkit.engine.fit import fit
 from cnnkit.errors import CnnkitError
 from cnnkit.models import build_model
 from checkpoints import wait_for_checkpoint
+from processes import run_cnnkit
 from slices import SHARED_DATA, mnist_dataset
 
 
@@ -70,8 +71,8 @@ def run_files(run: Path) -> tuple[dict, list[str], dict]:
 def test_torchrun_with_two_gloo_processes_trains_like_one_and_writes_one_run(tmp_path):
     runs = tmp_path / "runs"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "cnnkit", *TRAIN, "--epochs", "2", "--threads", "1",
-                          "--runs-dir", str(runs), "--name", "one"], capture_output=True, text=True, timeout=600)
+    one = run_cnnkit(*TRAIN, "--epochs", "2", "--threads", "1",
+                     "--runs-dir", str(runs), "--name", "one", timeout=600)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "cnnkit", *TRAIN, "--epochs", "2", "--runs-dir", str(runs), "--name", "two"],
@@ -107,8 +108,7 @@ def test_a_two_process_run_killed_after_an_epoch_resumes_to_the_uninterrupted_we
     # they die with it (cnnkit.lifetime); a surviving rank 0 would finish and rename the staging directory away.
     os.killpg(process.pid, signal.SIGKILL)
     process.communicate(timeout=60)
-    resumed = subprocess.run([sys.executable, "-m", "cnnkit", "train", "--resume", str(staging), "--quiet"],
-                             capture_output=True, text=True, timeout=600)
+    resumed = run_cnnkit("train", "--resume", str(staging), "--quiet", timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     weights, history, metrics = run_files(runs / "r")
     expected_weights, expected_history, expected = run_files(tmp_path / "whole" / "r")

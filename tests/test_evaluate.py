@@ -17,6 +17,7 @@ from cnnkit.data.download import fetch_dataset, split_roles
 from cnnkit.data.registry import get_spec
 from cnnkit.data.sources import DataLocation, load_raw, load_test_raw
 from cnnkit.errors import CnnkitError
+from processes import run_cnnkit
 from slices import SHARED_DATA
 
 DEAD = "http://127.0.0.1:9"  # the discard port: connection refused at once, no network ever
@@ -35,8 +36,7 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
 
 def cnnkit(*args: str, env: dict[str, str], cwd: Path | None = None,
            timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cnnkit", *args], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=timeout)
+    return run_cnnkit(*args, cwd=cwd, env=env, timeout=timeout)
 
 
 def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import cnnkit
+from processes import run_cnnkit
 from slices import SHARED_DATA
 
 
@@ -20,10 +21,9 @@ def run(tmp_path_factory):
     data = root / "data"
     data.mkdir()
     (data / "mnist").symlink_to(SHARED_DATA / "mnist")
-    result = subprocess.run([sys.executable, "-m", "cnnkit", "train", "--data-dir", str(data), "--limit-train",
-                             "4000", "--limit-eval", "500", "--epochs", "2", "--model", "seed", "--quiet",
-                             "--no-checkpoint", "--runs-dir", str(root / "runs"), "--name", "s"],
-                            capture_output=True, text=True, timeout=600)
+    result = run_cnnkit("train", "--data-dir", str(data), "--limit-train",
+                        "4000", "--limit-eval", "500", "--epochs", "2", "--model", "seed", "--quiet",
+                        "--no-checkpoint", "--runs-dir", str(root / "runs"), "--name", "s", timeout=600)
     assert result.returncode == 0, result.stderr
     return root / "runs" / "s", data
 
@@ -50,12 +50,12 @@ def test_explain_gives_a_map_per_image_that_follows_the_weights_and_the_class(ru
 def test_predict_explain_writes_a_heatmap_picture_per_image_and_refuses_a_run_directory(run, tmp_path):
     run_dir, data = run
     digits = tmp_path / "digits"
-    sampled = subprocess.run([sys.executable, "-m", "cnnkit", "datasets", "sample", "mnist", str(digits),
-                              "--data-dir", str(data), "--count", "6"], capture_output=True, text=True, timeout=120)
+    sampled = run_cnnkit("datasets", "sample", "mnist", str(digits),
+                         "--data-dir", str(data), "--count", "6", timeout=120)
     assert sampled.returncode == 0, sampled.stderr
     why = tmp_path / "why"
-    result = subprocess.run([sys.executable, "-m", "cnnkit", "predict", str(run_dir), str(digits), "--explain",
-                             str(why)], capture_output=True, text=True, timeout=300)
+    result = run_cnnkit("predict", str(run_dir), str(digits), "--explain",
+                        str(why), timeout=300)
     assert result.returncode == 0, result.stderr
     pictures = sorted(why.iterdir())
     assert len(pictures) == 6 == len(result.stdout.splitlines())
@@ -63,8 +63,8 @@ def test_predict_explain_writes_a_heatmap_picture_per_image_and_refuses_a_run_di
         assert picture.format == "PNG" and picture.size == (224, 244)
         heat = np.asarray(picture.convert("RGB"))[20:].astype(int)
     assert (heat[..., 0] - heat[..., 2]).std() > 10  # a coloured map over the digit, not a plain copy of it
-    refused = subprocess.run([sys.executable, "-m", "cnnkit", "predict", str(run_dir), str(digits), "--explain",
-                              str(run_dir)], capture_output=True, text=True, timeout=300)
+    refused = run_cnnkit("predict", str(run_dir), str(digits), "--explain",
+                         str(run_dir), timeout=300)
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert refused.returncode != 0 and len(lines) == 1 and "--explain" in lines[0] and "is a run directory" in lines[0]
 
@@ -83,12 +83,11 @@ def test_a_run_shows_its_most_confident_errors_with_heatmaps_in_its_report(run):
 def test_predict_explain_class_and_layer_are_checked_and_change_the_maps(run, tmp_path):
     run_dir, data = run
     digits = tmp_path / "digits"
-    subprocess.run([sys.executable, "-m", "cnnkit", "datasets", "sample", "mnist", str(digits), "--data-dir",
-                    str(data), "--count", "3"], capture_output=True, text=True, timeout=120, check=True)
+    run_cnnkit("datasets", "sample", "mnist", str(digits), "--data-dir",
+               str(data), "--count", "3", timeout=120, check=True)
 
     def predict(*options: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "cnnkit", "predict", str(run_dir), str(digits), *options],
-                              capture_output=True, text=True, timeout=300)
+        return run_cnnkit("predict", str(run_dir), str(digits), *options, timeout=300)
 
     pictures = {}
     for name, options in (("own", ()), ("seven", ("--explain-class", "7")), ("early", ("--explain-layer", "body.1"))):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from checkpoints import wait_for_checkpoint
+from processes import run_cnnkit
 from slices import SHARED_DATA
 from test_hostile_inputs import cnnkit, write_digit_pngs
 
@@ -82,8 +83,7 @@ def test_train_help_groups_every_option_and_starts_with_the_usual_ones():
 
     grouped = [name for names in OPTION_GROUPS.values() for name in names]
     assert sorted(grouped) == sorted(field.name for field in schema())  # each option in exactly one group
-    result = subprocess.run([sys.executable, "-m", "cnnkit", "train", "--help"], capture_output=True, text=True,
-                            env={**os.environ, "COLUMNS": "120"}, timeout=60)
+    result = run_cnnkit("train", "--help", env={**os.environ, "COLUMNS": "120"}, timeout=60)
     lines = result.stdout.splitlines()
     assert result.returncode == 0 and len(lines[0]) <= 100 and lines[1].strip().startswith("cnnkit train --resume")
     first_screen = "\n".join(lines[:40])
@@ -122,6 +122,5 @@ def test_tables_in_a_pipe_are_not_cut_at_80_columns(tmp_path):
                      "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "d"), "--name", "long")
     assert trained.returncode == 0, trained.stderr
     env = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
-    listed = subprocess.run([sys.executable, "-m", "cnnkit", "runs", str(tmp_path / "runs")], capture_output=True,
-                            text=True, env=env, timeout=120)
+    listed = run_cnnkit("runs", str(tmp_path / "runs"), env=env, timeout=120)
     assert listed.returncode == 0 and f"imagefolder:{folder}" in listed.stdout, listed.stdout

@@ -16,7 +16,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from processes import run_cnnkit
 from slices import SHARED_DATA
 
 #: Runs a command as root without the capabilities that let root ignore file permissions, so a folder's
@@ -37,8 +37,7 @@ pytestmark = pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason=f"n
 
 def cnnkit(*args: str, env: dict | None = None, prefix: tuple[str, ...] = (), timeout: float = 300,
            cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*prefix, sys.executable, "-m", "cnnkit", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=cwd)
+    return run_cnnkit(*args, env=env, timeout=timeout, cwd=cwd, prefix=prefix)
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:

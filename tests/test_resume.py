@@ -26,6 +26,7 @@ from cnnkit.engine.fit import fit
 from cnnkit.errors import CnnkitError
 from cnnkit.models import build_model
 from checkpoints import StopAfter, wait_for_checkpoint
+from processes import run_cnnkit
 from slices import SHARED_DATA, mnist_dataset
 
 # Every callback with state is on: EMA (its average), weight selection (the best snapshot), early
@@ -116,7 +117,7 @@ def test_fit_resumed_after_an_interruption_ends_bit_for_bit_as_an_uninterrupted_
 
 
 def cnnkit(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cnnkit", *args], capture_output=True, text=True, **kwargs)
+    return run_cnnkit(*args, **kwargs)
 
 
 TRAIN = ["train", "--data-dir", str(SHARED_DATA), "--limit-train", "3000", "--limit-eval", "500", "--model", "fast",

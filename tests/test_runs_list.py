@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,14 +12,14 @@ import pytest
 
 from cnnkit.errors import CnnkitError
 from cnnkit.runs import list_runs
+from processes import run_cnnkit
 from slices import SHARED_DATA
 
 
 def cnnkit(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key not in ("CNNKIT_DATA", "CNNKIT_MIRROR")}
     env.update(COLUMNS="200", CNNKIT_MIRROR="http://127.0.0.1:9")  # never the internet, whatever happens
-    return subprocess.run([sys.executable, "-m", "cnnkit", *args], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=300)
+    return run_cnnkit(*args, cwd=cwd, env=env, timeout=300)
 
 
 @pytest.fixture(scope="module")

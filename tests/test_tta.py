@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from cnnkit.errors import CnnkitError
 from cnnkit.models.classifier import ImageClassifier
 from cnnkit.models.tta import TestTimeAugmentation
 from cnnkit.runs import load_run
+from processes import run_cnnkit
 from slices import SHARED_DATA, extract_cifar_subset, mnist_dataset
 
 CLASSES = ("airplane", "automobile", "frog")
@@ -27,8 +27,7 @@ REFUSED = "mirrors images, but"
 
 
 def cnnkit_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "cnnkit", *args], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "COLUMNS": "200"})
+    result = run_cnnkit(*args, timeout=300, env={**os.environ, "COLUMNS": "200"})
     if check and result.returncode != 0:
         raise AssertionError(f"cnnkit {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

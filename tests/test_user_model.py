@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from torch import nn
 
 import cnnkit
 from cnnkit.errors import CnnkitError
+from processes import run_cnnkit
 from slices import SHARED_DATA, mnist_dataset
 
 MODEL_FILE = '''from torch import nn
@@ -53,8 +53,7 @@ class TinyNet(nn.Module):
 
 
 def cnnkit_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cnnkit", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300, env={**os.environ, "COLUMNS": "200"})
+    return run_cnnkit(*args, cwd=cwd, timeout=300, env={**os.environ, "COLUMNS": "200"})
 
 
 def quiet(*_args) -> None:
