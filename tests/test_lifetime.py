@@ -84,3 +84,28 @@ def test_a_command_whose_reader_left_ends_quietly_with_the_shells_sigpipe_status
     process.stdout.close()  # `cnnkit predict ... | head -1` once head has its line
     _, stderr = process.communicate("\n", timeout=60)
     assert process.returncode == 141 and stderr == ""
+
+
+BUG = """
+import cnnkit.cli
+
+class FreedAtTeardown:
+    def __del__(self):
+        print("teardown", flush=True)
+
+kept = FreedAtTeardown()
+
+def main():
+    raise ValueError("a bug")
+
+cnnkit.cli.main = main
+cnnkit.cli.console_main()
+"""
+
+
+def test_a_bug_in_a_command_prints_its_traceback_and_ends_with_status_1_without_teardown():
+    """As Python ends on an uncaught exception, less the teardown, which in a data-parallel process stopped mid-step
+    would free its model and deadlock (lifetime.keep_until_exit)."""
+    done = subprocess.run([sys.executable, "-c", BUG], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith("Traceback (most recent call last):") and done.stderr.endswith("ValueError: a bug\n")

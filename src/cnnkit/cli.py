@@ -826,7 +826,7 @@ def console_main() -> NoReturn:
     that lands while library code runs a string through exec (a dataclass or namedtuple being made, as torch's
     first optimizer step does) marks the interpreter, and under `python -m` it kills itself by SIGINT after a
     clean exit(130) all the same: 6 of 60 trainings interrupted in their first second ended so. Either way the
-    process ends without Python's teardown of its modules (lifetime.end_process).
+    process ends without Python's teardown of its modules (lifetime.end_process), a bug's traceback included.
     """
     try:
         code = main()
@@ -834,6 +834,9 @@ def console_main() -> NoReturn:
         if not isinstance(exit.code, (int, type(None))):
             raise
         code = exit.code or 0
+    except Exception:  # a bug: its traceback and status 1, as Python ends on one
+        sys.excepthook(*sys.exc_info())
+        end_process(1, interrupted=False)  # inside the handler: what the traceback holds (a DDP model) is not freed
     end_process(code, interrupted=code == INTERRUPTED)
 
 
