@@ -109,3 +109,18 @@ def test_a_bug_in_a_command_prints_its_traceback_and_ends_with_status_1_without_
     done = subprocess.run([sys.executable, "-c", BUG], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.startswith("Traceback (most recent call last):") and done.stderr.endswith("ValueError: a bug\n")
+
+
+def test_a_command_started_without_stdout_still_ends_with_its_own_status():
+    """Python leaves sys.stdout None when fd 1 is closed at start (`cnnkit --version >&-`)."""
+    done = subprocess.run([sys.executable, "-m", "cnnkit", "--version"], preexec_fn=lambda: os.close(1),
+                          stderr=subprocess.PIPE, text=True, timeout=60)
+    assert done.returncode == 0 and "Traceback" not in done.stderr  # argparse says the version on stderr then
+
+
+def test_what_native_code_printed_is_flushed_as_c_exit_would():
+    script = ("import ctypes, sys\nfrom cnnkit.lifetime import end_process\n"
+              "ctypes.CDLL(None).printf(b'from C\\n')\nprint('from Python')\nend_process(0, interrupted=False)\n")
+    buffered = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=buffered)
+    assert done.returncode == 0 and sorted(done.stdout.splitlines()) == ["from C", "from Python"]

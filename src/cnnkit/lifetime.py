@@ -66,17 +66,19 @@ BROKEN_PIPE = 141
 def end_process(status: int, interrupted: bool) -> NoReturn:
     """End a command whose work is done and said: what CPython's exit does that anyone can see, without freeing
     every module's objects. By SIGINT when `interrupted` (as Python ends a program stopped by Ctrl-C), else with
-    `status` (BROKEN_PIPE if the last of stdout found its reader gone).
+    `status` (BROKEN_PIPE for a command that succeeded but whose reader left before the last of its output).
 
     Python's exit waits for non-daemon threads, runs the atexit handlers (logging's flush, multiprocessing's wait
-    for worker processes, temporary folders' finalizers) and flushes stdout and stderr; this does those, in that
-    order. What it leaves out is the teardown after them, which frees what every module holds: with torch loaded
-    that took 0.4-0.7 s of every command (`cnnkit evaluate` of a small run 1.93 -> 1.52 s, medians of 5; `python -c
-    "import torch"` 1.88 -> 1.15 s; a 2-core EPYC), and in a data-parallel process stopped mid-step a deadlock
-    (keep_until_exit).
+    for worker processes, temporary folders' finalizers) and flushes stdout and stderr, then C's exit flushes the
+    C library's buffers; this does those, in that order. What it leaves out is the teardown between them, which
+    frees what every module holds: with torch loaded that took 0.4-0.7 s of every command (`cnnkit evaluate` of a
+    small run 1.93 -> 1.52 s, medians of 5; `python -c "import torch"` 1.88 -> 1.15 s; a 2-core EPYC). A failed
+    data-parallel process (keep_until_exit) skips the threads and handlers too, as any of them may wait on the
+    stuck all-reduce.
     """
-    threading._shutdown()  # CPython's first step at exit, as Py_FinalizeEx calls it
-    atexit._run_exitfuncs()  # and its second (neither has a public name; both are long-standing)
+    if not _KEPT:
+        threading._shutdown()  # CPython's first step at exit, as Py_FinalizeEx calls it
+        atexit._run_exitfuncs()  # and its second (neither has a public name; both are long-standing)
     status = _flush_output(status)
     if interrupted:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -85,14 +87,18 @@ def end_process(status: int, interrupted: bool) -> NoReturn:
 
 
 def _flush_output(status: int) -> int:
+    """Flush Python's stdout and stderr (None where the process started without them), then every C stream."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except BrokenPipeError:
+            if stream is sys.stdout and status == 0:
+                status = BROKEN_PIPE
+        except (OSError, ValueError):
+            pass
     try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        status = BROKEN_PIPE
-    except (OSError, ValueError):
-        pass
-    try:
-        sys.stderr.flush()
-    except (OSError, ValueError):
+        ctypes.CDLL(None).fflush(None)  # a native library's printf, as C's exit would
+    except (OSError, AttributeError):
         pass
     return status
