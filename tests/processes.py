@@ -1,16 +1,19 @@
 """Run a `cnnkit` command as its own process, the way every test does: `run_cnnkit(*args)`.
 
 A command runs as `python -m cnnkit ARGS` would, with its output captured as text. Where it can, it is forked
-from a server that has already imported torch (`zygote.py`, one per test worker), which saves the 1-2.5 s each
-command spends importing torch; the command is still a process of its own that imports cnnkit from scratch.
-It is started the plain way (`subprocess.run`) when the server would not match a fresh interpreter: a wrapper
-program (`prefix`), or an environment that differs from the server's in a variable read at start-up (Python's,
-the locale's, the thread libraries'). `CNNKIT_TEST_FORK=0` starts every command the plain way.
-"""
+from a server that has already imported torch (`zygote.py`, one per test worker), which saves the 0.7-2.3 s each
+command spent importing it (a training the most, as its first step imports torch._dynamo); the command is still
+a process of its own that imports cnnkit from scratch. It is started the plain way (`subprocess.run`) where the
+server would not be the same as a fresh interpreter: a wrapper program (`prefix`), an environment that differs
+from the server's in a variable read at start-up (Python's, the locale's, the C library's, torch's and the thread
+libraries'; TORCHINDUCTOR_CACHE_DIR, set by torch in a test process and read when compiling, is not one), a
+working folder that does not exist, or a request the server declines. `CNNKIT_TEST_FORK=0` starts every command
+the plain way."""
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import locale
 import os
@@ -21,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,7 +33,7 @@ ZYGOTE = Path(__file__).with_name("zygote.py")
 #: Environment variables read when an interpreter (or torch, numpy, OpenMP) starts: a command whose environment
 #: differs from the server's in one of these starts the plain way.
 STARTUP_PREFIXES = ("PYTHON", "LC_", "LANG", "OMP_", "KMP_", "MKL_", "OPENBLAS_", "GOMP_", "LD_", "MALLOC",
-                    "TORCH_", "PYTORCH", "CUDA", "NUMPY")
+                    "GLIBC_", "TORCH_", "TORCHDYNAMO", "PYTORCH", "CUDA", "NUMPY", "NPY_")
 
 
 class _Zygote:
@@ -88,52 +92,81 @@ def _read_all(fd: int, into: list[bytes]) -> threading.Thread:
     return thread
 
 
-def _forked(zygote: _Zygote, command: list[str], args: Sequence[str], env: Mapping[str, str], cwd: str,
-            timeout: float | None, input: str | None) -> subprocess.CompletedProcess[str]:
+def _forked(zygote: _Zygote, command: list[str], args: list[str], env: Mapping[str, str], cwd: str,
+            timeout: float | None, input: str | None) -> subprocess.CompletedProcess[str] | None:
+    """Run the command forked from `zygote`, as subprocess.run would; None if the server declined the request
+    (one too big for a message, a server gone), for the caller to start it the plain way."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def left() -> float | None:
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
     stdout_read, stdout_write = os.pipe()
     stderr_read, stderr_write = os.pipe()
     stdin_read, stdin_write = os.pipe()
-    outputs: tuple[list[bytes], list[bytes]] = ([], [])
+    request = json.dumps({"args": args, "cwd": cwd, "env": dict(env), "umask": _umask()}).encode()
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as connection:
-        connection.connect(zygote.address)
-        request = json.dumps({"args": list(args), "cwd": cwd, "env": dict(env)}).encode()
-        socket.send_fds(connection, [request], [stdin_read, stdout_write, stderr_write])
-        for fd in (stdin_read, stdout_write, stderr_write):
-            os.close(fd)
-        readers = [_read_all(stdout_read, outputs[0]), _read_all(stderr_read, outputs[1])]
-        with os.fdopen(stdin_write, "wb") as stdin:
-            try:
-                stdin.write((input or "").encode())
-            except BrokenPipeError:
-                pass
-        pid = json.loads(connection.recv(4096))["pid"]
-        connection.settimeout(timeout)
         try:
-            returncode = json.loads(connection.recv(4096))["returncode"]
-        except TimeoutError:
-            os.kill(pid, signal.SIGKILL)
-            connection.settimeout(None)
-            connection.recv(4096)
-            for reader in readers:
-                reader.join(timeout=10)
-            raise subprocess.TimeoutExpired(command, timeout, b"".join(outputs[0]), b"".join(outputs[1])) from None
-    for reader in readers:
-        reader.join()
+            connection.connect(zygote.address)
+            socket.send_fds(connection, [request], [stdin_read, stdout_write, stderr_write])
+            answer = connection.recv(4096)  # {"pid": N}, or nothing from a server that declined
+        except OSError:
+            answer = b""
+        finally:
+            for fd in (stdin_read, stdout_write, stderr_write):
+                os.close(fd)
+        if not answer:
+            for fd in (stdout_read, stderr_read, stdin_write):
+                os.close(fd)
+            return None
+        pid, ended = json.loads(answer)["pid"], False
+        outputs: tuple[list[bytes], list[bytes]] = ([], [])
+        readers = [_read_all(stdout_read, outputs[0]), _read_all(stderr_read, outputs[1])]
+        try:
+            with os.fdopen(stdin_write, "wb") as stdin, contextlib.suppress(BrokenPipeError):
+                stdin.write((input or "").encode())
+            connection.settimeout(left())
+            try:
+                returncode, ended = json.loads(connection.recv(4096))["returncode"], True
+                for reader in readers:
+                    reader.join(left())  # a process it started may hold the output open after it ended
+                if any(reader.is_alive() for reader in readers):
+                    raise TimeoutError
+            except TimeoutError:
+                raise subprocess.TimeoutExpired(command, timeout, b"".join(outputs[0]),
+                                                b"".join(outputs[1])) from None
+        finally:
+            if not ended:  # timed out, or this test failed or was interrupted meanwhile: the command goes too
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                connection.settimeout(30)
+                with contextlib.suppress(OSError):
+                    connection.recv(4096)  # the server has reaped it
     return subprocess.CompletedProcess(command, returncode, _decode(b"".join(outputs[0])),
                                        _decode(b"".join(outputs[1])))
 
 
-def run_cnnkit(*args: str, env: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None,
-               timeout: float | None = 300, input: str | None = None, prefix: Sequence[str] = (),
+def _umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+def run_cnnkit(*args: str | os.PathLike, env: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None,
+               timeout: float | None = None, input: str | None = None, prefix: Sequence[str] = (),
                check: bool = False) -> subprocess.CompletedProcess[str]:
-    """`subprocess.run([*prefix, sys.executable, "-m", "cnnkit", *args], capture_output=True, text=True, ...)`."""
-    command = [*prefix, sys.executable, "-m", "cnnkit", *args]
+    """`subprocess.run([*prefix, sys.executable, "-m", "cnnkit", *args], capture_output=True, text=True, ...)`,
+    with stdin empty unless `input` is given."""
+    command = [*prefix, sys.executable, "-m", "cnnkit", *map(os.fspath, args)]
     environment = dict(os.environ if env is None else env)
-    zygote = None if prefix else _server()
-    if zygote is None or not zygote.serves(environment):
-        return subprocess.run(command, capture_output=True, text=True, env=environment, cwd=cwd, timeout=timeout,
-                              input=input, check=check)
-    result = _forked(zygote, command, args, environment, os.fspath(cwd or os.getcwd()), timeout, input)
+    directory = os.path.abspath(os.getcwd() if cwd is None else cwd)
+    zygote = None if prefix or not os.path.isdir(directory) else _server()
+    result = None
+    if zygote is not None and zygote.serves(environment):
+        result = _forked(zygote, command, command[len(prefix) + 3:], environment, directory, timeout, input)
+    if result is None:
+        result = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=cwd, timeout=timeout,
+                                input=input, stdin=None if input is not None else subprocess.DEVNULL)
     if check:
         result.check_returncode()
     return result

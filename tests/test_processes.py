@@ -70,3 +70,11 @@ def test_a_forked_command_is_a_process_of_its_own_and_past_its_timeout_it_is_kil
     pid = int((tmp_path / ".slow.lock").read_text())  # the training's claim on its name, left by the kill
     assert pid not in (os.getpid(), processes._zygote.process.pid)
     assert not os.path.exists(f"/proc/{pid}"), "killed and reaped before run_cnnkit raised"
+
+
+def test_a_request_too_big_for_the_server_runs_the_plain_way_and_the_server_goes_on(monkeypatch):
+    monkeypatch.setenv("CNNKIT_TEST_FORK", "1")
+    many = [f"/nowhere/{index:04d}{'x' * 90}" for index in range(2500)]  # ~250 KB of arguments: past one message
+    refused = run_cnnkit("runs", *many)
+    assert refused.returncode == 2 and "unrecognized arguments: /nowhere/0001" in refused.stderr  # argparse's
+    assert processes._zygote.process.poll() is None and run_cnnkit("--version").stdout.startswith("cnnkit ")

@@ -18,16 +18,20 @@ The server ends when its stdin (a pipe from the test worker) closes, killing the
 from __future__ import annotations
 
 import json
+import multiprocessing.process
 import os
+import random
 import selectors
 import signal
 import socket
 import sys
+import tempfile
+import time
 
 # What every cnnkit command imports before its work, and nothing of cnnkit's (third-party modules only).
 import numpy
 import PIL.Image  # noqa: F401 - imported for the children
-import torch  # noqa: F401 - imported for the children
+import torch
 import torch._dynamo  # noqa: F401 - imported for the children (torch.optim imports it at the first step)
 
 MESSAGE_BYTES = 1 << 20
@@ -58,8 +62,17 @@ class Server:
                     self.end_command(key.fd)
 
     def start_command(self, connection: socket.socket, _address: object) -> None:
-        message, fds, _flags, _address = socket.recv_fds(connection, MESSAGE_BYTES, 3)
-        request = json.loads(message)
+        """Fork the command a client asks for; a request that cannot be read closes its connection, and the
+        client, finding no pid, starts the command the plain way."""
+        fds: list[int] = []
+        try:
+            message, fds, _flags, _address = socket.recv_fds(connection, MESSAGE_BYTES, 3)
+            request = json.loads(message)
+        except (OSError, ValueError):
+            for fd in fds:
+                os.close(fd)
+            connection.close()
+            return
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -71,7 +84,10 @@ class Server:
         pidfd = os.pidfd_open(pid)
         self.running[pidfd] = (pid, connection)
         self.selector.register(pidfd, selectors.EVENT_READ, "ended")
-        connection.send(json.dumps({"pid": pid}).encode())
+        try:
+            connection.send(json.dumps({"pid": pid}).encode())
+        except OSError:
+            os.kill(pid, signal.SIGKILL)  # its client is gone: end_command reaps it
 
     def end_command(self, pidfd: int) -> None:
         pid, connection = self.running.pop(pidfd)
@@ -102,17 +118,30 @@ class Server:
 
 
 def run_command(request: dict, fds: list[int]) -> None:
-    """In the forked child: become the process `python -m cnnkit ARGS` started in `cwd` with `env` would be."""
+    """In the forked child: become the process `python -m cnnkit ARGS` started in `cwd` with `env` would be.
+
+    What a fresh process draws or reads at start-up is drawn or read again here: its random seeds (numpy's,
+    torch's, Python's `random` and multiprocessing's key) and its environment's time zone, temporary folder and
+    file-creation mask. Left as the server's: the seed of str hashes (fixed when an interpreter starts), and
+    what the client does not differ in (`processes.STARTUP_PREFIXES`).
+    """
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
     os.chdir(request["cwd"])
+    os.umask(request["umask"])
     os.environ.clear()
     os.environ.update(request["env"])
+    time.tzset()
+    tempfile.tempdir = None  # importing torch._dynamo set it from the server's environment
+    multiprocessing.process.ORIGINAL_DIR = os.getcwd()
+    multiprocessing.current_process().authkey = os.urandom(32)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path[0] = os.getcwd()  # what `python -m` puts first
     sys.argv = ["-m", *request["args"]]  # runpy sets argv[0] to the module's file, as `python -m` does
-    numpy.random.seed()  # a fresh process's numpy draws its own seed; a forked one would share this one's
+    numpy.random.seed()
+    torch.seed()
+    random.seed()
     import runpy
 
     runpy.run_module("cnnkit", run_name="__main__", alter_sys=True)
@@ -126,7 +155,11 @@ def main() -> None:
     except OSError:
         sys.stdout.write("unsupported\n")
         return
-    server = Server(sys.argv[1])
+    try:
+        server = Server(sys.argv[1])
+    except OSError:  # a socket path too long for AF_UNIX (a long TMPDIR)
+        sys.stdout.write("unsupported\n")
+        return
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     server.serve()
