@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -95,9 +96,10 @@ class Server:
     output: list[str]
 
 
-def start_server(run_dir: Path, max_upload_mb: float = 10, timeout: float = 120) -> Server:
-    """`cnnkit.serve.serve(run_dir)` in a subprocess on 127.0.0.1, on a free port it reports when listening."""
-    code = ("import sys; from cnnkit.serve import serve; "
+def start_server(run_dir: Path, max_upload_mb: float = 10, timeout: float = 120, prelude: str = "") -> Server:
+    """`cnnkit.serve.serve(run_dir)` in a subprocess on 127.0.0.1, on a free port it reports when listening;
+    `prelude`: Python run in that process first."""
+    code = (f"{prelude}\nimport sys; from cnnkit.serve import serve; "
             "serve(sys.argv[1], '127.0.0.1', 0, float(sys.argv[2]), threads=1)")
     process = subprocess.Popen([sys.executable, "-u", "-c", code, str(run_dir), str(max_upload_mb)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -483,11 +485,10 @@ def test_rgb_run_is_served_upload_only(tmp_path_factory):
 # Concurrency and batching
 
 
-def test_concurrent_requests_are_all_answered_correctly_and_batched(server, digits):
-    before = get_json(server, "health")
-    clients, rounds = 32, 3
+def burst(server: Server, digits, clients: int = 32, rounds: int = 3) -> dict[tuple[int, int], tuple[int, tuple]]:
+    """`clients` threads posting `rounds` real digits each, all at once: {(client, round): (digit, answer)}."""
     barrier = threading.Barrier(clients)
-    answers: dict[tuple[int, int], tuple[int, dict]] = {}
+    answers: dict[tuple[int, int], tuple[int, tuple[int, dict]]] = {}
     errors: list[BaseException] = []
 
     def client(number: int) -> None:
@@ -506,6 +507,13 @@ def test_concurrent_requests_are_all_answered_correctly_and_batched(server, digi
         thread.join(timeout=300)
     assert not errors, errors
     assert len(answers) == clients * rounds
+    return answers
+
+
+def test_concurrent_requests_are_all_answered_correctly_and_batched(server, digits):
+    before = get_json(server, "health")
+    clients, rounds = 32, 3
+    answers = burst(server, digits, clients, rounds)
     for index, (status, answer) in answers.values():
         assert status == 200, answer
         assert answer["label"] == digits["offline"][index].label  # each answer belongs to its own request
@@ -516,6 +524,40 @@ def test_concurrent_requests_are_all_answered_correctly_and_batched(server, digi
     assert requests == clients * rounds
     assert passes < requests, f"{requests} requests took {passes} forward passes: nothing was batched"
     assert after["largest_batch"] > 1
+
+
+#: Run in the server's process before it starts: the batch size of every forward pass of the served network
+#: (the first module called is the network itself, at the server's warm-up pass), one line each in a file.
+RECORD_BATCHES = """
+import os, torch
+_network, _log = [], open(os.environ["BATCHES_LOG"], "a", buffering=1)
+def _record(module, inputs):
+    if not _network:
+        _network.append(module)
+    if module is _network[0]:
+        _log.write(f"{len(inputs[0])}\\n")
+torch.nn.modules.module.register_module_forward_pre_hook(_record)
+"""
+
+
+def test_a_served_run_scores_in_the_batches_it_recorded(run_dir, digits, tmp_path, monkeypatch):
+    """Requests batched together are scored in chunks of the run's --eval-batch-size, as evaluate and predict
+    score theirs (a large network records a small one: 1,000 EfficientNet-Lite2 inputs at 160 px take 12 GB)."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "eval_batch_size": 4}))
+    monkeypatch.setenv("BATCHES_LOG", str(tmp_path / "batches"))
+    server = start_server(run, prelude=RECORD_BATCHES)
+    try:
+        answers = burst(server, digits)
+        health = get_json(server, "health")
+    finally:
+        stop_server(server)
+    assert all(status == 200 for _, (status, _) in answers.values())
+    sizes = [int(line) for line in (tmp_path / "batches").read_text().split()]
+    assert health["largest_batch"] > 4, health  # requests were batched past the recorded size...
+    assert sizes[0] == 1 and max(sizes) == 4 and sum(sizes[1:]) == len(answers)  # ...and scored 4 at a time
 
 
 # ---------------------------------------------------------------------------------------------------------
