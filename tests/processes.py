@@ -1,7 +1,7 @@
 """Run a `cnnkit` command as its own process, the way every test does: `run_cnnkit(*args)`.
 
 A command runs as `python -m cnnkit ARGS` would, with its output captured as text. Where it can, it is forked
-from a server that has already imported torch (`zygote.py`, one per test worker), which saves the 0.7-2.3 s each
+from a server that has already imported torch (`zygote.py`, one per test worker), which saves the time each
 command spent importing it (a training the most, as its first step imports torch._dynamo); the command is still
 a process of its own that imports cnnkit from scratch. It is started the plain way (`subprocess.run`) where the
 server would not be the same as a fresh interpreter: a wrapper program (`prefix`), an environment that differs

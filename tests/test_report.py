@@ -18,6 +18,7 @@ from PIL import Image
 
 from cnnkit.errors import CnnkitError
 from cnnkit.report import REPORT_FILE, run_name, read_run_files, wilson_interval, write_report
+from processes import run_cnnkit
 from slices import SHARED_DATA
 
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -64,10 +65,9 @@ def real_run(tmp_path_factory) -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared test data not found at {SHARED_DATA}")
     runs = tmp_path_factory.mktemp("runs")
-    result = subprocess.run(
-        [sys.executable, "-m", "cnnkit", "train", "--epochs", "1", "--limit-train", "1000", "--limit-eval", "300",
-         "--data-dir", str(SHARED_DATA), "--runs-dir", str(runs), "--quiet"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    result = run_cnnkit("train", "--epochs", "1", "--limit-train", "1000", "--limit-eval", "300", "--data-dir",
+                        str(SHARED_DATA), "--runs-dir", str(runs), "--quiet", timeout=300,
+                        env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     run_dir = Path(result.stdout.strip().splitlines()[-1])
     assert (run_dir / "metrics.json").is_file()

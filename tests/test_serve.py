@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from processes import run_cnnkit
 from slices import SHARED_DATA
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
@@ -46,10 +47,9 @@ def mnist_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(f"shared test data not found at {SHARED_DATA}")
     run_dir = tmp_path_factory.getbasetemp() / "serve-runs" / "mnist"
     if not (run_dir / "model.json").is_file():  # a run appears whole or not at all
-        result = subprocess.run(
-            [sys.executable, "-m", "cnnkit", "train", "--epochs", "1", "--limit-train", "3000", "--limit-eval", "500",
-             "--data-dir", str(SHARED_DATA), "--runs-dir", str(run_dir.parent), "--name", "mnist", "--quiet"],
-            capture_output=True, text=True, timeout=900)
+        result = run_cnnkit("train", "--epochs", "1", "--limit-train", "3000", "--limit-eval", "500", "--data-dir",
+                            str(SHARED_DATA), "--runs-dir", str(run_dir.parent), "--name", "mnist", "--quiet",
+                            timeout=900)
         assert result.returncode == 0, result.stderr
     return run_dir
 

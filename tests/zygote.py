@@ -1,17 +1,16 @@
 """Test-only: a process that imports torch once and forks a `python -m cnnkit` for each command a test runs.
 
-Most of the suite's time went into starting processes: a `cnnkit` command spends 1.1 s importing torch and a
-training another 1.2 s importing `torch._dynamo` at its first optimizer step (torch.optim's own imports), so 359
-commands of one suite run spent about 800 s of its 1,230 worker-seconds before doing any work. This server pays
-those imports once per test worker; each command is still a process of its own (its own pid, standard streams,
-working directory, environment, exit status and signals), forked from here and then running cnnkit's `__main__`
-as `python -m cnnkit` would. cnnkit itself is not imported here, so every command imports cnnkit's modules as a
-fresh process does. `processes.run_cnnkit` is the client; it runs a command the plain way where this server
-would not be the same (another interpreter start-up environment, a wrapper program).
+A `cnnkit` command spends a second or more importing torch, and a training more again importing `torch._dynamo`
+at its first optimizer step (torch.optim's own imports); this server pays those imports once per test worker
+(the time saved: benchmarks/RESULTS.md, "Ending a command"). Each command is still a process of its own (its own
+pid, standard streams, working directory, environment, exit status and signals), forked from here and then
+running cnnkit's `__main__` as `python -m cnnkit` would. cnnkit itself is not imported here, so every command
+imports cnnkit's modules as a fresh process does. `processes.run_cnnkit` is the client; it runs a command the
+plain way where this server would not be the same (another interpreter start-up environment, a wrapper program).
 
 Protocol, over a SOCK_SEQPACKET Unix socket (one connection per command): the client sends one JSON message
-(argv, cwd, env) with the command's stdin, stdout and stderr as SCM_RIGHTS file descriptors; the server answers
-{"pid": N} once forked and {"returncode": N} when the process has ended (negative: killed by that signal).
+(argv, cwd, env, umask) with the command's stdin, stdout and stderr as SCM_RIGHTS file descriptors; the server
+answers {"pid": N} once forked and {"returncode": N} when the process has ended (negative: killed by a signal).
 The server ends when its stdin (a pipe from the test worker) closes, killing the commands still running.
 """
 

@@ -71,10 +71,9 @@ def end_process(status: int, interrupted: bool) -> NoReturn:
     Python's exit waits for non-daemon threads, runs the atexit handlers (logging's flush, multiprocessing's wait
     for worker processes, temporary folders' finalizers) and flushes stdout and stderr, then C's exit flushes the
     C library's buffers; this does those, in that order. What it leaves out is the teardown between them, which
-    frees what every module holds: with torch loaded that took 0.4-0.7 s of every command (`cnnkit evaluate` of a
-    small run 1.93 -> 1.52 s, medians of 5; `python -c "import torch"` 1.88 -> 1.15 s; a 2-core EPYC). A failed
-    data-parallel process (keep_until_exit) skips the threads and handlers too, as any of them may wait on the
-    stuck all-reduce.
+    frees what every module holds: with torch loaded, a quarter of a short command's time (benchmarks/RESULTS.md,
+    "Ending a command"). A failed data-parallel process (keep_until_exit) skips the threads and handlers too, as
+    any of them may wait on the stuck all-reduce.
     """
     if not _KEPT:
         threading._shutdown()  # CPython's first step at exit, as Py_FinalizeEx calls it
