@@ -36,6 +36,10 @@ STARTUP_PREFIXES = ("PYTHON", "LC_", "LANG", "OMP_", "KMP_", "MKL_", "OPENBLAS_"
                     "GLIBC_", "TORCH_", "TORCHDYNAMO", "PYTORCH", "CUDA", "NUMPY", "NPY_")
 
 
+def _startup(environment: Mapping[str, str]) -> dict[str, str]:
+    return {key: value for key, value in environment.items() if key.startswith(STARTUP_PREFIXES)}
+
+
 class _Zygote:
     """The fork server of this test process, started at its first command and ended with this process."""
 
@@ -43,6 +47,7 @@ class _Zygote:
         self.folder = tempfile.mkdtemp(prefix="cnnkit-zygote-")
         self.address = os.path.join(self.folder, "socket")
         self.environment = dict(os.environ)
+        self.startup = _startup(self.environment)
         self.process = subprocess.Popen([sys.executable, str(ZYGOTE), self.address], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, env=self.environment)
         atexit.register(self.close)
@@ -52,10 +57,7 @@ class _Zygote:
         self.forks = answer == b"ready\n"  # not where the kernel lacks pidfd_open (before Linux 5.3)
 
     def serves(self, env: Mapping[str, str]) -> bool:
-        def startup(environment: Mapping[str, str]) -> dict[str, str]:
-            return {key: value for key, value in environment.items() if key.startswith(STARTUP_PREFIXES)}
-
-        return self.forks and self.process.poll() is None and startup(env) == startup(self.environment)
+        return self.forks and self.process.poll() is None and _startup(env) == self.startup
 
     def close(self) -> None:
         self.process.stdin.close()
@@ -147,9 +149,9 @@ def _forked(zygote: _Zygote, command: list[str], args: list[str], env: Mapping[s
 
 
 def _umask() -> int:
-    mask = os.umask(0o22)
-    os.umask(mask)
-    return mask
+    """This process's umask, read without setting it (os.umask would change it for every thread meanwhile)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
 
 
 def run_cnnkit(*args: str | os.PathLike, env: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None,

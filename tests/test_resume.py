@@ -26,7 +26,7 @@ from cnnkit.engine.fit import fit
 from cnnkit.errors import CnnkitError
 from cnnkit.models import build_model
 from checkpoints import StopAfter, wait_for_checkpoint
-from processes import run_cnnkit
+from processes import run_cnnkit as cnnkit
 from slices import SHARED_DATA, mnist_dataset
 
 # Every callback with state is on: EMA (its average), weight selection (the best snapshot), early
@@ -114,10 +114,6 @@ def test_fit_resumed_after_an_interruption_ends_bit_for_bit_as_an_uninterrupted_
 
 # ----------------------------------------------------------------------------------------------------
 # Real processes
-
-
-def cnnkit(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return run_cnnkit(*args, **kwargs)
 
 
 TRAIN = ["train", "--data-dir", str(SHARED_DATA), "--limit-train", "3000", "--limit-eval", "500", "--model", "fast",

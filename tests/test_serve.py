@@ -485,7 +485,8 @@ def test_rgb_run_is_served_upload_only(tmp_path_factory):
 # Concurrency and batching
 
 
-def burst(server: Server, digits, clients: int = 32, rounds: int = 3) -> dict[tuple[int, int], tuple[int, tuple]]:
+def burst(server: Server, digits, clients: int = 32,
+          rounds: int = 3) -> dict[tuple[int, int], tuple[int, tuple[int, dict]]]:
     """`clients` threads posting `rounds` real digits each, all at once: {(client, round): (digit, answer)}."""
     barrier = threading.Barrier(clients)
     answers: dict[tuple[int, int], tuple[int, tuple[int, dict]]] = {}

@@ -1,4 +1,4 @@
-"""How cnnkit's processes end: children die with their parent, and a failed data-parallel process ends at once.
+"""How cnnkit's processes end: children die with their parent, and a command ends without Python's teardown.
 
 No worker outlives the command that started it: a decode worker or a torchrun worker blocked on its parent
 would otherwise live on, holding memory (and a training process would go on writing), after its parent is
