@@ -148,7 +148,7 @@ OPTION_GROUPS = {
     "the usual options": ("preset", "dataset", "model", "epochs", "batch_size", "lr", "seed", "name"),
     "data": ("data_dir", "val", "image_size", "channels", "stream", "limit_train", "limit_eval", "sampler"),
     "model and starting weights": ("model_kwargs", "pretrained", "freeze", "probe_epochs", "freeze_epochs",
-                                   "freeze_bn", "backbone_lr_scale", "init", "weights"),
+                                   "freeze_stages", "freeze_bn", "backbone_lr_scale", "init", "weights"),
     "optimisation": ("optimizer", "weight_decay", "schedule", "warmup", "label_smoothing", "class_weight",
                      "head_lr_scale",
                      "bias_lr_scale", "budget", "patience", "monitor", "keep", "ema"),

@@ -266,6 +266,11 @@ class TrainConfig:
                                 low=0, high=1000, metavar="N")
     freeze_epochs: int = option(0, "train only the head (the last linear layer) for the first N epochs, then "
                                    "everything (fine-tuning)", scope="fit", low=0, metavar="N")
+    freeze_stages: int = option(0, "keep the first N stages of a pretrained backbone as they are for the whole run, "
+                                   "the stem counting as the first (EfficientNet-Lite has 8, the ResNets 5): their "
+                                   "weights, BatchNorm statistics and stochastic depth fixed, and their backward "
+                                   "pass skipped (fine-tuning: early features are generic, and their large maps "
+                                   "cost the most)", scope="fit", low=0, metavar="N")
     backbone_lr_scale: float = option(1.0, "learning rate of everything but the head, as a fraction of --lr "
                                            "(fine-tuning: e.g. 0.1)", scope="fit", low=0, low_open=True, high=1,
                                       metavar="F")
@@ -723,6 +728,9 @@ def frozen_conflict(config: TrainConfig, spell: Spell = python_name) -> str | No
     if config.probe_epochs:
         return (f"{spell('freeze')} backbone trains only the head already; {spell('probe_epochs')} "
                 f"{config.probe_epochs} readies a head for fine-tuning the whole network: use one")
+    if config.freeze_stages:
+        return (f"{spell('freeze')} backbone keeps the whole backbone as it is; {spell('freeze_stages')} "
+                f"{config.freeze_stages} fine-tunes the stages after the first {config.freeze_stages}: use one")
     if config.freeze_epochs:
         return (f"{spell('freeze')} backbone keeps the backbone frozen for the whole run; "
                 f"{spell('freeze_epochs')} {config.freeze_epochs} would unfreeze it: use one")

@@ -37,7 +37,7 @@ from cnnkit.engine.logs import RAW_WEIGHTS
 from cnnkit.engine.inference import autocast, resolve_device, resolve_precision
 from cnnkit.engine.optim import SCHEDULES, make_optimizer, set_lr
 from cnnkit.errors import CnnkitError
-from cnnkit.models.classifier import init_from_data, model_input, takes_pixels
+from cnnkit.models.classifier import frozen_stages, init_from_data, model_input, takes_pixels
 
 #: Images that data-initialised layers (airbench's whitening) see: ~2M 2x2 patches at 32x32, plenty for a
 #: 12x12 covariance, and a fraction of a second.
@@ -52,6 +52,22 @@ def keep_batchnorm_statistics(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
+
+
+@contextlib.contextmanager
+def stages_kept(model: nn.Module, count: int) -> Iterator[list[nn.Module]]:
+    """--freeze-stages: the backbone's first `count` stages (models.classifier.frozen_stages) without gradients
+    while training, so autograd records nothing through them and their backward pass, the costliest part of a
+    fine-tuning step at 160 px and more, is skipped; fit() also runs them in eval mode. Trainable again after."""
+    stages = frozen_stages(model, count)
+    fixed = [parameter for stage in stages for parameter in stage.parameters() if parameter.requires_grad]
+    for parameter in fixed:
+        parameter.requires_grad_(False)
+    try:
+        yield stages
+    finally:
+        for parameter in fixed:
+            parameter.requires_grad_(True)
 
 
 def fit(
@@ -111,8 +127,6 @@ def fit(
     augment, mix = batch_transforms(config, data)
     class_weights = balanced_class_weights(data.train.labels, len(data.classes)).to(device) \
         if config.class_weight == "balanced" else None
-    step_model = wrap_model(model, device, world, config.sync_bn)
-    step_model = torch.compile(step_model) if config.compile else step_model
     pixels = takes_pixels(model)  # cnnkit's models rescale uint8 inside; a plain module gets float pixels
     generator = torch.Generator().manual_seed(config.seed)  # shuffling: the same permutation on every rank
     # One process draws augmentation from the same generator; ranks draw their own, re-seeded each epoch.
@@ -124,7 +138,9 @@ def fit(
     state.weight_sources[RAW_WEIGHTS] = model.state_dict
     history = History()
     chosen = [*builtin_callbacks(config, data.val_source, progress and world.is_main), *callbacks, history]
-    with CallbackList(chosen, state) as hooks:
+    with stages_kept(model, config.freeze_stages) as fixed, CallbackList(chosen, state) as hooks:
+        step_model = wrap_model(model, device, world, config.sync_bn)  # after the freeze: DDP syncs what trains
+        step_model = torch.compile(step_model) if config.compile else step_model
         hooks.on_train_begin()
         if resume is not None:
             with restoring("resume"):
@@ -144,6 +160,8 @@ def fit(
             torch.manual_seed(epoch_seed(config.seed, world.rank, epoch) + 1)
             hooks.on_epoch_begin(epoch)
             model.train()
+            for stage in fixed:  # as at prediction: their BatchNorm statistics and stochastic depth fixed too
+                stage.eval()
             if config.freeze_bn:
                 keep_batchnorm_statistics(model)
             running = BatchLogs(device)

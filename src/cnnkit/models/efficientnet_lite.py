@@ -187,6 +187,10 @@ class EfficientNetLite(nn.Module):
         trains on a frozen backbone's cached features (engine/features.py)."""
         return nn.Sequential(self.dropout, self.classifier)
 
+    def stages(self) -> list[nn.Module]:
+        """The backbone in input order, the stem first, then its 7 stages: what --freeze-stages counts."""
+        return [nn.ModuleList([self.conv_stem, self.bn1]), *self.blocks]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 

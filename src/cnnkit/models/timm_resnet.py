@@ -109,6 +109,10 @@ class ResNet(nn.Module):
         """What follows the pooled vector, sharing this model's parameters (engine/features.py trains it)."""
         return nn.Sequential(self.dropout, self.fc)
 
+    def stages(self) -> list[nn.Module]:
+        """The backbone in input order, the stem first, then its 4 stages: what --freeze-stages counts."""
+        return [nn.ModuleList([self.conv1, self.bn1]), self.layer1, self.layer2, self.layer3, self.layer4]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 

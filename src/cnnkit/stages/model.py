@@ -9,7 +9,7 @@ from typing import Any
 from cnnkit.config import TrainConfig
 from cnnkit.data.tensors import Dataset
 from cnnkit.models import build_model, model_entry
-from cnnkit.models.classifier import ImageClassifier, custom_architecture
+from cnnkit.models.classifier import ImageClassifier, custom_architecture, frozen_stages
 from cnnkit.models.user import (UserCode, build_body, check_classifier, load_function,
                                 parse_file_spec, read_code, user_body, verified_code)
 from cnnkit.models.transfer import init_from_run, init_meta, load_weights_file
@@ -52,6 +52,7 @@ def model_for(config: TrainConfig, data: Dataset, user_model: Any = None, code: 
         model.weights_from = {"kind": "pretrained", **load_pretrained(model.body, found, cache).to_dict()}
     elif config.weights is not None:
         model.weights_from = load_weights_file(model, config.weights)
+    frozen_stages(model, config.freeze_stages)  # refused now, not after a probe's backbone pass
     return model
 
 
