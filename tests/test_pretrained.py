@@ -281,6 +281,65 @@ def test_what_a_probe_cannot_do_is_one_line(flags, error, tmp_path):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_kept_stages_end_as_the_imagenet_weights_while_the_stages_after_them_train(photo_folder, tmp_path):
+    """--freeze-stages 3 (the stem and the first 2 of EfficientNet-Lite0's 7 stages), BatchNorm statistics left
+    training elsewhere: every tensor of the kept stages, running statistics included, ends as the ImageNet weights
+    have it; every later stage's kernels and statistics moved."""
+    from safetensors.torch import load_file
+
+    runs, data = tmp_path / "runs", tmp_path / "data"
+    result = cnnkit("train", "--dataset", f"imagefolder:{photo_folder}", "--model", "efficientnet_lite0",
+                    "--pretrained", "imagenet", "--model-kwargs", '{"resolution": 64}', "--freeze-stages", "3",
+                    "--epochs", "1", "--lr", "1e-3", "--runs-dir", str(runs), "--data-dir", str(data),
+                    "--no-checkpoint", "--quiet", "--name", "kept")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((runs / "kept" / "model.json").read_text())
+    imagenet = load_file(meta["weights_from"]["converted"])
+    trained = {key.removeprefix("body."): tensor for key, tensor in
+               load_file(runs / "kept" / "model.safetensors").items() if key.startswith("body.")}
+    kept = ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.")
+    later = [key for key in imagenet if key.startswith(("blocks.2.", "blocks.6.", "conv_head.", "bn2."))
+             and not key.endswith("num_batches_tracked")]
+    assert [key for key in imagenet if key.startswith(kept) and not torch.equal(trained[key], imagenet[key])] == []
+    assert sum(key.startswith(kept) for key in imagenet) >= 20 and len(later) >= 20
+    assert [key for key in later if torch.equal(trained[key], imagenet[key])] == []
+    assert json.loads((runs / "kept" / "config.json").read_text())["freeze_stages"] == 3
+
+
+def test_kept_stages_train_again_after_the_run_even_when_it_fails():
+    """fit() holds the stages' parameters without gradients only while it trains: a notebook's next fit() of the
+    same model trains them, and a parameter frozen before (by its design) stays frozen."""
+    from cnnkit.engine.fit import stages_kept
+    from cnnkit.models import build_model
+
+    model = build_model("efficientnet_lite0", (3, 32, 32), 3, mean=[0.0] * 3, std=[1.0] * 3, seed=0)
+    model.body.bn2.weight.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="a failed step"), stages_kept(model, 2) as stages:
+        assert len(stages) == 2 and stages[1] is model.body.blocks[0]
+        assert not any(p.requires_grad for stage in stages for p in stage.parameters())
+        assert model.body.blocks[1][0].conv_pw.weight.requires_grad
+        raise RuntimeError("a failed step")
+    assert [name for name, p in model.named_parameters() if not p.requires_grad] == ["body.bn2.weight"]
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--model", "fast"], "--freeze-stages 2: fast is not built in stages; the pretrained backbones are"),
+    (["--model", "efficientnet_lite0", "--pretrained", "imagenet", "--freeze-stages", "8"],
+     "--freeze-stages 8: efficientnet_lite0 has 8 stages (the stem and 7), so at most 7 can be kept fixed"),
+    (["--model", "efficientnet_lite0", "--pretrained", "imagenet", "--freeze", "backbone"],
+     "--freeze backbone keeps the whole backbone as it is; --freeze-stages 2 fine-tunes the stages after"),
+])
+def test_what_kept_stages_cannot_do_is_one_line(flags, error, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "mnist").symlink_to(SHARED_DATA / "mnist")
+    result = cnnkit("train", "--freeze-stages", "2", *flags, "--data-dir", str(data), "--limit-train", "64",
+                    "--limit-eval", "32", "--runs-dir", str(tmp_path / "runs"))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1 and error in lines[0], result.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 def test_a_frozen_backbone_run_stopped_by_a_signal_resumes_to_the_uninterrupted_weights(photo_folder, tmp_path):
     """The checkpoint of a --freeze backbone run holds its head; `--resume` reads the features from the cache
     and ends bit for bit where the uninterrupted run does."""
