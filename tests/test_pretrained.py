@@ -323,7 +323,7 @@ def test_kept_stages_train_again_after_the_run_even_when_it_fails():
 
 
 @pytest.mark.parametrize("flags, error", [
-    (["--model", "fast"], "--freeze-stages 2: fast is not built in stages; the pretrained backbones are"),
+    (["--model", "fast"], "--freeze-stages 2: fast is not built in stages (the pretrained backbones are: efficientnet_lite0"),
     (["--model", "efficientnet_lite0", "--pretrained", "imagenet", "--freeze-stages", "8"],
      "--freeze-stages 8: efficientnet_lite0 has 8 stages (the stem and 7), so at most 7 can be kept fixed"),
     (["--model", "efficientnet_lite0", "--pretrained", "imagenet", "--freeze", "backbone"],

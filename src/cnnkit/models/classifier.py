@@ -127,8 +127,8 @@ def frozen_stages(model: nn.Module, count: int, option: str = "--freeze-stages")
     if not callable(getattr(body, "stages", None)):
         from cnnkit.models.pretrained import pretrained_names
 
-        raise CnnkitError(f"{option} {count}: {name} is not built in stages; the pretrained backbones are "
-                          f"({', '.join(pretrained_names())}): use one, or leave {option} out")
+        raise CnnkitError(f"{option} {count}: {name} is not built in stages (the pretrained backbones are: "
+                          f"{', '.join(pretrained_names())}); use one of them, or leave {option} out")
     stages = body.stages()
     if count >= len(stages):
         raise CnnkitError(f"{option} {count}: {name} has {len(stages)} stages (the stem and {len(stages) - 1}), "
