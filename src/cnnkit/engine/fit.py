@@ -37,7 +37,8 @@ from cnnkit.engine.logs import RAW_WEIGHTS
 from cnnkit.engine.inference import autocast, resolve_device, resolve_precision
 from cnnkit.engine.optim import SCHEDULES, make_optimizer, set_lr
 from cnnkit.errors import CnnkitError
-from cnnkit.models.classifier import frozen_stages, init_from_data, model_input, takes_pixels
+from cnnkit.models.classifier import init_from_data, model_input, takes_pixels
+from cnnkit.models.pretrained import frozen_stages
 
 #: Images that data-initialised layers (airbench's whitening) see: ~2M 2x2 patches at 32x32, plenty for a
 #: 12x12 covariance, and a fraction of a second.
@@ -56,7 +57,7 @@ def keep_batchnorm_statistics(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def stages_kept(model: nn.Module, count: int) -> Iterator[list[nn.Module]]:
-    """--freeze-stages: the backbone's first `count` stages (models.classifier.frozen_stages) without gradients
+    """--freeze-stages: the backbone's first `count` stages (models.pretrained.frozen_stages) without gradients
     while training, so autograd records nothing through them and their backward pass, the costliest part of a
     fine-tuning step at 160 px and more, is skipped; fit() also runs them in eval mode. Trainable again after."""
     stages = frozen_stages(model, count)

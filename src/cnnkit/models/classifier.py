@@ -117,25 +117,6 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(find_head(model).parameters())
 
 
-def frozen_stages(model: nn.Module, count: int, option: str = "--freeze-stages") -> list[nn.Module]:
-    """The first `count` stages of `model`'s backbone, the stem first (its body's `stages()`), which training
-    keeps as they are; none for 0. Refuses a model without stages, and a count that leaves no stage to train."""
-    if not count:
-        return []
-    body = model.body if isinstance(model, ImageClassifier) else model
-    name = getattr(model, "architecture", None) or type(body).__name__
-    if not callable(getattr(body, "stages", None)):
-        from cnnkit.models.pretrained import pretrained_names
-
-        raise CnnkitError(f"{option} {count}: {name} is not built in stages (the pretrained backbones are: "
-                          f"{', '.join(pretrained_names())}); use one of them, or leave {option} out")
-    stages = body.stages()
-    if count >= len(stages):
-        raise CnnkitError(f"{option} {count}: {name} has {len(stages)} stages (the stem and {len(stages) - 1}), "
-                          f"so at most {len(stages) - 1} can be kept fixed; for the head alone use --freeze backbone")
-    return stages[:count]
-
-
 def head_state_keys(model: nn.Module) -> list[str]:
     """The state-dict keys of the head of `model` (e.g. body.9.weight, body.9.bias)."""
     head = find_head(model.body if isinstance(model, ImageClassifier) else model)

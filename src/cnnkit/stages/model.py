@@ -9,11 +9,11 @@ from typing import Any
 from cnnkit.config import TrainConfig
 from cnnkit.data.tensors import Dataset
 from cnnkit.models import build_model, model_entry
-from cnnkit.models.classifier import ImageClassifier, custom_architecture, frozen_stages
+from cnnkit.models.classifier import ImageClassifier, custom_architecture
 from cnnkit.models.user import (UserCode, build_body, check_classifier, load_function,
                                 parse_file_spec, read_code, user_body, verified_code)
 from cnnkit.models.transfer import init_from_run, init_meta, load_weights_file
-from cnnkit.models.pretrained import find_pretrained, load_pretrained
+from cnnkit.models.pretrained import find_pretrained, frozen_stages, load_pretrained
 from cnnkit.data.download import data_root
 
 
