@@ -42,16 +42,16 @@ def step_timer(model_name: str, size: int, stages: int, held: contextlib.ExitSta
     model = build_model(model_name, (3, 32, 32), 10, mean=[127.5] * 3, std=[127.5] * 3, seed=0,
                         resolution=size, drop_path_rate=0.2).to(memory_format=torch.channels_last)
     fixed = held.enter_context(stages_kept(model, stages))  # as fit() holds it for a run's life
+    model.train()  # the modes fit() sets at each epoch's start, set once: nothing here changes them
+    for stage in fixed:
+        stage.eval()
+    keep_batchnorm_statistics(model)
     optimizer = make_optimizer(model, "adamw", 2.5e-4, 0.05)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (batch,))
 
     def step() -> float:
         started = time.perf_counter()
-        model.train()
-        for stage in fixed:
-            stage.eval()
-        keep_batchnorm_statistics(model)
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(images), labels, label_smoothing=0.1).backward()
         optimizer.step()

@@ -169,6 +169,18 @@ def cnnkit(*args: str, timeout: float = 600):
     return run_cnnkit(*args, timeout=timeout)
 
 
+def refused_training(tmp_path: Path, *flags: str) -> tuple[int, list[str]]:
+    """`cnnkit train FLAGS` on 64 MNIST digits: its exit status and its non-blank stderr lines, after checking that
+    it left no run behind."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "mnist").symlink_to(SHARED_DATA / "mnist")
+    result = cnnkit("train", *flags, "--data-dir", str(data), "--limit-train", "64", "--limit-eval", "32",
+                    "--runs-dir", str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    return result.returncode, [line for line in result.stderr.splitlines() if line.strip()]
+
+
 @pytest.fixture(scope="module")
 def photo_folder(tmp_path_factory) -> Path:
     """60 training and 50 test CIFAR-10 JPEGs of each of airplane, automobile and bird: a user's small folder."""
@@ -271,14 +283,8 @@ def test_a_probe_before_fine_tuning_shares_the_feature_cache_and_fine_tuning_sta
      "--probe-epochs fits the head on cached features in one process: add --probe-epochs 0 to train on --devices 2"),
 ])
 def test_what_a_probe_cannot_do_is_one_line(flags, error, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "mnist").symlink_to(SHARED_DATA / "mnist")
-    result = cnnkit("train", *flags, "--data-dir", str(data), "--limit-train", "64", "--limit-eval", "32",
-                    "--runs-dir", str(tmp_path / "runs"))
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 1 and len(lines) == 1 and error in lines[0], result.stderr
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    status, lines = refused_training(tmp_path, *flags)
+    assert status == 1 and len(lines) == 1 and error in lines[0], lines
 
 
 def test_kept_stages_end_as_the_imagenet_weights_while_the_stages_after_them_train(photo_folder, tmp_path):
@@ -330,14 +336,8 @@ def test_kept_stages_train_again_after_the_run_even_when_it_fails():
      "--freeze backbone keeps the whole backbone as it is; --freeze-stages 2 fine-tunes the stages after"),
 ])
 def test_what_kept_stages_cannot_do_is_one_line(flags, error, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "mnist").symlink_to(SHARED_DATA / "mnist")
-    result = cnnkit("train", "--freeze-stages", "2", *flags, "--data-dir", str(data), "--limit-train", "64",
-                    "--limit-eval", "32", "--runs-dir", str(tmp_path / "runs"))
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 1 and len(lines) == 1 and error in lines[0], result.stderr
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    status, lines = refused_training(tmp_path, "--freeze-stages", "2", *flags)
+    assert status == 1 and len(lines) == 1 and error in lines[0], lines
 
 
 def test_a_frozen_backbone_run_stopped_by_a_signal_resumes_to_the_uninterrupted_weights(photo_folder, tmp_path):
@@ -394,14 +394,8 @@ def test_the_feature_cache_key_follows_every_backbone_tensor_and_not_the_head():
 ])
 def test_what_a_frozen_backbone_cannot_do_is_one_line(flags, error, tmp_path):
     pretrained = [] if "fast" in flags else ["--model", "efficientnet_lite0", "--pretrained", "imagenet"]
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "mnist").symlink_to(SHARED_DATA / "mnist")
-    result = cnnkit("train", *pretrained, "--freeze", "backbone", *flags, "--data-dir", str(data), "--limit-train",
-                    "64", "--limit-eval", "32", "--runs-dir", str(tmp_path / "runs"))
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode != 0 and len(lines) == 1 and error in lines[0], result.stderr
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    status, lines = refused_training(tmp_path, *pretrained, "--freeze", "backbone", *flags)
+    assert status != 0 and len(lines) == 1 and error in lines[0], lines
 
 
 def test_tta_auto_is_no_conflict_for_a_frozen_backbone():
