@@ -244,6 +244,11 @@ def markdown(rows: list[list[str]], args: argparse.Namespace) -> str:
 START, END = "<!-- mnist_speed:start -->", "<!-- mnist_speed:end -->"
 
 
+def hand_written_headings(text: str) -> list[str]:
+    """The headings in `text` of sections written by hand (RESULTS.md's convention: "(hand-written, DATE)")."""
+    return [line for line in text.splitlines() if line.startswith("#") and "hand-written" in line]
+
+
 def write_results(path: Path, table: str, start: str = START, end: str = END) -> None:
     """Replace the generated block of RESULTS.md between `start` and `end`, keeping everything else.
 
@@ -252,6 +257,10 @@ def write_results(path: Path, table: str, start: str = START, end: str = END) ->
     block = f"{start}\n{table}{end}\n"
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     if start in text and end in text:
+        if written := hand_written_headings(text.split(start, 1)[1].split(end, 1)[0]):
+            print(block)  # the measurement is not lost with the refusal
+            raise SystemExit(f"{path}: the block between {start} and {end} holds hand-written sections "
+                             f"({written[0]!r}); move them out of it first: they would be lost")
         before, rest = text.split(start, 1)
         text = before + block + "\n" + rest.split(end, 1)[1].lstrip("\n")
     elif start == START:

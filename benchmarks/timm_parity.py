@@ -153,6 +153,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     parser.add_argument("--cifar-jpg", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz")
     args = parser.parse_args()
+    if not args.cifar_jpg.is_file():  # e.g. run from a git worktree, which has no ../shared beside it
+        parser.error(f"--cifar-jpg: {args.cifar_jpg} not found; pass the path of cifar10-jpg.tar.gz")
     if args.timm_from:
         sys.path.insert(0, str(args.timm_from))
     if args.stub_torchvision:

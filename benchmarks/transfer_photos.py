@@ -78,6 +78,8 @@ def main() -> None:
                         help="options added to the comparator's command")
     parser.add_argument("--cifar-jpg", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz")
     args = parser.parse_args()
+    if not args.cifar_jpg.is_file():  # e.g. run from a git worktree, which has no ../shared beside it
+        parser.error(f"--cifar-jpg: {args.cifar_jpg} not found; pass the path of cifar10-jpg.tar.gz")
     from slices import extract_cifar_subset
 
     comparator = [] if args.scratch == "none" else [args.scratch]

@@ -106,3 +106,32 @@ def test_peer_time_is_reused_from_todays_cache(tmp_path, monkeypatch):
     cache.write_text(json.dumps({"1999-01-01 | " + bench.peer_key().split(" | ", 1)[1]: {
         "fit_seconds": 1.0, "test_accuracy": 0.5, "timed_at": "1999-01-01T09:05:00"}}))
     assert bench.cached_peer() is None  # another day's figure is not reused
+
+
+def results_writer():
+    """benchmarks/mnist_speed.py, whose write_results every benchmark uses to rewrite its block of RESULTS.md."""
+    load_benchmark()  # puts benchmarks/ on sys.path and imports mnist_speed from there
+    return sys.modules["mnist_speed"]
+
+
+def test_a_block_holding_hand_written_sections_is_refused_and_the_file_left_as_it_was(tmp_path, capsys):
+    """A benchmark rewrites everything between its markers, so a section written by hand inside them would be
+    lost: the rewrite is refused, the file unchanged, and the new table printed instead."""
+    results = tmp_path / "RESULTS.md"
+    original = ("<!-- transfer:start -->\n## Seed runs by hand (hand-written, 2026-12-06)\n\nnotes\n\n"
+                "# Transfer: the generated table\n<!-- transfer:end -->\n")
+    results.write_text(original)
+    with pytest.raises(SystemExit, match="holds hand-written sections"):
+        results_writer().write_results(results, "# Transfer: a new table\n", "<!-- transfer:start -->",
+                                       "<!-- transfer:end -->")
+    assert results.read_text() == original
+    assert "# Transfer: a new table" in capsys.readouterr().out
+
+
+def test_no_hand_written_section_of_results_md_sits_inside_a_generated_block():
+    text = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    writer = results_writer()
+    blocks = {name: text.split(f"<!-- {name}:start -->")[1].split(f"<!-- {name}:end -->")[0]
+              for name in re.findall(r"<!-- (\S+):start -->", text)}
+    inside = {name: writer.hand_written_headings(block) for name, block in blocks.items()}
+    assert {name: headings for name, headings in inside.items() if headings} == {}
