@@ -730,7 +730,8 @@ def frozen_conflict(config: TrainConfig, spell: Spell = python_name) -> str | No
                 f"{config.probe_epochs} readies a head for fine-tuning the whole network: use one")
     if config.freeze_stages:
         return (f"{spell('freeze')} backbone keeps the whole backbone as it is; {spell('freeze_stages')} "
-                f"{config.freeze_stages} fine-tunes the stages after the first {config.freeze_stages}: use one")
+                f"{config.freeze_stages} fine-tunes the stages after the first {config.freeze_stages}: use one "
+                f"({spell('freeze_stages')} 0 keeps none)")
     if config.freeze_epochs:
         return (f"{spell('freeze')} backbone keeps the backbone frozen for the whole run; "
                 f"{spell('freeze_epochs')} {config.freeze_epochs} would unfreeze it: use one")

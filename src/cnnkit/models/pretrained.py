@@ -114,7 +114,7 @@ def frozen_stages(model: nn.Module, count: int, option: str = "--freeze-stages")
     name = getattr(model, "architecture", None) or type(body).__name__
     if not callable(getattr(body, "stages", None)):
         raise CnnkitError(f"{option} {count}: {name} is not built in stages (the pretrained backbones are: "
-                          f"{', '.join(pretrained_names())}); use one of them, or leave {option} out")
+                          f"{', '.join(pretrained_names())}); use one of them, or give {option} 0")
     stages = body.stages()
     if count >= len(stages):
         raise CnnkitError(f"{option} {count}: {name} has {len(stages)} stages (the stem and {len(stages) - 1}), "
