@@ -146,15 +146,15 @@ def check(name: str, timm_name: str, images: torch.Tensor, generator: torch.Gene
 
 
 def main() -> None:
+    from slices import add_cifar_archive_option
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--timm-from", type=Path, help="a directory holding an unpacked timm package")
     parser.add_argument("--stub-torchvision", action="store_true", help="import timm without torchvision")
     parser.add_argument("--per-class", type=int, default=4, help="CIFAR-10 test photos per class")
     parser.add_argument("--models", nargs="+", default=list(PAIRS), choices=list(PAIRS))
-    parser.add_argument("--cifar-jpg", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz")
+    add_cifar_archive_option(parser)
     args = parser.parse_args()
-    if not args.cifar_jpg.is_file():  # e.g. run from a git worktree, which has no ../shared beside it
-        parser.error(f"--cifar-jpg: {args.cifar_jpg} not found; pass the path of cifar10-jpg.tar.gz")
     if args.timm_from:
         sys.path.insert(0, str(args.timm_from))
     if args.stub_torchvision:

@@ -69,6 +69,8 @@ def row(preset: str, runs: list[dict], scratch_error: float | None) -> str:
 
 
 def main() -> None:
+    from slices import add_cifar_archive_option, extract_cifar_subset
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=3)
@@ -76,12 +78,8 @@ def main() -> None:
     parser.add_argument("--scratch", default="cifar10-best", help="the from-scratch comparator (a preset), or none")
     parser.add_argument("--scratch-options", default="--batch-size 64 --epochs 40",
                         help="options added to the comparator's command")
-    parser.add_argument("--cifar-jpg", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz")
+    add_cifar_archive_option(parser)
     args = parser.parse_args()
-    if not args.cifar_jpg.is_file():  # e.g. run from a git worktree, which has no ../shared beside it
-        parser.error(f"--cifar-jpg: {args.cifar_jpg} not found; pass the path of cifar10-jpg.tar.gz")
-    from slices import extract_cifar_subset
-
     comparator = [] if args.scratch == "none" else [args.scratch]
     with tempfile.TemporaryDirectory() as temporary:
         work = Path(temporary)

@@ -1,7 +1,8 @@
-"""Small slices of the real datasets in ../shared/data, shared by the test modules."""
+"""Small slices of the real datasets in ../shared/data, shared by the test modules (and the benchmarks)."""
 
 from __future__ import annotations
 
+import argparse
 import functools
 import tarfile
 from pathlib import Path
@@ -15,6 +16,18 @@ def mnist_dataset(limit_train: int = 4000, limit_eval: int = 1000):
     from cnnkit.data.tensors import load_dataset
 
     return load_dataset("mnist", str(SHARED_DATA), limit_train=limit_train, limit_eval=limit_eval, progress=False)
+
+
+def add_cifar_archive_option(parser: argparse.ArgumentParser) -> None:
+    """--cifar-jpg for a benchmark that extracts CIFAR subsets: a missing archive (from a git worktree, ../shared
+    is not beside it) is argparse's one-line error, not a traceback once the benchmark has started."""
+
+    def existing(text: str) -> Path:
+        if not Path(text).is_file():
+            raise argparse.ArgumentTypeError(f"{text} not found; pass the path of cifar10-jpg.tar.gz")
+        return Path(text)
+
+    parser.add_argument("--cifar-jpg", type=existing, default=str(SHARED_DATA / "cifar10-jpg.tar.gz"))
 
 
 def extract_cifar_subset(archive: Path, root: Path, classes: tuple[str, ...], per_split: dict[str, int]) -> Path:
