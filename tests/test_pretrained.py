@@ -202,14 +202,16 @@ def test_a_frozen_backbone_trains_on_cached_features_and_its_run_predicts_evalua
               "--data-dir", str(data), "--no-checkpoint"]
     first = cnnkit("train", *common, "--name", "a")
     assert first.returncode == 0, first.stderr
-    second = cnnkit("train", *common, "--epochs", "8", "--lr", "0.003", "--label-smoothing", "0.1", "--name", "b")
+    second = cnnkit("train", *common, "--epochs", "8", "--lr", "0.003", "--label-smoothing", "0.1", "--stream", "yes",
+                    "--name", "b")  # the head then trains on the vectors in the cache files, read in shuffled chunks
     assert second.returncode == 0, second.stderr
     assert "features of 330 images computed" in first.stdout, first.stdout
     assert "features of all 330 images came from the cache" in second.stdout, second.stdout
     made = json.loads((runs / "a" / "metrics.json").read_text())
     metrics = json.loads((runs / "b" / "metrics.json").read_text())
     assert made["frozen_features"]["computed_images"] == 330 and metrics["frozen_features"]["computed_images"] == 0
-    assert len(list((data / "features").glob("*.safetensors"))) == 3  # train, validation, test: nothing else
+    assert len(list((data / "features").glob("*.npy"))) == 3  # train, validation, test: nothing else
+    assert "images stream from" in second.stdout and "images stream from" not in first.stdout
     for run in (made, metrics):
         assert run["test_accuracy"] >= 0.7 and run["num_test"] == 150, run["test_accuracy"]
     run = runs / "b"
@@ -224,6 +226,68 @@ def test_a_frozen_backbone_trains_on_cached_features_and_its_run_predicts_evalua
     assert predicted.returncode == 0 and len(rows) == 50 and sum(row[1] == "bird" for row in rows) >= 30
     exported = cnnkit("export", str(run), "--format", "onnx", "--parity-images", "50")
     assert exported.returncode == 0 and "top-1 agreement 100.00%" in exported.stdout, exported.stderr
+
+
+def test_the_features_of_streamed_photos_stay_on_disk_bit_for_bit_those_computed_in_memory(photo_folder, tmp_path,
+                                                                                          monkeypatch):
+    """A folder too large for memory is not made to fit by its features: with --stream the backbone's vectors are
+    written to the cache a block of whole batches at a time (chunks of 40 photos and batches of 16 here: blocks of
+    32, so 162 training photos take six) and the head reads them from there (DiskImages); they are the vectors computed in memory, bit for bit, and a
+    second run reads them without a backbone pass, still on disk."""
+    from cnnkit.config import TrainConfig
+    from cnnkit.data import disk
+    from cnnkit.data.tensors import load_dataset
+    from cnnkit.engine.features import frozen_features
+    from cnnkit.stages.model import model_for
+
+    monkeypatch.setattr(disk, "CHUNK_BYTES", 40 * 3 * 32 * 32)  # 40 photos' decoded bytes
+    data_dir = tmp_path / "data"
+    config = TrainConfig(dataset=f"imagefolder:{photo_folder}", model="efficientnet_lite0", pretrained="imagenet",
+                         model_kwargs={"resolution": 64}, data_dir=str(data_dir))
+
+    def features(stream: str, folder: Path):
+        data = load_dataset(config.dataset, str(data_dir), stream=stream, progress=False)
+        assert data.streamed == (stream == "yes")
+        _, vectors, summary = frozen_features(model_for(config, data), data, device=torch.device("cpu"),
+                                              batch_size=16, folder=folder, log=print)
+        return vectors, summary
+
+    streamed, made = features("yes", tmp_path / "streamed")
+    in_memory, _ = features("no", tmp_path / "in-memory")
+    again, read = features("yes", tmp_path / "streamed")
+    assert made.computed_images == 330 and read.computed_images == 0 and read.cached_images == 330
+    for name in ("train", "val", "test"):
+        on_disk, loaded, cached = getattr(streamed, name), getattr(in_memory, name), getattr(again, name)
+        assert on_disk.on_disk and cached.on_disk and not loaded.on_disk
+        assert on_disk.features and tuple(on_disk.images.shape) == (len(loaded), 1280)
+        assert torch.equal(on_disk.images[:], loaded.images) and torch.equal(cached.images[:], loaded.images)
+        assert torch.equal(on_disk.labels, loaded.labels)
+    assert len(streamed.train) == 162  # six blocks, the last of 2 photos
+
+    # A cache file cut short, or replaced by a pickle, is computed again: only its .npy header is read.
+    train_file = max((tmp_path / "streamed").glob("*.npy"), key=lambda path: path.stat().st_size)
+    whole = train_file.read_bytes()
+    marker = tmp_path / "unpickled"
+    damaged = [whole[: len(whole) - 5120], pickled_npy(marker)]
+    for content in damaged:
+        train_file.write_bytes(content)
+        mended, summary = features("yes", tmp_path / "streamed")
+        assert summary.computed_images == 162 and summary.cached_images == 168, summary
+        assert torch.equal(mended.train.images[:], in_memory.train.images) and train_file.read_bytes() == whole
+    assert not marker.exists()
+
+
+def pickled_npy(marker: Path) -> bytes:
+    """A .npy file of an object array whose unpickling would create `marker`."""
+    import io
+
+    class Trap:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([Trap()], dtype=object), allow_pickle=True)
+    return buffer.getvalue()
 
 
 def test_a_probe_before_fine_tuning_shares_the_feature_cache_and_fine_tuning_starts_from_its_head(photo_folder,
@@ -250,7 +314,7 @@ def test_a_probe_before_fine_tuning_shares_the_feature_cache_and_fine_tuning_sta
         in stdout, stdout
     resumed = cnnkit("train", "--resume", str(staging))  # the checkpoint holds the probed head: no second probe
     assert resumed.returncode == 0 and "linear probe" not in resumed.stdout, (resumed.stdout, resumed.stderr)
-    assert len(list((data / "features").glob("*.safetensors"))) == 2  # training and validation photos only
+    assert len(list((data / "features").glob("*.npy"))) == 2  # training and validation photos only
     frozen = cnnkit("train", *common, "--model-kwargs", '{"resolution": 64}', "--freeze", "backbone", "--no-checkpoint",
                     "--name", "a")
     assert frozen.returncode == 0, frozen.stderr

@@ -6,7 +6,8 @@ tensor: a view (a file, or files laid end to end, and the rows it holds) that re
 explicit `preadv` calls into the array that needs it. Not a memory map: the pages of a mapped file count as
 the process's resident memory while they stay mapped, and pile up to the file's size over an epoch; read
 pages go to the kernel's page cache, which the kernel gives back under memory pressure and which no
-RLIMIT or RSS counts.
+RLIMIT or RSS counts. A frozen backbone's feature vectors of a streamed split (float32 (N, D) .npy files,
+engine/features.py) are read the same way.
 
 Training reads such a split in a chunked shuffled order (`chunked_order`, `ChunkWindow`): the rows are cut
 into chunks of CHUNK_BYTES, an epoch visits the chunks in a random order, WINDOW_CHUNKS at a time, and
@@ -64,23 +65,29 @@ MEMORY_SHARE = 0.8
 # One decoded file
 
 
+#: What a decoded file may hold: uint8 images (N, C, H, W), or float32 feature vectors (N, D), the pooled
+#: features of a frozen backbone (engine/features.py), which stream from disk as the images they came from did.
+ROW_KINDS = {(np.dtype(np.uint8), 3): "images", (np.dtype(np.float32), 1): "feature vectors"}
+
+
 @dataclass(frozen=True)
 class ImageFile:
-    """A .npy file of uint8 (count, C, H, W) images, C order: where its rows start and how many there are."""
+    """A .npy file of rows in C order, uint8 images (count, C, H, W) or float32 vectors (count, D): where its
+    rows start, how many there are and their shape."""
 
     path: Path
     offset: int
     count: int
-    item_shape: tuple[int, int, int]
+    item_shape: tuple[int, ...]
+    dtype: np.dtype = np.dtype(np.uint8)
 
     @property
     def item_bytes(self) -> int:
-        channels, height, width = self.item_shape
-        return channels * height * width
+        return int(np.prod(self.item_shape)) * self.dtype.itemsize
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> ImageFile:
-        """Read and check the header; ValueError when it is not uint8 (N, C, H, W) or the file is short."""
+        """Read and check the header; ValueError when it holds neither kind of ROW_KINDS or the file is short."""
         path = Path(path)
         with open(path, "rb") as handle:
             version = np.lib.format.read_magic(handle)
@@ -92,9 +99,10 @@ class ImageFile:
                 raise ValueError(f"{path}: unsupported .npy version {version}")
             offset = handle.tell()
             size = os.fstat(handle.fileno()).st_size
-        if dtype != np.uint8 or fortran or len(shape) != 4:
-            raise ValueError(f"{path}: expected uint8 (N, C, H, W) images in C order, found {dtype} {shape}")
-        image = cls(path, offset, int(shape[0]), (int(shape[1]), int(shape[2]), int(shape[3])))
+        if fortran or len(shape) < 2 or (dtype, len(shape) - 1) not in ROW_KINDS:  # '>f4' is not float32 here
+            raise ValueError(f"{path}: expected uint8 (N, C, H, W) images or float32 (N, D) vectors in C order, "
+                             f"found {dtype} {shape}")
+        image = cls(path, offset, int(shape[0]), tuple(int(side) for side in shape[1:]), np.dtype(dtype))
         if size != offset + image.count * image.item_bytes:
             raise ValueError(f"{path}: {size} bytes, but its header promises {offset + image.count * image.item_bytes}")
         return image
@@ -127,10 +135,11 @@ def _close_all(fds: list[int]) -> None:
 
 
 class DiskImages:
-    """uint8 (N, C, H, W) images read from disk on demand: what `Split.images` is for a streamed split.
+    """uint8 (N, C, H, W) images read from disk on demand: what `Split.images` is for a streamed split (or float32
+    (N, D) feature vectors: a frozen backbone's features of a streamed split, engine/features.py).
 
     It answers what the code that handles image tensors asks of them: `shape`, `len`, `dtype`, `device`;
-    indexing with an int, a slice or an index tensor/array returns a uint8 tensor on `device` in its memory
+    indexing with an int, a slice or an index tensor/array returns a tensor on `device` in its memory
     format (read now); `take` returns another view without reading; `to(device, memory_format=)` says where
     reads go. `load()` reads everything into one array, for splits that fit after all.
     """
@@ -144,13 +153,14 @@ class DiskImages:
         first = opened.files[0]
         self.item_shape = first.item_shape
         self.item_bytes = first.item_bytes
+        self.numpy_dtype = first.dtype
 
     @classmethod
     def open(cls, *paths: str | os.PathLike[str]) -> DiskImages:
         """All rows of one file, or of several with the same image shape laid end to end."""
         files = [ImageFile.open(path) for path in paths]
-        if len({file.item_shape for file in files}) != 1:
-            raise ValueError(f"{', '.join(map(str, paths))}: image shapes differ")
+        if len({(file.item_shape, file.dtype) for file in files}) != 1:
+            raise ValueError(f"{', '.join(map(str, paths))}: image shapes or types differ")
         opened = _OpenFiles(files)
         return cls(opened, np.arange(int(opened.starts[-1]), dtype=np.int64))
 
@@ -160,8 +170,13 @@ class DiskImages:
     def shape(self) -> torch.Size:
         return torch.Size((len(self.rows), *self.item_shape))
 
-    dtype = torch.uint8
-    ndim = 4
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32 if self.numpy_dtype == np.float32 else torch.uint8
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self.item_shape)
 
     @property
     def nbytes(self) -> int:
@@ -175,8 +190,8 @@ class DiskImages:
         return len(self.rows)
 
     def __repr__(self) -> str:
-        return (f"DiskImages({len(self):,} x {self.item_shape} uint8 from {', '.join(p.name for p in self.paths)}, "
-                f"read to {self.device})")
+        files = ", ".join(path.name for path in self.paths)
+        return f"DiskImages({len(self):,} x {self.item_shape} {self.numpy_dtype} from {files}, read to {self.device})"
 
     def __getitem__(self, key: int | slice | torch.Tensor | np.ndarray | Sequence[int]) -> torch.Tensor:
         if isinstance(key, (int, np.integer)):
@@ -189,9 +204,11 @@ class DiskImages:
 
     def to(self, device: torch.device | str, *, memory_format: torch.memory_format = torch.contiguous_format,
            ) -> DiskImages:
-        """This view, with reads returned on `device` in `memory_format` (the files stay where they are)."""
+        """This view, with reads returned on `device` in `memory_format` (the files stay where they are; vectors
+        have no channels to put last)."""
         view = self._view(self.rows)
-        view.device, view.memory_format = torch.device(device), memory_format
+        view.device = torch.device(device)
+        view.memory_format = memory_format if self.ndim == 4 else torch.contiguous_format
         return view
 
     def cpu(self) -> DiskImages:
@@ -205,8 +222,9 @@ class DiskImages:
         """This view followed by `other` (same files, or other files of the same image shape)."""
         if other._opened is self._opened:
             return self._view(np.concatenate([self.rows, other.rows]))
-        if other.item_shape != self.item_shape:
-            raise ValueError(f"cannot concatenate images of {self.item_shape} and {other.item_shape}")
+        if (other.item_shape, other.numpy_dtype) != (self.item_shape, self.numpy_dtype):
+            raise ValueError(f"cannot concatenate {self.numpy_dtype} {self.item_shape} rows and "
+                             f"{other.numpy_dtype} {other.item_shape} ones")
         opened = _OpenFiles([*self._opened.files, *other._opened.files])
         shift = int(self._opened.starts[-1])
         return DiskImages(opened, np.concatenate([self.rows, other.rows + shift]), self.device, self.memory_format)
@@ -241,7 +259,7 @@ class DiskImages:
         """Images of global `rows` into `out` (made when None): runs of consecutive rows are one read each."""
         FREE_MEMORY.check()
         if out is None:
-            out = np.empty((len(rows), *self.item_shape), np.uint8)
+            out = np.empty((len(rows), *self.item_shape), self.numpy_dtype)
         if len(rows) == 0:
             return out
         if len(rows) > 1 and not bool(np.all(rows[1:] >= rows[:-1])):
@@ -370,7 +388,7 @@ class ChunkWindow:
         self.order = order.numpy()
         self.bounds = bounds
         widest = max((high - low for low, high in zip(bounds, bounds[1:])), default=0)
-        self.buffer = torch.empty((widest + largest_batch, *images.item_shape), dtype=torch.uint8)
+        self.buffer = torch.empty((widest + largest_batch, *images.item_shape), dtype=images.dtype)
         self.held = np.empty(0, np.int64)  # view positions held, in buffer order
         self.sorter = np.empty(0, np.int64)
         self.loaded = 0  # windows read so far: the buffer holds order positions up to bounds[loaded]

@@ -58,7 +58,9 @@ class Split:
 
     def __repr__(self) -> str:
         where = f"on disk, read to {self.images.device}" if self.on_disk else f"on {self.images.device}"
-        return f"Split({len(self):,} images {tuple(self.images.shape[1:])} uint8 {where})"
+        kind = "feature vectors" if self.features else "images"
+        dtype = str(self.images.dtype).removeprefix("torch.")
+        return f"Split({len(self):,} {kind} {tuple(self.images.shape[1:])} {dtype} {where})"
 
     @property
     def on_disk(self) -> bool:

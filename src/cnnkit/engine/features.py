@@ -2,8 +2,11 @@
 
 With `--freeze backbone` only the head learns, so the backbone maps an image to the same vector in every epoch.
 Computing the vectors once turns each epoch's backbone passes into one small matrix product, and keeping them
-on disk (DATA_DIR/features/KEY.safetensors) lets a later run on the same data, with other head options, skip
-the backbone altogether. A vector is decided by the image's pixels and by the network before its head (its
+on disk (DATA_DIR/features/KEY.npy, float32 (N, D)) lets a later run on the same data, with other head options,
+skip the backbone altogether. Vectors of images that stream from disk (`--stream`) stream too: written a block
+at a time and read back in shuffled chunks as the images would have been (data/disk.py), so a folder too large
+for memory is not made to fit by its features (5 KB an image for EfficientNet-Lite's 1,280 floats: more than a
+32x32 photo's decoded 3 KB). A vector is decided by the image's pixels and by the network before its head (its
 architecture and options, every weight, BatchNorm statistic and normalisation constant), so the key hashes
 exactly those: anything that could change a vector changes the key, and nothing else does.
 """
@@ -16,14 +19,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from cnnkit.data.disk import DiskImages
 from cnnkit.data.tensors import Dataset, Split
 from cnnkit.engine.checkpoint import data_fingerprint
 from cnnkit.engine.inference import predict_logits
 from cnnkit.errors import CnnkitError
-from cnnkit.fileio import UnreadableFile, atomic_path, read_weights
+from cnnkit.fileio import atomic_path
 from cnnkit.models.classifier import ImageClassifier
 from cnnkit import __version__
 from cnnkit.data.download import data_root
@@ -127,8 +132,9 @@ def frozen_features(model: ImageClassifier, data: Dataset, *, device: torch.devi
 
     Each of `splits` has its vectors read from `folder` when a file of their key is there, else computed in
     fp32 on `device` and written there; a split left out is empty (a probe before fine-tuning never scores the
-    test set on features). Training the returned head trains `model`'s own head, so the run saves `model`
-    whole, and predict, export and serve see an ordinary network. `use` is what asked, for its error.
+    test set on features); a split whose images are on disk gets its vectors on disk (DiskImages). Training the
+    returned head trains `model`'s own head, so the run saves `model` whole, and predict, export and serve see
+    an ordinary network. `use` is what asked, for its error.
     """
     check_frozen_backbone(model, use)
     model.to(device)
@@ -140,12 +146,11 @@ def frozen_features(model: ImageClassifier, data: Dataset, *, device: torch.devi
     cached, computed, fit_images, seconds, fit_seconds = 0, 0, 0, 0.0, 0.0
     for name in splits:
         split: Split = getattr(data, name)
-        path = folder / f"{split_key(key, split)}.safetensors"
-        vectors = read_cached(path, len(split), width)
+        path = folder / f"{split_key(key, split)}.npy"
+        vectors = read_cached(path, len(split), width, on_disk=split.on_disk)
         if vectors is None:
             started = time.perf_counter()
-            vectors = compute(pooled, split, batch_size, width)
-            keep(path, vectors, log)
+            vectors = compute(pooled, split, batch_size, width, path, log)
             spent = time.perf_counter() - started
             computed, seconds = computed + len(split), seconds + spent
             if name != "test":
@@ -163,35 +168,60 @@ def split_key(backbone: str, split: Split) -> str:
     return hashlib.sha256(f"{backbone}:{data_fingerprint(split.images)}".encode()).hexdigest()[:40]
 
 
-def compute(pooled: PooledFeatures, split: Split, batch_size: int, width: int) -> torch.Tensor:
-    """The pooled vectors of every image of `split`, float32 (N, width), on the CPU (predict_logits: no gradients)."""
+def compute(pooled: PooledFeatures, split: Split, batch_size: int, width: int, path: Path,
+            log) -> torch.Tensor | DiskImages:
+    """The pooled vectors of every image of `split`, float32 (N, width), kept at `path`: in memory (on the CPU) when
+    the images are, and then a cache that cannot be written costs only the next run's time; on disk when the
+    images stream from there, written a block at a time (a cache that cannot be written is then a refusal)."""
     if not len(split):
         return torch.empty((0, width))
-    return predict_logits(pooled, split.images, batch_size=batch_size).float().cpu().contiguous()
+    if not split.on_disk:
+        vectors = predict_logits(pooled, split.images, batch_size=batch_size).float().cpu().contiguous()
+        keep(path, vectors, log)
+        return vectors
+    write_streamed(pooled, split.images, batch_size, width, path)
+    return DiskImages.open(path)
 
 
-def read_cached(path: Path, count: int, width: int) -> torch.Tensor | None:
-    """The vectors kept at `path` when they are there and of the expected shape; else None (computed anew)."""
+def write_streamed(pooled: PooledFeatures, images: DiskImages, batch_size: int, width: int, path: Path) -> None:
+    """The vectors of `images` into the .npy file `path` (atomically), read and computed a chunk of images at a
+    time; chunks of whole batches, so each vector comes from the same batch as in memory and matches it bit for
+    bit."""
+    step = batch_size * max(1, images.chunk_rows // batch_size)
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                                   "fortran_order": False, "shape": (len(images), width)})
+        for start in range(0, len(images), step):
+            block = predict_logits(pooled, images[start : start + step], batch_size=batch_size)
+            out.write(block.float().cpu().contiguous().numpy().tobytes())
+
+
+def read_cached(path: Path, count: int, width: int, *, on_disk: bool = False) -> torch.Tensor | DiskImages | None:
+    """The vectors kept at `path` when they are there and of the expected shape, read into memory or, `on_disk`,
+    left there; else None (computed anew and the file replaced). Only the .npy header is parsed: nothing in
+    the file can run code."""
     if not path.is_file():
         return None
     try:
-        vectors = read_weights(path).get("features")
-    except (CnnkitError, UnreadableFile):
-        return None  # a damaged or foreign file: computed again and replaced
-    if (not isinstance(vectors, torch.Tensor) or vectors.dtype != torch.float32
-            or tuple(vectors.shape) != (count, width)):
+        stored = DiskImages.open(path)
+    except (OSError, ValueError, SyntaxError):
+        return None  # a damaged or foreign file
+    if stored.dtype != torch.float32 or tuple(stored.shape) != (count, width):
         return None
-    return vectors
+    if on_disk and count:
+        return stored
+    try:
+        return torch.from_numpy(stored.load())
+    except OSError:
+        return None  # shorter than its header says: cut off by a full disk
 
 
 def keep(path: Path, vectors: torch.Tensor, log) -> None:
     """Write `vectors` to the cache (atomically); a cache that cannot be written costs only the next run's time."""
-    from safetensors.torch import save_file
-
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            save_file({"features": vectors}, str(tmp), metadata={"format": FORMAT})
-    except OSError as error:
-        log(f"frozen backbone: could not keep the features in {path.parent} ({error.strerror or error}); "
+        with atomic_path(path) as tmp, open(tmp, "wb") as out:
+            np.save(out, vectors.numpy(), allow_pickle=False)
+    except (OSError, CnnkitError) as error:
+        reason = getattr(error, "strerror", None) or error
+        log(f"frozen backbone: could not keep the features in {path.parent} ({reason}); "
             "the next run computes them again")
