@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +276,31 @@ def test_the_features_of_streamed_photos_stay_on_disk_bit_for_bit_those_computed
         assert summary.computed_images == 162 and summary.cached_images == 168, summary
         assert torch.equal(mended.train.images[:], in_memory.train.images) and train_file.read_bytes() == whole
     assert not marker.exists()
+
+
+def test_a_feature_pass_killed_half_way_leaves_a_file_that_the_next_run_removes(photo_folder, tmp_path):
+    """With --stream the training photos' vectors are written to the cache for the whole backbone pass: a run
+    killed then (SIGKILL: nothing of cnnkit's runs) leaves its half-written file, and the next run removes it
+    (saying so) and leaves exactly the three files of the photos' splits."""
+    runs, data = tmp_path / "runs", tmp_path / "data"
+    common = ["--preset", "transfer-fast", "--dataset", f"imagefolder:{photo_folder}", "--stream", "yes",
+              "--model-kwargs", '{"resolution": 260}', "--runs-dir", str(runs), "--data-dir", str(data),
+              "--no-checkpoint"]  # at 260 px the pass over 162 photos takes seconds: long enough to be caught
+    process = subprocess.Popen([sys.executable, "-m", "cnnkit", "train", *common, "--name", "killed"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((data / "features").glob(".*.tmp")):
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    process.stderr.close()
+    assert len(list((data / "features").glob(".*.tmp"))) == 1
+    again = cnnkit("train", *common, "--name", "again")
+    assert again.returncode == 0, again.stderr
+    assert f"removed 1 half-written feature file(s) a stopped run left in {data / 'features'}" in again.stdout
+    assert not list((data / "features").glob(".*.tmp")) and len(list((data / "features").glob("*.npy"))) == 3
 
 
 def pickled_npy(marker: Path) -> bytes:

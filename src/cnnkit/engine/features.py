@@ -28,7 +28,7 @@ from cnnkit.data.tensors import Dataset, Split
 from cnnkit.engine.checkpoint import data_fingerprint
 from cnnkit.engine.inference import predict_logits
 from cnnkit.errors import CnnkitError
-from cnnkit.fileio import atomic_path
+from cnnkit.fileio import atomic_path, sweep_stale_temp_files
 from cnnkit.models.classifier import ImageClassifier
 from cnnkit import __version__
 from cnnkit.data.download import data_root
@@ -137,6 +137,9 @@ def frozen_features(model: ImageClassifier, data: Dataset, *, device: torch.devi
     an ordinary network. `use` is what asked, for its error.
     """
     check_frozen_backbone(model, use)
+    swept = sweep_stale_temp_files(folder)  # a streamed split's file is written for the whole backbone pass
+    if swept:
+        log(f"frozen backbone: removed {len(swept)} half-written feature file(s) a stopped run left in {folder}")
     model.to(device)
     head = model.body.head_module()
     key = backbone_key(model, head)
