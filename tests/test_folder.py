@@ -102,6 +102,21 @@ def test_second_load_uses_cache(cifar_subset: Path, tmp_path: Path) -> None:
     np.testing.assert_array_equal(second.splits["test"][1], first.splits["test"][1])
 
 
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_cache_entry_holding_vectors_instead_of_images_is_decoded_again(cifar_subset: Path, tmp_path: Path,
+                                                                         on_disk: bool) -> None:
+    """The files that stream from disk may also be a frozen backbone's float32 vectors (data/disk.py): an image
+    cache entry whose images file was replaced by such a file, rows for rows, is not taken for images."""
+    first = load_image_folder(cifar_subset, tmp_path)
+    (entry,) = (tmp_path / "imagefolder").iterdir()
+    np.save(entry / "train_images.npy", np.zeros((120, 8), np.float32))
+    again = load_image_folder(cifar_subset, tmp_path, on_disk=on_disk)
+    assert not again.from_cache
+    images = again.splits["train"][0]
+    assert images.shape == (120, 3, 32, 32)
+    np.testing.assert_array_equal(images.load() if on_disk else images, first.splits["train"][0])
+
+
 def test_changed_folder_is_decoded_again_and_stale_cache_dropped(cifar_subset: Path, tmp_path: Path) -> None:
     root = tmp_path / "folder"
     shutil.copytree(cifar_subset, root)

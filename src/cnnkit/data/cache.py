@@ -136,8 +136,8 @@ def _read_split(entry_dir: Path, split: str, count: int, on_disk: bool) -> tuple
     path = entry_dir / f"{split}_images.npy"
     images = DiskImages.open(path) if on_disk else np.load(path, allow_pickle=False)
     labels = np.load(entry_dir / f"{split}_labels.npy", allow_pickle=False)
-    in_memory_ok = on_disk or (images.dtype == np.uint8 and images.ndim == 4)
-    if len(images) != count or len(labels) != count or not in_memory_ok:
+    pixels = (images.numpy_dtype if on_disk else images.dtype) == np.uint8 and images.ndim == 4  # not vectors
+    if len(images) != count or len(labels) != count or not pixels:
         raise ValueError(f"{path}: does not hold the {count} images meta.json lists")
     return images, labels
 
