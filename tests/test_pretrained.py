@@ -233,8 +233,8 @@ def test_the_features_of_streamed_photos_stay_on_disk_bit_for_bit_those_computed
                                                                                           monkeypatch):
     """A folder too large for memory is not made to fit by its features: with --stream the backbone's vectors are
     written to the cache a block of whole batches at a time (chunks of 40 photos and batches of 16 here: blocks of
-    32, so 162 training photos take six) and the head reads them from there (DiskImages); they are the vectors computed in memory, bit for bit, and a
-    second run reads them without a backbone pass, still on disk."""
+    32, so 162 training photos take six) and the head reads them from there (DiskImages); they are the vectors
+    computed in memory, bit for bit, and a second run reads them without a backbone pass, still on disk."""
     from cnnkit.config import TrainConfig
     from cnnkit.data import disk
     from cnnkit.data.tensors import load_dataset
