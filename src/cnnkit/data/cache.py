@@ -199,7 +199,7 @@ class CacheWriter:
         for split, (start, stop) in self.ranges.items():
             fd = os.open(self._temps[split], os.O_RDWR | os.O_TRUNC)
             self._fds[split] = fd
-            header = _npy_header((stop - start, *self._item_shape))
+            header = npy_header((stop - start, *self._item_shape))
             _pwrite_all(fd, header, 0)
             self._offset = len(header)
             os.ftruncate(fd, len(header) + (stop - start) * item_bytes)
@@ -254,7 +254,7 @@ class CacheWriter:
                 if pread_into(fd, block[index], at) < item_bytes:
                     raise OSError(f"unexpected end of a cache file being written at byte {at}")
             _pwrite_all(fd, memoryview(block).cast("B"), self._offset + first * item_bytes)
-        header = _npy_header((len(kept), *self._item_shape), length=self._offset)
+        header = npy_header((len(kept), *self._item_shape), length=self._offset)
         _pwrite_all(fd, header, 0)
         os.ftruncate(fd, self._offset + len(kept) * item_bytes)
 
@@ -264,14 +264,16 @@ class CacheWriter:
         self._fds.clear()
 
 
-def _npy_header(shape: tuple[int, ...], length: int | None = None) -> bytes:
-    """A .npy (1.0) header for uint8 C-order `shape`, padded to `length` bytes when given.
+def npy_header(shape: tuple[int, ...], length: int | None = None, dtype: np.dtype | type = np.uint8) -> bytes:
+    """A .npy (1.0) header for C-order `shape` of `dtype` (uint8 images, or a frozen backbone's float32 vectors:
+    the two kinds data/disk.py reads), padded to `length` bytes when given.
 
     The padding lets a file's header be rewritten in place for a smaller first axis (numpy >= 1.24 pads
     headers so that they keep their length anyway; this does not rely on it).
     """
     buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buffer, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                                                 "shape": shape})
     header = buffer.getvalue()
     if length is None or len(header) == length:
         return header

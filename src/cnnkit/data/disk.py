@@ -67,7 +67,8 @@ MEMORY_SHARE = 0.8
 
 #: What a decoded file may hold: uint8 images (N, C, H, W), or float32 feature vectors (N, D), the pooled
 #: features of a frozen backbone (engine/features.py), which stream from disk as the images they came from did.
-ROW_KINDS = {(np.dtype(np.uint8), 3): "images", (np.dtype(np.float32), 1): "feature vectors"}
+#: Each kind as (dtype, dimensions of a row).
+ROW_KINDS = frozenset({(np.dtype(np.uint8), 3), (np.dtype(np.float32), 1)})
 
 
 @dataclass(frozen=True)

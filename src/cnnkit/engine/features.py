@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cnnkit.data.cache import npy_header
 from cnnkit.data.disk import DiskImages
 from cnnkit.data.tensors import Dataset, Split
 from cnnkit.engine.checkpoint import data_fingerprint
@@ -192,8 +193,7 @@ def write_streamed(pooled: PooledFeatures, images: DiskImages, batch_size: int, 
     bit."""
     step = batch_size * max(1, images.chunk_rows // batch_size)
     with atomic_path(path) as tmp, open(tmp, "wb") as out:
-        np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
-                                                   "fortran_order": False, "shape": (len(images), width)})
+        out.write(npy_header((len(images), width), dtype=np.float32))
         for start in range(0, len(images), step):
             block = predict_logits(pooled, images[start : start + step], batch_size=batch_size)
             out.write(block.float().cpu().contiguous().numpy().tobytes())
