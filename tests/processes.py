@@ -1,4 +1,5 @@
-"""Run a `cnnkit` command as its own process, the way every test does: `run_cnnkit(*args)`.
+"""Run a `cnnkit` command as its own process, the way every test does: `run_cnnkit(*args)` to its end, or
+`start_cnnkit(*args)` to signal or read it while it runs (what `subprocess.Popen` gives).
 
 A command runs as `python -m cnnkit ARGS` would, with its output captured as text. Where it can, it is forked
 from a server that has already imported torch (`zygote.py`, one per test worker), which saves the time each
@@ -94,10 +95,31 @@ def _read_all(fd: int, into: list[bytes]) -> threading.Thread:
     return thread
 
 
+def _request(zygote: _Zygote, args: list[str], env: Mapping[str, str], cwd: str, fds: list[int],
+             session: bool = False) -> tuple[socket.socket, int] | None:
+    """Ask `zygote` to fork `args` with `fds` as its stdin, stdout and stderr (closed here either way): the open
+    connection, on which its exit status will come, and its pid; None if the server declined the request (one too
+    big for a message, a server gone), for the caller to start it the plain way."""
+    request = json.dumps({"args": args, "cwd": cwd, "env": dict(env), "umask": _umask(), "session": session}).encode()
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        connection.connect(zygote.address)
+        socket.send_fds(connection, [request], fds)
+        answer = connection.recv(4096)  # {"pid": N}, or nothing from a server that declined
+    except OSError:
+        answer = b""
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if not answer:
+        connection.close()
+        return None
+    return connection, json.loads(answer)["pid"]
+
+
 def _forked(zygote: _Zygote, command: list[str], args: list[str], env: Mapping[str, str], cwd: str,
             timeout: float | None, input: str | None) -> subprocess.CompletedProcess[str] | None:
-    """Run the command forked from `zygote`, as subprocess.run would; None if the server declined the request
-    (one too big for a message, a server gone), for the caller to start it the plain way."""
+    """Run the command forked from `zygote`, as subprocess.run would; None if the server declined it."""
     deadline = None if timeout is None else time.monotonic() + timeout
 
     def left() -> float | None:
@@ -106,22 +128,14 @@ def _forked(zygote: _Zygote, command: list[str], args: list[str], env: Mapping[s
     stdout_read, stdout_write = os.pipe()
     stderr_read, stderr_write = os.pipe()
     stdin_read, stdin_write = os.pipe()
-    request = json.dumps({"args": args, "cwd": cwd, "env": dict(env), "umask": _umask()}).encode()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as connection:
-        try:
-            connection.connect(zygote.address)
-            socket.send_fds(connection, [request], [stdin_read, stdout_write, stderr_write])
-            answer = connection.recv(4096)  # {"pid": N}, or nothing from a server that declined
-        except OSError:
-            answer = b""
-        finally:
-            for fd in (stdin_read, stdout_write, stderr_write):
-                os.close(fd)
-        if not answer:
-            for fd in (stdout_read, stderr_read, stdin_write):
-                os.close(fd)
-            return None
-        pid, ended = json.loads(answer)["pid"], False
+    started = _request(zygote, args, env, cwd, [stdin_read, stdout_write, stderr_write])
+    if started is None:
+        for fd in (stdout_read, stderr_read, stdin_write):
+            os.close(fd)
+        return None
+    connection, pid = started
+    with connection:
+        ended = False
         outputs: tuple[list[bytes], list[bytes]] = ([], [])
         readers = [_read_all(stdout_read, outputs[0]), _read_all(stderr_read, outputs[1])]
         try:
@@ -146,6 +160,107 @@ def _forked(zygote: _Zygote, command: list[str], args: list[str], env: Mapping[s
                     connection.recv(4096)  # the server has reaped it
     return subprocess.CompletedProcess(command, returncode, _decode(b"".join(outputs[0])),
                                        _decode(b"".join(outputs[1])))
+
+
+class Started:
+    """A command forked from the server and still running, with what the tests use of `subprocess.Popen(...,
+    text=True)`: pid, stdout and stderr (text streams where PIPE was asked for), poll, wait, communicate,
+    send_signal, terminate, kill and returncode. Its exit status comes from the server, which reaps it."""
+
+    def __init__(self, command: list[str], connection: socket.socket, pid: int, stdout: int | None,
+                 stderr: int | None) -> None:
+        self.args, self.pid, self.returncode = command, pid, None
+        self._connection = connection
+        encoding = locale.getpreferredencoding(False)  # what Popen's text mode reads with
+        self.stdout = None if stdout is None else os.fdopen(stdout, "r", encoding=encoding)
+        self.stderr = None if stderr is None else os.fdopen(stderr, "r", encoding=encoding)
+        self._readers: list[tuple[threading.Thread, list[str]]] | None = None
+
+    def _ended(self, timeout: float | None) -> bool:
+        if self.returncode is None:
+            self._connection.settimeout(timeout)  # 0: a look without waiting
+            try:
+                message = self._connection.recv(4096)
+            except (TimeoutError, BlockingIOError):
+                return False
+            if not message:
+                raise RuntimeError(f"the fork server ended before {self.args} did")
+            self.returncode = json.loads(message)["returncode"]
+            self._connection.close()
+        return True
+
+    def poll(self) -> int | None:
+        self._ended(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._ended(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str | None, str | None]:
+        """Read stdout and stderr to their ends and wait, as Popen.communicate (a second call goes on reading)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._readers is None:
+            self._readers = []
+            for stream in (self.stdout, self.stderr):
+                if stream is not None:
+                    into: list[str] = []
+                    thread = threading.Thread(target=lambda s=stream, i=into: i.append(s.read()), daemon=True)
+                    thread.start()
+                    self._readers.append((thread, into))
+        for thread, _ in self._readers:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        texts = iter("".join(into) for _, into in self._readers)
+        return (None if self.stdout is None else next(texts)), (None if self.stderr is None else next(texts))
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:  # as Popen: no signal once it is known to have ended
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _output_ends(choice: int, stdout_end: int | None) -> tuple[int | None, int]:
+    """(the end this process reads or None, the end the command writes) for subprocess.PIPE, DEVNULL or STDOUT."""
+    if choice == subprocess.PIPE:
+        return os.pipe()
+    if choice == subprocess.DEVNULL:
+        return None, os.open(os.devnull, os.O_WRONLY)
+    if choice == subprocess.STDOUT and stdout_end is not None:
+        return None, os.dup(stdout_end)
+    raise ValueError(f"start_cnnkit takes PIPE, DEVNULL or (for stderr) STDOUT, not {choice!r}")
+
+
+def start_cnnkit(*args: str | os.PathLike, stdout: int = subprocess.PIPE, stderr: int = subprocess.PIPE,
+                 env: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None,
+                 start_new_session: bool = False) -> subprocess.Popen[str] | Started:
+    """`subprocess.Popen([sys.executable, "-m", "cnnkit", *args], stdin=DEVNULL, text=True, ...)`, forked from
+    the server where `run_cnnkit` would be (a `Started`), else that Popen."""
+    command = [sys.executable, "-m", "cnnkit", *map(os.fspath, args)]
+    environment = dict(os.environ if env is None else env)
+    directory = os.path.abspath(os.getcwd() if cwd is None else cwd)
+    zygote = None if not os.path.isdir(directory) else _server()
+    if zygote is not None and zygote.serves(environment):
+        stdout_read, stdout_write = _output_ends(stdout, None)
+        stderr_read, stderr_write = _output_ends(stderr, stdout_write)
+        started = _request(zygote, command[3:], environment, directory,
+                           [os.open(os.devnull, os.O_RDONLY), stdout_write, stderr_write], start_new_session)
+        if started is not None:
+            return Started(command, *started, stdout_read, stderr_read)
+        for fd in (stdout_read, stderr_read):
+            if fd is not None:
+                os.close(fd)
+    return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, text=True,
+                            env=environment, cwd=cwd, start_new_session=start_new_session)
 
 
 def _umask() -> int:

@@ -20,7 +20,7 @@ from cnnkit.engine.fit import fit
 from cnnkit.errors import CnnkitError
 from cnnkit.models import build_model
 from checkpoints import wait_for_checkpoint
-from processes import run_cnnkit
+from processes import run_cnnkit, start_cnnkit
 from slices import SHARED_DATA, mnist_dataset
 
 
@@ -95,14 +95,12 @@ def test_torchrun_with_two_gloo_processes_trains_like_one_and_writes_one_run(tmp
 
 @pytest.mark.slow
 def test_a_two_process_run_killed_after_an_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
-    command = [sys.executable, "-m", "cnnkit", *TRAIN, "--devices", "2", "--epochs", "2", "--ema", "0.9"]
-    whole = subprocess.run([*command, "--runs-dir", str(tmp_path / "whole"), "--name", "r"],
-                           capture_output=True, text=True, timeout=600)
+    command = [*TRAIN, "--devices", "2", "--epochs", "2", "--ema", "0.9"]
+    whole = run_cnnkit(*command, "--runs-dir", str(tmp_path / "whole"), "--name", "r", timeout=600)
     assert whole.returncode == 0, whole.stderr
 
     runs = tmp_path / "runs"
-    process = subprocess.Popen([*command, "--runs-dir", str(runs), "--name", "r"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = start_cnnkit(*command, "--runs-dir", str(runs), "--name", "r", start_new_session=True)
     staging = wait_for_checkpoint(runs, 1, process)
     # Kills the launcher's group only: torchrun puts its workers in sessions of their own, so this also checks that
     # they die with it (cnnkit.lifetime); a surviving rank 0 would finish and rename the staging directory away.
@@ -124,10 +122,8 @@ def test_ctrl_c_on_a_two_process_run_stops_every_process_and_says_how_to_resume(
     own): it passes the signal on, rank 0 names the checkpoint in the one line printed, and the command ends by
     SIGINT at once, as one process does."""
     runs = tmp_path / "runs"
-    command = [sys.executable, "-m", "cnnkit", *TRAIN, "--devices", "2", "--epochs", "300", "--runs-dir", str(runs),
-               "--name", "r"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    process = start_cnnkit(*TRAIN, "--devices", "2", "--epochs", "300", "--runs-dir", str(runs), "--name", "r",
+                           start_new_session=True)
     staging = wait_for_checkpoint(runs, 1, process)
     os.killpg(process.pid, signal.SIGINT)
     interrupted = time.monotonic()

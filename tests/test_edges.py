@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from processes import start_cnnkit
 from slices import SHARED_DATA
 from test_hostile_inputs import cnnkit, everything_under, one_error_line, write_digit_pngs
 
@@ -177,9 +178,8 @@ def test_torchscript_export_on_a_full_disk_is_one_line_and_leaves_nothing(traine
 def test_sigterm_during_predict_show_input_removes_the_pictures_it_wrote(trained, tmp_path):
     digits = write_digit_pngs(tmp_path / "many", 3000)
     shown = tmp_path / "seen"
-    process = subprocess.Popen([sys.executable, "-m", "cnnkit", "predict", str(trained), str(digits[0].parent),
-                                "--show-input", str(shown)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
+    process = start_cnnkit("predict", str(trained), str(digits[0].parent), "--show-input", str(shown),
+                           stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not (shown.is_dir() and any(shown.iterdir())) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.01)
@@ -498,8 +498,7 @@ def start_server(run: Path) -> tuple[int, subprocess.Popen]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "cnnkit", "serve", str(run), "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_cnnkit("serve", str(run), "--port", str(port))
     assert "serving" in process.stdout.readline()
     return port, process
 

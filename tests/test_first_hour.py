@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 from checkpoints import wait_for_checkpoint
-from processes import run_cnnkit
+from processes import run_cnnkit, start_cnnkit
 from slices import SHARED_DATA
 from test_hostile_inputs import cnnkit, write_digit_pngs
 
@@ -46,10 +45,9 @@ def test_resume_takes_the_run_name_of_a_crashed_training(tmp_path):
     data.mkdir()
     (data / "mnist").symlink_to(SHARED_DATA / "mnist")
     runs = tmp_path / "runs"
-    process = subprocess.Popen([sys.executable, "-m", "cnnkit", "train", "--data-dir", str(data), "--limit-train",
-                                "512", "--limit-eval", "128", "--epochs", "20", "--model", "fast", "--quiet",
-                                "--runs-dir", str(runs), "--name", "cut"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = start_cnnkit("train", "--data-dir", str(data), "--limit-train", "512", "--limit-eval", "128",
+                           "--epochs", "20", "--model", "fast", "--quiet", "--runs-dir", str(runs), "--name", "cut",
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     staging = wait_for_checkpoint(runs, 1, process)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=60)

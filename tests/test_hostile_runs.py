@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from checkpoints import wait_for_checkpoint
-from processes import run_cnnkit
+from processes import Started, run_cnnkit, start_cnnkit
 from slices import SHARED_DATA
 
 TRAIN = ["train", "--preset", "fast", "--data-dir", str(SHARED_DATA), "--limit-train", "2000", "--limit-eval", "500",
@@ -44,9 +44,8 @@ def cnnkit(*args: str, env: dict | None = None, prefix: tuple[str, ...] = (), ti
 NO_OVERRIDE = ("setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search")
 
 
-def start(*args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cnnkit", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+def start(*args: str, env: dict | None = None) -> subprocess.Popen | Started:
+    return start_cnnkit(*args, env=env)
 
 
 def one_error_line(stderr: str) -> str:

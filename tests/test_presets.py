@@ -20,7 +20,7 @@ from slices import extract_cifar_subset
 
 PRESETS = [preset.name for preset in list_presets()]
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-STEP_IMAGES = 64  # one step: the batch size is cut to the whole (limited) training set
+STEP_IMAGES = 16  # one step: the batch size is cut to the whole (limited) training set
 
 
 @pytest.fixture(scope="module")

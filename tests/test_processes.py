@@ -1,11 +1,13 @@
-"""The suite's way of running a command (`processes.run_cnnkit`): a command forked from the torch-importing server
-gives what the same command started the plain way gives, byte for byte, and is a process of its own."""
+"""The suite's ways of running a command (`processes.run_cnnkit`, `processes.start_cnnkit`): a command forked
+from the torch-importing server gives what the same command started the plain way gives, byte for byte, and is a
+process of its own."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 
@@ -14,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import processes
-from processes import run_cnnkit
+from processes import Started, run_cnnkit, start_cnnkit
 from slices import SHARED_DATA
 
 TRAIN = ("train", "--data-dir", str(SHARED_DATA), "--limit-train", "256", "--limit-eval", "200", "--epochs", "1",
@@ -70,6 +72,24 @@ def test_a_forked_command_is_a_process_of_its_own_and_past_its_timeout_it_is_kil
     pid = int((tmp_path / ".slow.lock").read_text())  # the training's claim on its name, left by the kill
     assert pid not in (os.getpid(), processes._zygote.process.pid)
     assert not os.path.exists(f"/proc/{pid}"), "killed and reaped before run_cnnkit raised"
+
+
+def test_a_started_command_is_forked_and_leads_its_own_session_when_asked(tmp_path, monkeypatch):
+    """`start_cnnkit`, the suite's Popen: forked (not quietly started the plain way), in a session and process
+    group of its own with start_new_session, so a test's killpg reaches it and nothing else."""
+    monkeypatch.setenv("CNNKIT_TEST_FORK", "1")
+    process = start_cnnkit(*TRAIN, "--epochs", "300", "--runs-dir", str(tmp_path), "--name", "slow",
+                           start_new_session=True)
+    assert isinstance(process, Started)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / ".slow.lock").is_file():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.01)
+    assert os.getsid(process.pid) == os.getpgid(process.pid) == process.pid != os.getsid(0)
+    os.killpg(process.pid, signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    out, err = process.communicate(timeout=30)  # text, read to its end, as Popen(text=True) gives
+    assert isinstance(out, str) and isinstance(err, str) and "Traceback" not in err
 
 
 def test_a_request_too_big_for_the_server_runs_the_plain_way_and_the_server_goes_on(monkeypatch):

@@ -12,8 +12,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,7 @@ from cnnkit.engine.fit import fit
 from cnnkit.errors import CnnkitError
 from cnnkit.models import build_model
 from checkpoints import StopAfter, wait_for_checkpoint
-from processes import run_cnnkit as cnnkit
+from processes import run_cnnkit as cnnkit, start_cnnkit
 from slices import SHARED_DATA, mnist_dataset
 
 # Every callback with state is on: EMA (its average), weight selection (the best snapshot), early
@@ -141,8 +139,7 @@ def uninterrupted(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
 def test_a_killed_training_resumes_to_the_same_weights_and_history(tmp_path, uninterrupted, how):
     runs = tmp_path / "runs"
-    process = subprocess.Popen([sys.executable, "-m", "cnnkit", *TRAIN, "--runs-dir", str(runs), "--name", "whole"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_cnnkit(*TRAIN, "--runs-dir", str(runs), "--name", "whole")
     staging = wait_for_checkpoint(runs, 2, process)
     process.send_signal(getattr(signal, how))
     _, stderr = process.communicate(timeout=60)
@@ -197,8 +194,7 @@ def test_resume_refuses_a_finished_run_changed_options_and_changed_data(tmp_path
 def test_a_run_in_use_cannot_be_resumed_twice(tmp_path):
     runs = tmp_path / "runs"
     # 300 epochs, stopped long before: 30 leave only seconds for the second process to start beside other tests.
-    process = subprocess.Popen([sys.executable, "-m", "cnnkit", *TRAIN, "--epochs", "300", "--runs-dir", str(runs)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_cnnkit(*TRAIN, "--epochs", "300", "--runs-dir", str(runs))
     try:
         staging = wait_for_checkpoint(runs, 1, process)
         second = cnnkit("train", "--resume", str(staging))

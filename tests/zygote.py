@@ -5,12 +5,14 @@ at its first optimizer step (torch.optim's own imports); this server pays those 
 (the time saved: benchmarks/RESULTS.md, "Ending a command"). Each command is still a process of its own (its own
 pid, standard streams, working directory, environment, exit status and signals), forked from here and then
 running cnnkit's `__main__` as `python -m cnnkit` would. cnnkit itself is not imported here, so every command
-imports cnnkit's modules as a fresh process does. `processes.run_cnnkit` is the client; it runs a command the
-plain way where this server would not be the same (another interpreter start-up environment, a wrapper program).
+imports cnnkit's modules as a fresh process does. `processes.run_cnnkit` and `processes.start_cnnkit` are the
+clients; they run a command the plain way where this server would not be the same (another interpreter start-up
+environment, a wrapper program).
 
 Protocol, over a SOCK_SEQPACKET Unix socket (one connection per command): the client sends one JSON message
-(argv, cwd, env, umask) with the command's stdin, stdout and stderr as SCM_RIGHTS file descriptors; the server
-answers {"pid": N} once forked and {"returncode": N} when the process has ended (negative: killed by a signal).
+(argv, cwd, env, umask, and whether the command starts a session of its own) with the command's stdin, stdout
+and stderr as SCM_RIGHTS file descriptors; the server answers {"pid": N} once forked and {"returncode": N} when
+the process has ended (negative: killed by a signal).
 The server ends when its stdin (a pipe from the test worker) closes, killing the commands still running.
 """
 
@@ -124,6 +126,8 @@ def run_command(request: dict, fds: list[int]) -> None:
     file-creation mask. Left as the server's: the seed of str hashes (fixed when an interpreter starts), and
     what the client does not differ in (`processes.STARTUP_PREFIXES`).
     """
+    if request.get("session"):
+        os.setsid()  # Popen's start_new_session
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
