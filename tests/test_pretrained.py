@@ -233,7 +233,8 @@ def test_the_features_of_streamed_photos_stay_on_disk_bit_for_bit_those_computed
     """A folder too large for memory is not made to fit by its features: with --stream the backbone's vectors are
     written to the cache a block of whole batches at a time (chunks of 40 photos and batches of 16 here: blocks of
     32, so 162 training photos take six) and the head reads them from there (DiskImages); they are the vectors
-    computed in memory, bit for bit, and a second run reads them without a backbone pass, still on disk."""
+    computed in memory, bit for bit, and a second run reads them without a backbone pass, still on disk. An
+    earlier cnnkit's feature file (safetensors, no longer read) is removed, and said."""
     from cnnkit.config import TrainConfig
     from cnnkit.data import disk
     from cnnkit.data.tensors import load_dataset
@@ -245,14 +246,21 @@ def test_the_features_of_streamed_photos_stay_on_disk_bit_for_bit_those_computed
     config = TrainConfig(dataset=f"imagefolder:{photo_folder}", model="efficientnet_lite0", pretrained="imagenet",
                          model_kwargs={"resolution": 64}, data_dir=str(data_dir))
 
+    said: list[str] = []
+
     def features(stream: str, folder: Path):
         data = load_dataset(config.dataset, str(data_dir), stream=stream, progress=False)
         assert data.streamed == (stream == "yes")
         _, vectors, summary = frozen_features(model_for(config, data), data, device=torch.device("cpu"),
-                                              batch_size=16, folder=folder, log=print)
+                                              batch_size=16, folder=folder, log=said.append)
         return vectors, summary
 
+    (tmp_path / "streamed").mkdir()
+    (tmp_path / "streamed" / f"{'0' * 40}.safetensors").write_bytes(b"{}")  # an earlier cnnkit's feature file
     streamed, made = features("yes", tmp_path / "streamed")
+    assert not list((tmp_path / "streamed").glob("*.safetensors"))
+    removed = f"removed 1 feature file(s) of an earlier cnnkit (.safetensors, no longer read) from {tmp_path}"
+    assert f"frozen backbone: {removed}/streamed" in said, said
     in_memory, _ = features("no", tmp_path / "in-memory")
     again, read = features("yes", tmp_path / "streamed")
     assert made.computed_images == 330 and read.computed_images == 0 and read.cached_images == 330

@@ -13,6 +13,7 @@ exactly those: anything that could change a vector changes the key, and nothing 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -141,6 +142,10 @@ def frozen_features(model: ImageClassifier, data: Dataset, *, device: torch.devi
     swept = sweep_stale_temp_files(folder)  # a streamed split's file is written for the whole backbone pass
     if swept:
         log(f"frozen backbone: removed {len(swept)} half-written feature file(s) a stopped run left in {folder}")
+    outdated = remove_outdated(folder)
+    if outdated:
+        log(f"frozen backbone: removed {len(outdated)} feature file(s) of an earlier cnnkit ({OUTDATED_SUFFIX}, "
+            f"no longer read) from {folder}")
     model.to(device)
     head = model.body.head_module()
     key = backbone_key(model, head)
@@ -165,6 +170,26 @@ def frozen_features(model: ImageClassifier, data: Dataset, *, device: torch.devi
     features = Dataset(data.name, data.classes, vectors_of["train"], vectors_of["val"], vectors_of["test"],
                        val_source=data.val_source, skipped=data.skipped)
     return head, features, FeatureSummary(cached, computed, fit_images, seconds, fit_seconds, str(folder))
+
+
+#: Feature files of cnnkit before 2026-12-06 (safetensors; now .npy, which a streamed split can be read from a
+#: chunk at a time): nothing reads them, so they only hold disk space.
+OUTDATED_SUFFIX = ".safetensors"
+
+
+def remove_outdated(folder: Path) -> list[Path]:
+    """Remove the feature files of the format cnnkit no longer reads from its own cache folder; return them."""
+    removed = []
+    try:
+        entries = list(folder.glob(f"*{OUTDATED_SUFFIX}"))
+    except OSError:
+        return []
+    for path in entries:
+        if path.is_file() and not path.is_symlink():
+            with contextlib.suppress(OSError):  # a read-only cache: they stay, and nothing reads them
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def split_key(backbone: str, split: Split) -> str:
