@@ -206,7 +206,7 @@ class Started:
             for stream in (self.stdout, self.stderr):
                 if stream is not None:
                     into: list[str] = []
-                    thread = threading.Thread(target=lambda s=stream, i=into: i.append(s.read()), daemon=True)
+                    thread = threading.Thread(target=_read_to_end, args=(stream, into), daemon=True)
                     thread.start()
                     self._readers.append((thread, into))
         for thread, _ in self._readers:
@@ -227,6 +227,12 @@ class Started:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
+
+
+def _read_to_end(stream, into: list[str]) -> None:
+    """What Popen.communicate does with each stream: read it to its end, then close it."""
+    with stream:
+        into.append(stream.read())
 
 
 def _output_ends(choice: int, stdout_end: int | None) -> tuple[int | None, int]:
