@@ -86,7 +86,7 @@ def test_photos_of_digits_score_within_a_point_of_the_original_images(digit_fold
     variation) is as right on photos as on MNIST's images."""
     plain, photos, labels = digit_folders
     robust = train_digits(tmp_path / "runs", "robust", "--preset", "fast", "--epochs", "3",
-                          "--augment", "shift=2,affine=10", "--limit-train", "20000")  # a third: 11 s of 33 saved
+                          "--augment", "shift=2,affine=10", "--limit-train", "20000")  # a third of MNIST: the suite's time
     original = accuracy(robust, plain, labels)
     photographed = accuracy(robust, photos, labels, show=tmp_path / "seen")
     # Measured on these 1,000 digits: 98.8% plain, 98.7% photos (gap 0.1 points; 99.1% and 99.1% trained on all

@@ -272,8 +272,8 @@ def npy_header(shape: tuple[int, ...], length: int | None = None, dtype: np.dtyp
     headers so that they keep their length anyway; this does not rely on it).
     """
     buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-                                                 "shape": shape})
+    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+    np.lib.format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": False, "shape": shape})
     header = buffer.getvalue()
     if length is None or len(header) == length:
         return header

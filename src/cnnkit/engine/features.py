@@ -180,11 +180,7 @@ OUTDATED_SUFFIX = ".safetensors"
 def remove_outdated(folder: Path) -> list[Path]:
     """Remove the feature files of the format cnnkit no longer reads from its own cache folder; return them."""
     removed = []
-    try:
-        entries = list(folder.glob(f"*{OUTDATED_SUFFIX}"))
-    except OSError:
-        return []
-    for path in entries:
+    for path in folder.glob(f"*{OUTDATED_SUFFIX}"):  # nothing for a folder missing or unreadable
         if path.is_file() and not path.is_symlink():
             with contextlib.suppress(OSError):  # a read-only cache: they stay, and nothing reads them
                 path.unlink()
