@@ -12,7 +12,7 @@ from PIL import Image
 
 from cnnkit.config import resolve_config
 from cnnkit.data.augment import (AUGMENTATIONS, erase_side, make_augmentation, random_affine, random_crop,
-                                 random_erase, resolve_flip)
+                                 random_erase, random_zoom, resolve_flip)
 from cnnkit.data.cifar import write_cifar10_binary
 from cnnkit.data.registry import DATASETS
 from cnnkit.data.tensors import load_dataset
@@ -24,7 +24,7 @@ from slices import SHARED_DATA, extract_cifar_subset, mnist_dataset
 
 CIFAR_CLASSES = ("airplane", "automobile", "frog")
 PIPELINES = ["shift", "shift=3", "crop", "crop=2", "erase", "erase=0.25", "erase=7", "affine", "affine=15",
-             "crop=4,erase=0.5", "shift=2,affine=10", "none"]
+             "crop=4,erase=0.5", "shift=2,affine=10", "zoom", "zoom=0.5", "crop=4,zoom=0.6", "none"]
 
 
 @pytest.fixture(autouse=True)
@@ -130,12 +130,39 @@ def test_affine_rotates_about_the_centre_as_pil_does():
     assert (out.float() - images.float()).abs().mean() > 10  # and it did rotate
 
 
+def test_zoom_of_the_whole_frame_at_one_aspect_is_the_identity(cifar):
+    for images in (mnist_images(), cifar):
+        assert torch.equal(random_zoom(images, 1.0, seeded(), aspect=(1.0, 1.0)), images)
+
+
+def test_zoom_crops_and_stretches_as_pil_resizing_a_box_does(cifar):
+    """Each photo matches PIL's bilinear resize of the rectangle drawn for it (area, aspect, then place)."""
+    n, _, height, width = cifar.shape
+    out = random_zoom(cifar, 0.3, seeded(7))
+    generator = seeded(7)
+    draw = lambda low, high: low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)  # noqa: E731
+    area, ratio = draw(0.3, 1.0), torch.exp(draw(np.log(3 / 4), np.log(4 / 3)))
+    box_width, box_height = torch.sqrt(area * ratio).clamp(max=1), torch.sqrt(area / ratio).clamp(max=1)
+    centre_x, centre_y = (1 - box_width) * draw(-1, 1), (1 - box_height) * draw(-1, 1)
+    for i, (image, zoomed) in enumerate(zip(cifar, out)):
+        left, top = (centre_x[i] - box_width[i] + 1) / 2 * width, (centre_y[i] - box_height[i] + 1) / 2 * height
+        box = (left.item(), top.item(), left.item() + box_width[i].item() * width,
+               top.item() + box_height[i].item() * height)
+        assert 0 <= box[0] and 0 <= box[1] and box[2] <= width + 1e-9 and box[3] <= height + 1e-9  # inside
+        assert 0.3 - 1e-9 <= (box[2] - box[0]) * (box[3] - box[1]) / (width * height)  # at least the area asked
+        reference = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((width, height), Image.BILINEAR, box=box)
+        difference = np.abs(np.asarray(reference).astype(int) - zoomed.permute(1, 2, 0).numpy().astype(int))
+        assert difference.mean() < 0.5 and difference.max() <= 2  # of 0-255
+    assert (out.float() - cifar.float()).abs().mean() > 10  # and it did zoom
+
+
 @pytest.mark.parametrize("text, message", [
     ("crp", "--augment has an unknown item 'crp' (did you mean 'crop'?)"),
     ("crop=2.5", "--augment item crop=2.5: must be a whole number of pixels from 1 to 64"),
     ("shift=0", "--augment item shift=0: must be a whole number of pixels from 1 to 64"),
     ("erase=1.5", "--augment item erase=1.5: must be a fraction of the side between 0 and 1"),
     ("affine=200", "--augment item affine=200: must be a rotation in degrees from 0 to 180"),
+    ("zoom=0", "--augment item zoom=0: must be the smallest fraction of the image's area to keep"),
     ("crop=x", "--augment item 'crop=x': 'x' is not a number"),
     ("none,crop", "--augment combines 'none' with other items"),
     ("flip-crop", "--augment has an unknown item 'flip-crop'"),

@@ -148,6 +148,35 @@ def random_affine(images: torch.Tensor, max_degrees: float, generator: torch.Gen
     return warped.round_().clamp_(0, 255).to(images.dtype)
 
 
+#: Aspect ratios (width over height) a `zoom` crop draws from, log-uniformly: the Inception / timm default.
+ZOOM_ASPECT = (3 / 4, 4 / 3)
+
+
+def random_zoom(images: torch.Tensor, min_area: float, generator: torch.Generator,
+                aspect: tuple[float, float] = ZOOM_ASPECT) -> torch.Tensor:
+    """Random-resized crop: each image's own rectangle, stretched back to the full frame (bilinear, uint8).
+
+    The rectangle covers a fraction of the image's area uniform in [min_area, 1], with a width-to-height ratio
+    log-uniform in `aspect`, at a uniform place wholly inside the image; a side that would leave the image is
+    cut to the image's (so a thin draw covers a little less than its area). Unlike `crop`'s shifts, the object's
+    apparent size changes: what fine-tuning an ImageNet network on photos of varied framing wants.
+    """
+    n, _, height, width = images.shape
+    area = _uniform(n, min_area, 1.0, generator)
+    ratio = torch.exp(_uniform(n, math.log(aspect[0]), math.log(aspect[1]), generator))
+    crop_width = torch.sqrt(area * ratio).clamp(max=1.0)  # fractions of the side
+    crop_height = torch.sqrt(area / ratio).clamp(max=1.0)
+    # affine_grid's coordinates span [-1, 1]: a crop of fraction w has its centre within +-(1 - w).
+    centre_x = (1 - crop_width) * _uniform(n, -1.0, 1.0, generator)
+    centre_y = (1 - crop_height) * _uniform(n, -1.0, 1.0, generator)
+    zeros = torch.zeros_like(area)
+    theta = torch.stack([torch.stack([crop_width, zeros, centre_x], 1),
+                         torch.stack([zeros, crop_height, centre_y], 1)], 1).float().to(images.device)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    zoomed = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return zoomed.round_().clamp_(0, 255).to(images.dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The registered items: `name` or `name=value` in --augment
 
@@ -194,6 +223,18 @@ def erase(value: float | None) -> Augmentation:
         raise ValueError(f"must be a fraction of the side between 0 and 1 or a whole number of pixels from 1 "
                          f"to 1024, got {size:g}")
     return lambda images, generator: random_erase(images, size, generator)
+
+
+@AUGMENTATIONS.register("zoom")
+def zoom(value: float | None) -> Augmentation:
+    """zoom=A (default 0.35): random-resized crop, a rectangle of A to all of the image's area (aspect 3:4 to
+    4:3) stretched to the full frame. For photos, where an object's size and place in the frame vary; the
+    usual augmentation for fine-tuning an ImageNet network (timm's and torchvision's scale=(A, 1))."""
+    min_area = 0.35 if value is None else value
+    if not 0 < min_area <= 1:
+        raise ValueError(f"must be the smallest fraction of the image's area to keep, above 0 and at most 1, "
+                         f"got {min_area:g}")
+    return lambda images, generator: random_zoom(images, min_area, generator)
 
 
 @AUGMENTATIONS.register("affine")
