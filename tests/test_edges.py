@@ -478,6 +478,10 @@ def test_names_with_escapes_markup_and_odd_bytes_reach_the_terminal_escaped(trai
 # The server
 
 
+#: The served run's --stall-timeout (seconds): short, so the stalled clients below are dropped soon.
+STALL_S = 2.0
+
+
 @pytest.fixture(scope="module")
 def server(trained, root):
     """`cnnkit serve` of a run whose metrics.json holds NaN, on a free port; (base URL, process)."""
@@ -486,19 +490,19 @@ def server(trained, root):
     metrics = json.loads((run / "metrics.json").read_text())
     metrics["test_loss"] = float("nan")
     (run / "metrics.json").write_text(json.dumps(metrics))
-    port, process = start_server(run)
+    port, process = start_server(run, "--stall-timeout", str(STALL_S))
     yield f"http://127.0.0.1:{port}", port, process
     if process.poll() is None:
         process.kill()
         process.wait()
 
 
-def start_server(run: Path) -> tuple[int, subprocess.Popen]:
+def start_server(run: Path, *options: str) -> tuple[int, subprocess.Popen]:
     """`cnnkit serve RUN` on a free port of 127.0.0.1, once it says it is serving: (port, process)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    process = start_cnnkit("serve", str(run), "--port", str(port))
+    process = start_cnnkit("serve", str(run), "--port", str(port), *options)
     assert "serving" in process.stdout.readline()
     return port, process
 
@@ -539,7 +543,8 @@ def test_the_server_answers_bad_requests_quietly_and_drops_stalled_clients(serve
                        b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; "
                        b"filename=\"a.png\"\r\n\r\n" + b"a" * 500)
         time.sleep(0.5)
-    # Half a request head, and half a body (at the same time): both closed by the server, not left open.
+    # Half a request head, and half a body (at the same time): both closed by the server once they have sent
+    # nothing for --stall-timeout seconds, not left open.
     stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
     started = time.monotonic()
     stalled[0].sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
@@ -548,7 +553,7 @@ def test_the_server_answers_bad_requests_quietly_and_drops_stalled_clients(serve
         with client:
             client.settimeout(30)
             assert client.recv(100) == b""
-    assert time.monotonic() - started < 20
+    assert STALL_S - 0.1 < time.monotonic() - started < STALL_S + 10
     assert request(url + "/health")[0] == 200
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=30)

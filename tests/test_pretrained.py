@@ -335,7 +335,7 @@ def test_a_probe_before_fine_tuning_shares_the_feature_cache_and_fine_tuning_sta
     common = ["--dataset", f"imagefolder:{photo_folder}", "--model", "efficientnet_lite0", "--pretrained", "imagenet",
               "--runs-dir", str(runs), "--data-dir", str(data)]
     still = ["--model-kwargs", '{"resolution": 64, "drop_path_rate": 0.2}', "--lr", "1e-9", "--freeze-bn"]
-    process = start_cnnkit("train", *common, *still, "--epochs", "6", "--probe-epochs", "15", "--name", "probed",
+    process = start_cnnkit("train", *common, *still, "--epochs", "4", "--probe-epochs", "15", "--name", "probed",
                            start_new_session=True)
     staging = wait_for_checkpoint(runs, 1, process)
     process.send_signal(signal.SIGTERM)

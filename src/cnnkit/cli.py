@@ -570,14 +570,19 @@ def _add_serve(sub) -> None:
     p.add_argument("--port", type=_port, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
     p.add_argument("--max-upload-mb", type=_positive_float, default=10, metavar="MB",
                    help="refuse larger uploads with HTTP 413 (default 10 MiB)")
+    p.add_argument("--stall-timeout", type=_positive_float, metavar="S",
+                   help="close a connection whose client sends nothing for S seconds while the server waits on it "
+                        "(half a request, half an upload); default 10")
     _add_trust_code(p)
     p.set_defaults(handler=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace, started: float) -> int:
     from cnnkit.serve import serve
+    from cnnkit.serve.app import STALL_TIMEOUT_S
 
-    serve(args.run, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, trust_code=args.trust_code)
+    serve(args.run, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, trust_code=args.trust_code,
+          stall_timeout_s=args.stall_timeout or STALL_TIMEOUT_S)
     return 0
 
 

@@ -311,7 +311,8 @@ class TrainConfig:
                                      "only (--stream no)", scope="fit", choices=("shuffle", "balanced"))
     augment: str = option("none", "batch augmentations applied in order, comma-separated: shift=PX (zero fill), "
                                   "crop=PX (reflect pad + random crop), erase=SIZE (cutout: px, or fraction if < 1), "
-                                  "affine=DEGREES (rotate, zoom 0.9-1.1), or none; e.g. crop=4,erase=0.5",
+                                  "affine=DEGREES (rotate, zoom 0.9-1.1), zoom=AREA (random-resized crop of AREA "
+                                  "to all of the image), or none; e.g. crop=4,erase=0.5",
                           scope="fit", check=_check_augment, metavar="LIST")
     flip: str = option("auto", "mirror a random half of each batch: auto (only where the dataset allows it: photos "
                                "and clothing, never digits or characters), yes, or no", scope="fit",

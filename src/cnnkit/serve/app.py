@@ -560,8 +560,8 @@ def create_app(run_dir: str | Path, max_upload_mb: float = 10, *, max_batch: int
 
 
 #: A client the server waits on (for a new connection's request, a request's head or the rest of its body) that sends
-#: nothing for this long is disconnected: uvicorn's h11 protocol times out only idle keep-alive connections, so
-#: a connection that sent half its headers or half its body stayed open (still there after 45 s).
+#: nothing for this long is disconnected (`--stall-timeout`): uvicorn's h11 protocol times out only idle keep-alive
+#: connections, so a connection that sent half its headers or half its body stayed open (still there after 45 s).
 STALL_TIMEOUT_S = 10.0
 #: At most this many connections at once (uvicorn answers more with 503), and request heads of at most this
 #: size (h11's own bound on an incomplete event: a larger head is answered 400).
@@ -569,9 +569,10 @@ MAX_CONNECTIONS = 1000
 MAX_HEAD_BYTES = 64 * 1024
 
 
-def stall_timeout_protocol():
+def stall_timeout_protocol(stall_timeout_s: float = STALL_TIMEOUT_S):
     """uvicorn's h11 protocol with a timer on the client: re-armed by every byte received, it closes a
-    connection whose client stalls while the server waits on it (the app's own work is never cut short)."""
+    connection whose client stalls `stall_timeout_s` while the server waits on it (the app's own work is never
+    cut short)."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -593,7 +594,7 @@ def stall_timeout_protocol():
         def _arm_stall_timer(self) -> None:
             if self._stall_timer is not None:
                 self._stall_timer.cancel()
-            self._stall_timer = self.loop.call_later(STALL_TIMEOUT_S, self._stalled)
+            self._stall_timer = self.loop.call_later(stall_timeout_s, self._stalled)
 
         def _stalled(self) -> None:
             self._stall_timer = None
@@ -628,11 +629,13 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10, *,
-          threads: int | None = None, access_log: bool = False, trust_code: bool = False) -> None:
+          threads: int | None = None, access_log: bool = False, trust_code: bool = False,
+          stall_timeout_s: float = STALL_TIMEOUT_S) -> None:
     """Serve the run until interrupted (Ctrl+C). Binds 127.0.0.1 unless another `host` is given.
 
     `threads` sets torch's intra-op threads (default: half the cores, leaving the rest to the event loop
-    and image decoding). Prints the address once listening.
+    and image decoding). `stall_timeout_s`: how long a client may send nothing while the server waits on it
+    (longer for clients on slow links). Prints the address once listening.
     """
     import torch
     import uvicorn
@@ -654,7 +657,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_up
         print(f"note: listening on {bound_host}, reachable from other machines; the server has no authentication",
               flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=access_log, timeout_graceful_shutdown=5,
-                            http=stall_timeout_protocol(), limit_concurrency=MAX_CONNECTIONS,
+                            http=stall_timeout_protocol(stall_timeout_s), limit_concurrency=MAX_CONNECTIONS,
                             h11_max_incomplete_event_size=MAX_HEAD_BYTES)
     try:
         uvicorn.Server(config).run(sockets=[sock])
