@@ -140,7 +140,10 @@ def test_zoom_crops_and_stretches_as_pil_resizing_a_box_does(cifar):
     n, _, height, width = cifar.shape
     out = random_zoom(cifar, 0.3, seeded(7))
     generator = seeded(7)
-    draw = lambda low, high: low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)  # noqa: E731
+
+    def draw(low: float, high: float) -> torch.Tensor:  # as random_zoom draws, in its order
+        return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
+
     area, ratio = draw(0.3, 1.0), torch.exp(draw(np.log(3 / 4), np.log(4 / 3)))
     box_width, box_height = torch.sqrt(area * ratio).clamp(max=1), torch.sqrt(area / ratio).clamp(max=1)
     centre_x, centre_y = (1 - box_width) * draw(-1, 1), (1 - box_height) * draw(-1, 1)

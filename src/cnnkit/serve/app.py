@@ -640,6 +640,8 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_up
     import torch
     import uvicorn
 
+    if not 0 < stall_timeout_s < float("inf"):
+        raise CnnkitError(f"stall timeout must be a positive number of seconds, got {stall_timeout_s}")
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
     app = create_app(run_dir, max_upload_mb, trust_code=trust_code)
     # torch and the app leave ~200k long-lived objects that every full garbage collection would walk again
