@@ -274,6 +274,10 @@ class TrainConfig:
     backbone_lr_scale: float = option(1.0, "learning rate of everything but the head, as a fraction of --lr "
                                            "(fine-tuning: e.g. 0.1)", scope="fit", low=0, low_open=True, high=1,
                                       metavar="F")
+    stage_lr_decay: float = option(1.0, "layer-wise learning-rate decay of a pretrained backbone: its last stage "
+                                        "learns at the backbone's rate and each stage before it F times the next's, "
+                                        "so the generic early features move least (fine-tuning: e.g. 0.7)",
+                                   scope="fit", low=0, low_open=True, high=1, metavar="F")
     epochs: int = option(10, "passes over the training set", scope="fit", low=1, high=100_000)
     budget: float | None = option(None, "seconds of training: after the first epoch, the epoch count drops to "
                                         "what fits at its pace (never above --epochs; the schedule spans the new "

@@ -123,7 +123,7 @@ def fit(
     peak_lr = config.lr * (world.world_size if config.scale_lr else 1)
     optimizer = make_optimizer(model, config.optimizer, peak_lr, config.weight_decay,
                                backbone_lr_scale=config.backbone_lr_scale, bias_lr_scale=config.bias_lr_scale,
-                               head_lr_scale=config.head_lr_scale)
+                               head_lr_scale=config.head_lr_scale, stage_lr_decay=config.stage_lr_decay)
     schedule = SCHEDULES.get(config.schedule)
     augment, mix = batch_transforms(config, data)
     class_weights = balanced_class_weights(data.train.labels, len(data.classes)).to(device) \

@@ -16,6 +16,7 @@ from torch import nn
 from cnnkit.registry import Registry
 from cnnkit.engine.muon import Muon
 from cnnkit.models.classifier import head_parameters
+from cnnkit.models.pretrained import stage_lr_factors
 
 #: Keras's Adam epsilon (PyTorch's default is 1e-8), so `--optimizer adam` is the tutorial's optimizer.
 KERAS_ADAM_EPSILON = 1e-7
@@ -71,7 +72,7 @@ def muon(groups: list[dict[str, Any]], lr: float, weight_decay: float) -> torch.
 
 def param_groups(model: nn.Module | Iterable[nn.Parameter], weight_decay: float,
                  backbone_lr_scale: float = 1.0, bias_lr_scale: float = 1.0,
-                 head_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+                 head_lr_scale: float = 1.0, stage_lr_decay: float = 1.0) -> list[dict[str, Any]]:
     """The parameters split into optimizer groups by (weight decay, learning-rate scale).
 
     Weight decay applies only to weight matrices and kernels: BatchNorm/LayerNorm scales and shifts and
@@ -82,8 +83,10 @@ def param_groups(model: nn.Module | Iterable[nn.Parameter], weight_decay: float,
     `bias_lr_scale` multiplies the rate of every bias (BatchNorm shifts included, not its scales): the CIFAR
     speed runs train BatchNorm biases 64x faster than the weights (airbench's ablations: 94% in 17 instead
     of 22 epochs). `head_lr_scale` multiplies the head's rate (with Muon, whose kernel rate is on another
-    scale than the SGD that trains the head). Groups at the full rate come first, so `param_groups[0]["lr"]`
-    is the schedule's rate.
+    scale than the SGD that trains the head). `stage_lr_decay` below 1 is layer-wise rate decay on a backbone
+    built in stages (models.pretrained.stage_lr_factors): each stage learns that fraction of the next one's
+    rate, on top of `backbone_lr_scale`. Groups at the full rate come first, so `param_groups[0]["lr"]` is the
+    schedule's rate.
     """
     parameters = list(model.parameters()) if isinstance(model, nn.Module) else list(model)
     head: set[int] = set()
@@ -96,11 +99,17 @@ def param_groups(model: nn.Module | Iterable[nn.Parameter], weight_decay: float,
         if not isinstance(model, nn.Module):
             raise ValueError("bias_lr_scale needs the model, to tell biases by their names")
         biases = {id(p) for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] == "bias"}
+    stage_factors: dict[int, float] = {}
+    if stage_lr_decay != 1.0:
+        if not isinstance(model, nn.Module):
+            raise ValueError("stage_lr_decay needs the model, to find its stages")
+        stage_factors = stage_lr_factors(model, stage_lr_decay)
     grouped: dict[tuple[float, float], list[nn.Parameter]] = {}
     for parameter in parameters:
         decay = weight_decay if parameter.ndim > 1 else 0.0
         scale = head_lr_scale if id(parameter) in head else backbone_lr_scale
         scale *= bias_lr_scale if id(parameter) in biases else 1.0
+        scale *= stage_factors.get(id(parameter), 1.0)
         grouped.setdefault((scale, decay), []).append(parameter)
     order = sorted(grouped, key=lambda key: (key[0] != 1.0, -key[0], -key[1]))
     return [{"params": grouped[key], "weight_decay": key[1], "lr_scale": key[0]} for key in order]
@@ -108,9 +117,9 @@ def param_groups(model: nn.Module | Iterable[nn.Parameter], weight_decay: float,
 
 def make_optimizer(model: nn.Module | Iterable[nn.Parameter], name: str, lr: float, weight_decay: float,
                    *, backbone_lr_scale: float = 1.0, bias_lr_scale: float = 1.0,
-                   head_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+                   head_lr_scale: float = 1.0, stage_lr_decay: float = 1.0) -> torch.optim.Optimizer:
     """The named optimizer over `param_groups(model, ...)` (no decay on norms and biases)."""
-    groups = param_groups(model, weight_decay, backbone_lr_scale, bias_lr_scale, head_lr_scale)
+    groups = param_groups(model, weight_decay, backbone_lr_scale, bias_lr_scale, head_lr_scale, stage_lr_decay)
     return OPTIMIZERS.get(name)(groups, lr, weight_decay)
 
 

@@ -122,6 +122,21 @@ def frozen_stages(model: nn.Module, count: int, option: str = "--freeze-stages")
     return stages[:count]
 
 
+def stage_lr_factors(model: nn.Module, decay: float, option: str = "--stage-lr-decay") -> dict[int, float]:
+    """Each backbone parameter's learning-rate factor, by `id`, for layer-wise rate decay: the last stage (and what
+    follows it in the body) 1, each stage before it `decay` times the next's, so the stem, whose features are the
+    most generic, moves least. Parameters outside the body's stages (the head) are not in it. Refuses a model
+    without stages, as --freeze-stages does."""
+    body = model.body if isinstance(model, ImageClassifier) else model
+    name = getattr(model, "architecture", None) or type(body).__name__
+    if not callable(getattr(body, "stages", None)):
+        raise CnnkitError(f"{option} {decay:g}: {name} is not built in stages (the pretrained backbones are: "
+                          f"{', '.join(pretrained_names())}); use one of them, or give {option} 1")
+    stages = body.stages()
+    return {id(parameter): decay ** (len(stages) - 1 - index)
+            for index, stage in enumerate(stages) for parameter in stage.parameters()}
+
+
 def backbone(architecture: str) -> Backbone:
     if architecture not in BACKBONES:
         raise CnnkitError(f"model {architecture!r} has no ImageNet weights in cnnkit; pretrained models: "
