@@ -441,6 +441,50 @@ def test_what_kept_stages_cannot_do_is_one_line(flags, error, tmp_path):
     assert status == 1 and len(lines) == 1 and all(part in lines[0] for part in error), lines
 
 
+def test_stage_lr_decay_scales_each_stages_step_by_its_depth_below_the_last(photos):
+    """--stage-lr-decay 0.5 on EfficientNet-Lite0 (the stem and 7 stages): one SGD step from the same weights on
+    the same real photos moves stage i by 0.5 ** (7 - i) of what the undecayed step moves it, on top of
+    --backbone-lr-scale; the final 1x1 convolution moves as the last stage, the head at its own rate."""
+    from cnnkit.engine.optim import make_optimizer, set_lr
+    from cnnkit.models import build_model
+
+    images = torch.cat([photos["airplane"][:8], photos["automobile"][:8]])
+    labels = torch.arange(16) % 3  # not their classes: a gradient on every head row
+
+    def one_step(**scales: float) -> dict[str, tuple[torch.Tensor, float]]:
+        """Each parameter's step and the rounding its float32 subtraction can carry."""
+        model = build_model("efficientnet_lite0", (3, 32, 32), 3, mean=[127.5] * 3, std=[127.5] * 3, seed=0,
+                            resolution=64)
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        model.eval()  # no dropout: both steps see the same gradients
+        optimizer = make_optimizer(model, "sgd", 0.1, 0.0, head_lr_scale=4.0, backbone_lr_scale=0.5, **scales)
+        set_lr(optimizer, 0.1)  # each group its scale of the schedule's rate, as fit() sets it every step
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+        ulp = torch.finfo(torch.float32).eps
+        return {name: (p.detach() - before[name], 4 * ulp * float(before[name].abs().max()))
+                for name, p in model.named_parameters()}
+
+    plain, decayed = one_step(), one_step(stage_lr_decay=0.5)
+    stage_of = {"body.conv_stem.": 0, "body.bn1.": 0, **{f"body.blocks.{i}.": i + 1 for i in range(7)},
+                "body.conv_head.": 7, "body.bn2.": 7, "body.classifier.": None}
+    checked = 0
+    for name, (step, rounding) in plain.items():
+        stage = next(stage for prefix, stage in stage_of.items() if name.startswith(prefix))
+        factor = 1.0 if stage is None else 0.5 ** (7 - stage)
+        assert step.abs().max() > 100 * rounding * factor, name  # a step far above what rounding can move
+        torch.testing.assert_close(decayed[name][0], step * factor, rtol=1e-3, atol=rounding,
+                                   msg=lambda message: f"{name}: {message}")
+        checked += 1
+    assert checked == len(plain) > 100
+
+
+def test_stage_lr_decay_on_a_model_without_stages_is_one_line(tmp_path):
+    status, lines = refused_training(tmp_path, "--model", "fast", "--stage-lr-decay", "0.7")
+    assert status == 1 and len(lines) == 1, lines
+    assert "--stage-lr-decay 0.7: fast is not built in stages" in lines[0] and "give --stage-lr-decay 1" in lines[0]
+
+
 def test_a_frozen_backbone_run_stopped_by_a_signal_resumes_to_the_uninterrupted_weights(photo_folder, tmp_path):
     """The checkpoint of a --freeze backbone run holds its head; `--resume` reads the features from the cache
     and ends bit for bit where the uninterrupted run does."""

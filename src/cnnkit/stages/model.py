@@ -13,7 +13,7 @@ from cnnkit.models.classifier import ImageClassifier, custom_architecture
 from cnnkit.models.user import (UserCode, build_body, check_classifier, load_function,
                                 parse_file_spec, read_code, user_body, verified_code)
 from cnnkit.models.transfer import init_from_run, init_meta, load_weights_file
-from cnnkit.models.pretrained import find_pretrained, frozen_stages, load_pretrained
+from cnnkit.models.pretrained import find_pretrained, frozen_stages, load_pretrained, stage_lr_factors
 from cnnkit.data.download import data_root
 
 
@@ -53,6 +53,8 @@ def model_for(config: TrainConfig, data: Dataset, user_model: Any = None, code: 
     elif config.weights is not None:
         model.weights_from = load_weights_file(model, config.weights)
     frozen_stages(model, config.freeze_stages)  # refused now, not after a probe's backbone pass
+    if config.stage_lr_decay != 1.0:
+        stage_lr_factors(model, config.stage_lr_decay)  # the same
     return model
 
 
