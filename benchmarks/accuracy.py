@@ -38,7 +38,6 @@ import re
 import shlex
 import statistics
 import sys
-import tarfile
 import tempfile
 import time
 from contextlib import ExitStack
@@ -46,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the one extraction of CIFAR subsets
 from mnist_speed import PEER_SCRIPT, ROOT, SHARED, fmt, machine, run_measured, run_peer, write_results  # noqa: E402
 
 PEER_CACHE = Path(os.environ.get("CNNKIT_PEER_CACHE", Path.home() / ".cache" / "cnnkit" / "peer-time.json"))
@@ -158,11 +158,10 @@ def extract_cifar(archive: Path, into: Path) -> str:
     """Extract the JPEG copy of CIFAR-10 once; return its folder (with train/ and test/ inside)."""
     if not archive.is_file():
         raise SystemExit(f"--cifar-jpg: {archive} not found; pass the path of cifar10-jpg.tar.gz or use --cifar-binary")
+    from slices import CIFAR_CLASSES, extract_cifar_subset
+
     print(f"extracting {archive} to {into} ...", flush=True)
-    with tarfile.open(archive, "r:gz") as tar:
-        tar.extractall(into, filter="data")
-    folders = [path for path in into.iterdir() if path.is_dir()]
-    return str(folders[0] if len(folders) == 1 else into)
+    return str(extract_cifar_subset(archive, into / "cifar10-jpg", CIFAR_CLASSES, {"train": 5000, "test": 1000}))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def audit(target: Path, out: Path, data: Path, *options: str) -> tuple[float, str]:
@@ -66,9 +65,9 @@ def label_issues(work: Path, per_class: int, flip: float, seed: int) -> None:
 
 
 def planted_copies(work: Path, planted: int, seed: int) -> None:
-    from slices import SHARED_DATA, extract_cifar_subset
+    from slices import CIFAR_CLASSES, SHARED_DATA, extract_cifar_subset
 
-    folder = extract_cifar_subset(SHARED_DATA / "cifar10-jpg.tar.gz", work / "cifar", CLASSES, {"test": 1000})
+    folder = extract_cifar_subset(SHARED_DATA / "cifar10-jpg.tar.gz", work / "cifar", CIFAR_CLASSES, {"test": 1000})
     originals = sorted(folder.glob("test/*/*.jpg"))
     rng = np.random.default_rng(seed)
     kinds = {"same file": None, "JPEG q50": lambda image: image,

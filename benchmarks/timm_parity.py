@@ -34,7 +34,6 @@ from cnnkit.data.images import open_image, to_array
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the one extraction of CIFAR subsets, shared with the tests
 
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 #: cnnkit name -> timm name.
 PAIRS = {"resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "resnet50",
          "efficientnet_lite0": "tf_efficientnet_lite0", "efficientnet_lite1": "tf_efficientnet_lite1",
@@ -76,10 +75,10 @@ def stub_torchvision() -> None:
 
 def photos(archive: Path, per_class: int) -> torch.Tensor:
     """CIFAR-10 test JPEGs as (N, 3, 224, 224), ImageNet-standardised (the same tensor goes to both models)."""
-    from slices import extract_cifar_subset
+    from slices import CIFAR_CLASSES, extract_cifar_subset
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = extract_cifar_subset(archive, Path(tmp), CLASSES, {"test": per_class})
+        root = extract_cifar_subset(archive, Path(tmp), CIFAR_CLASSES, {"test": per_class})
         arrays = [to_array(open_image(path), (32, 32), 3) for path in sorted(root.glob("test/*/*.jpg"))]
     images = torch.from_numpy(np.stack(arrays)).float() / 255
     images = F.interpolate(images, size=(224, 224), mode="bilinear", align_corners=False)

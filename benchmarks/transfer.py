@@ -1,7 +1,7 @@
 """Transfer learning on CIFAR-10: pretrain on 5 classes, fine-tune on the other 5 with 100 images per class.
 
 The real experiment behind `cnnkit train --init RUN`. From the JPEG copy of CIFAR-10
-(../shared/data/cifar10-jpg.tar.gz, streamed once into a temporary folder):
+(../shared/data/cifar10-jpg.tar.gz, streamed into a temporary folder):
 - A: airplane, automobile, bird, cat, deer: `--per-class-a` training images per class (default 1000) and
   their 1,000 test images each;
 - B: dog, frog, horse, ship, truck: `--per-class-b` training images per class (default 100) and their
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,12 +27,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))  # the one extraction of CIFAR subsets, shared with the tests
 
 from mnist_speed import machine, write_results  # noqa: E402
+from slices import CIFAR_CLASSES  # noqa: E402
 
 ARCHIVE = HERE.parent.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
-CLASSES_A = ("airplane", "automobile", "bird", "cat", "deer")
-CLASSES_B = ("dog", "frog", "horse", "ship", "truck")
+CLASSES_A, CLASSES_B = CIFAR_CLASSES[:5], CIFAR_CLASSES[5:]
 START, END = "<!-- transfer:start -->", "<!-- transfer:end -->"
 
 #: One recipe for every run: the `fast` CNN widened for colour photos, AdamW with a one-cycle schedule,
@@ -55,26 +55,12 @@ RECIPE = {
 
 
 def extract(archive: Path, root: Path, per_class: dict[str, int]) -> dict[str, Path]:
-    """Stream the archive once into root/A and root/B, each with train/<class>/ and test/<class>/ folders.
+    """root/A and root/B, each with train/<class>/ and test/<class>/ folders: the first `per_class[group]`
+    training JPEGs of each class and all 1,000 of its test JPEGs (tests/slices.py's extraction)."""
+    from slices import extract_cifar_subset
 
-    Takes the first `per_class[group]` training JPEGs of each class and every test JPEG of it.
-    """
-    groups = {name: "A" for name in CLASSES_A} | {name: "B" for name in CLASSES_B}
-    counts: dict[tuple[str, str], int] = {}
-    with tarfile.open(archive, "r|gz") as tar:
-        for member in tar:
-            parts = member.name.split("/")  # cifar10-jpg/<split>/<class>/<file>
-            if not member.isfile() or len(parts) != 4 or parts[2] not in groups:
-                continue
-            split, name = parts[1], parts[2]
-            group = groups[name]
-            if split == "train" and counts.get((split, name), 0) >= per_class[group]:
-                continue
-            counts[split, name] = counts.get((split, name), 0) + 1
-            target = root / group / split / name / parts[3]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(tar.extractfile(member).read())
-    return {"A": root / "A", "B": root / "B"}
+    return {group: extract_cifar_subset(archive, root / group, classes, {"train": per_class[group], "test": 1000})
+            for group, classes in (("A", CLASSES_A), ("B", CLASSES_B))}
 
 
 @dataclass

@@ -30,7 +30,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the one extraction of CIFAR subsets, shared with the tests
 
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def run(preset: str, seed: int, folder: Path, work: Path, options: list[str] = (), *, cold: bool = True,
@@ -69,7 +68,7 @@ def row(preset: str, runs: list[dict], scratch_error: float | None) -> str:
 
 
 def main() -> None:
-    from slices import add_cifar_archive_option, extract_cifar_subset
+    from slices import CIFAR_CLASSES, add_cifar_archive_option, extract_cifar_subset
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-class", type=int, default=100)
@@ -83,7 +82,7 @@ def main() -> None:
     comparator = [] if args.scratch == "none" else [args.scratch]
     with tempfile.TemporaryDirectory() as temporary:
         work = Path(temporary)
-        folder = extract_cifar_subset(args.cifar_jpg, work / "photos", CLASSES,
+        folder = extract_cifar_subset(args.cifar_jpg, work / "photos", CIFAR_CLASSES,
                                       {"train": args.per_class, "test": 1000})
         scratch = args.scratch_options.split()
         results, again = {}, {}

@@ -7,7 +7,11 @@ import functools
 import tarfile
 from pathlib import Path
 
+from cnnkit.data.registry import get_spec
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+#: The class folders of cifar10-jpg.tar.gz: CIFAR-10's class names, as cnnkit's registry has them.
+CIFAR_CLASSES: tuple[str, ...] = get_spec("cifar10").classes
 
 
 @functools.cache
