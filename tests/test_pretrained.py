@@ -479,10 +479,14 @@ def test_stage_lr_decay_scales_each_stages_step_by_its_depth_below_the_last(phot
     assert checked == len(plain) > 100
 
 
-def test_stage_lr_decay_on_a_model_without_stages_is_one_line(tmp_path):
-    status, lines = refused_training(tmp_path, "--model", "fast", "--stage-lr-decay", "0.7")
-    assert status == 1 and len(lines) == 1, lines
-    assert "--stage-lr-decay 0.7: fast is not built in stages" in lines[0] and "give --stage-lr-decay 1" in lines[0]
+@pytest.mark.parametrize("flags, error", [
+    (["--model", "fast"], ("--stage-lr-decay 0.7: fast is not built in stages", "give --stage-lr-decay 1")),
+    (["--model", "efficientnet_lite0", "--pretrained", "imagenet", "--freeze", "backbone"],
+     ("--freeze backbone keeps the whole backbone as it is, so --stage-lr-decay 0.7 has no stage to slow",)),
+])
+def test_what_stage_lr_decay_cannot_do_is_one_line(flags, error, tmp_path):
+    status, lines = refused_training(tmp_path, "--stage-lr-decay", "0.7", *flags)
+    assert status == 1 and len(lines) == 1 and all(part in lines[0] for part in error), lines
 
 
 def test_a_frozen_backbone_run_stopped_by_a_signal_resumes_to_the_uninterrupted_weights(photo_folder, tmp_path):

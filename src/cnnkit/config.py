@@ -719,7 +719,8 @@ def resolve_config(preset: str | None = None, *, config_file: str | os.PathLike[
 
 def frozen_conflict(config: TrainConfig, spell: Spell = python_name) -> str | None:
     """What --freeze backbone cannot combine with: anything that changes an image between epochs or at test time
-    (its features are computed once per image), and --freeze-epochs, which unfreezes."""
+    (its features are computed once per image), --freeze-epochs, which unfreezes, and the options that shape how
+    the backbone trains."""
     if config.freeze != "backbone":
         return None
     changing = [name for name, value, off in (("augment", config.augment, ("none",)), ("mix", config.mix, ("none",)),
@@ -737,6 +738,9 @@ def frozen_conflict(config: TrainConfig, spell: Spell = python_name) -> str | No
         return (f"{spell('freeze')} backbone keeps the whole backbone as it is; {spell('freeze_stages')} "
                 f"{config.freeze_stages} fine-tunes the stages after the first {config.freeze_stages}: use one "
                 f"({spell('freeze_stages')} 0 keeps none)")
+    if config.stage_lr_decay != 1.0:
+        return (f"{spell('freeze')} backbone keeps the whole backbone as it is, so {spell('stage_lr_decay')} "
+                f"{config.stage_lr_decay:g} has no stage to slow: use one")
     if config.freeze_epochs:
         return (f"{spell('freeze')} backbone keeps the backbone frozen for the whole run; "
                 f"{spell('freeze_epochs')} {config.freeze_epochs} would unfreeze it: use one")
