@@ -31,7 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the one extraction of CIFAR subsets, shared with the tests
 
 
-
 def run(preset: str, seed: int, folder: Path, work: Path, options: list[str] = (), *, cold: bool = True,
         name: str | None = None) -> dict:
     """One `cnnkit train --preset` on the photo folder: its test accuracy and timings. `cold`: with no cached

@@ -472,7 +472,7 @@ def test_stage_lr_decay_scales_each_stages_step_by_its_depth_below_the_last(phot
     for name, (step, rounding) in plain.items():
         stage = next(stage for prefix, stage in stage_of.items() if name.startswith(prefix))
         factor = 1.0 if stage is None else 0.5 ** (7 - stage)
-        assert step.abs().max() > 100 * rounding * factor, name  # a step far above what rounding can move
+        assert factor * step.abs().max() > 100 * rounding, name  # even decayed, far above what rounding moves
         torch.testing.assert_close(decayed[name][0], step * factor, rtol=1e-3, atol=rounding,
                                    msg=lambda message: f"{name}: {message}")
         checked += 1
@@ -487,6 +487,23 @@ def test_stage_lr_decay_scales_each_stages_step_by_its_depth_below_the_last(phot
 def test_what_stage_lr_decay_cannot_do_is_one_line(flags, error, tmp_path):
     status, lines = refused_training(tmp_path, "--stage-lr-decay", "0.7", *flags)
     assert status == 1 and len(lines) == 1 and all(part in lines[0] for part in error), lines
+
+
+def test_a_config_built_in_python_is_refused_what_the_command_line_refuses(tmp_path):
+    """cnnkit.train(config=TrainConfig(...)) skips resolve_config's checks; building the model asks again, so a
+    frozen backbone with a stage_lr_decay stops with the same message before any photo goes through it."""
+    import cnnkit
+    from cnnkit.config import TrainConfig
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "mnist").symlink_to(SHARED_DATA / "mnist")
+    config = TrainConfig(model="efficientnet_lite0", pretrained="imagenet", freeze="backbone", stage_lr_decay=0.7,
+                         data_dir=str(data), limit_train=64, limit_eval=32, runs_dir=str(tmp_path / "runs"))
+    with pytest.raises(CnnkitError, match="^freeze backbone keeps the whole backbone as it is, so "
+                                          "stage_lr_decay 0.7 has no stage to slow"):  # Python's names
+        cnnkit.train(config, progress=False, log=lambda *_: None)
+    assert not (data / "features").exists() and not any((tmp_path / "runs").glob("*"))
 
 
 def test_a_frozen_backbone_run_stopped_by_a_signal_resumes_to_the_uninterrupted_weights(photo_folder, tmp_path):

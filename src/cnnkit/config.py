@@ -719,8 +719,8 @@ def resolve_config(preset: str | None = None, *, config_file: str | os.PathLike[
 
 def frozen_conflict(config: TrainConfig, spell: Spell = python_name) -> str | None:
     """What --freeze backbone cannot combine with: anything that changes an image between epochs or at test time
-    (its features are computed once per image), --freeze-epochs, which unfreezes, and the options that shape how
-    the backbone trains."""
+    (its features are computed once per image), --freeze-epochs, which unfreezes, and the options that train
+    part of the backbone (--freeze-stages, --stage-lr-decay)."""
     if config.freeze != "backbone":
         return None
     changing = [name for name, value, off in (("augment", config.augment, ("none",)), ("mix", config.mix, ("none",)),
