@@ -57,7 +57,7 @@ def model_for(config: TrainConfig, data: Dataset, user_model: Any = None, code: 
         raise CnnkitError(problem)
     frozen_stages(model, config.freeze_stages)  # refused now, not after a probe's backbone pass
     if config.stage_lr_decay != 1.0:
-        stage_lr_factors(model, config.stage_lr_decay)  # the same
+        stage_lr_factors(model, config.stage_lr_decay)  # a model without stages: refused now too
     return model
 
 

@@ -25,8 +25,8 @@ PROBE_RECIPE: dict[str, Any] = {"lr": 1e-3, "optimizer": "adamw", "weight_decay"
                                 "warmup": 0.0, "batch_size": 32, "label_smoothing": 0.0, "head_lr_scale": 1.0,
                                 "backbone_lr_scale": 1.0, "stage_lr_decay": 1.0, "bias_lr_scale": 1.0,
                                 "augment": "none", "mix": "none", "flip": "no", "ema": None, "patience": None,
-                                "keep": "last", "budget": None, "freeze_epochs": 0, "freeze_stages": 0, "freeze_bn": False, "micro_batch": None,
-                                "compile": False}
+                                "keep": "last", "budget": None, "freeze_epochs": 0, "freeze_stages": 0,
+                                "freeze_bn": False, "micro_batch": None, "compile": False}
 
 
 @dataclass(frozen=True)
