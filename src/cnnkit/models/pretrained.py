@@ -105,17 +105,23 @@ def pretrained_names() -> list[str]:
     return list(BACKBONES)
 
 
+def staged_backbone(model: nn.Module, asked: str, way_out: str) -> tuple[str, list[nn.Module]]:
+    """The model's name and its backbone's stages (its body's `stages()`, the stem first), for the options that
+    work stage by stage; a model without them is refused in one line naming what was `asked` and the `way_out`."""
+    body = model.body if isinstance(model, ImageClassifier) else model
+    name = getattr(model, "architecture", None) or type(body).__name__
+    if not callable(getattr(body, "stages", None)):
+        raise CnnkitError(f"{asked}: {name} is not built in stages (the pretrained backbones are: "
+                          f"{', '.join(pretrained_names())}); use one of them, or give {way_out}")
+    return name, body.stages()
+
+
 def frozen_stages(model: nn.Module, count: int, option: str = "--freeze-stages") -> list[nn.Module]:
     """The first `count` stages of `model`'s backbone, the stem first (its body's `stages()`), which training
     keeps as they are; none for 0. Refuses a model without stages, and a count that leaves no stage to train."""
     if not count:
         return []
-    body = model.body if isinstance(model, ImageClassifier) else model
-    name = getattr(model, "architecture", None) or type(body).__name__
-    if not callable(getattr(body, "stages", None)):
-        raise CnnkitError(f"{option} {count}: {name} is not built in stages (the pretrained backbones are: "
-                          f"{', '.join(pretrained_names())}); use one of them, or give {option} 0")
-    stages = body.stages()
+    name, stages = staged_backbone(model, f"{option} {count}", f"{option} 0")
     if count >= len(stages):
         raise CnnkitError(f"{option} {count}: {name} has {len(stages)} stages (the stem and {len(stages) - 1}), "
                           f"so at most {len(stages) - 1} can be kept fixed; for the head alone use --freeze backbone")
@@ -127,12 +133,7 @@ def stage_lr_factors(model: nn.Module, decay: float, option: str = "--stage-lr-d
     follows it in the body) 1, each stage before it `decay` times the next's, so the stem, whose features are the
     most generic, moves least. Parameters outside the body's stages (the head) are not in it. Refuses a model
     without stages, as --freeze-stages does."""
-    body = model.body if isinstance(model, ImageClassifier) else model
-    name = getattr(model, "architecture", None) or type(body).__name__
-    if not callable(getattr(body, "stages", None)):
-        raise CnnkitError(f"{option} {decay:g}: {name} is not built in stages (the pretrained backbones are: "
-                          f"{', '.join(pretrained_names())}); use one of them, or give {option} 1")
-    stages = body.stages()
+    _, stages = staged_backbone(model, f"{option} {decay:g}", f"{option} 1")
     return {id(parameter): decay ** (len(stages) - 1 - index)
             for index, stage in enumerate(stages) for parameter in stage.parameters()}
 
