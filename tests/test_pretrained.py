@@ -490,8 +490,8 @@ def test_what_stage_lr_decay_cannot_do_is_one_line(flags, error, tmp_path):
 
 
 def test_a_config_built_in_python_is_refused_what_the_command_line_refuses(tmp_path):
-    """cnnkit.train(config=TrainConfig(...)) skips resolve_config's checks; building the model asks again, so a
-    frozen backbone with a stage_lr_decay stops with the same message before any photo goes through it."""
+    """cnnkit.train(config=TrainConfig(...)) meets resolve_config's checks too, so a frozen backbone with a
+    stage_lr_decay stops with the command line's message before any photo goes through it."""
     import cnnkit
     from cnnkit.config import TrainConfig
 

@@ -64,9 +64,9 @@ def train(config: TrainConfig | None = None, *, progress: bool = True, started: 
         overrides["model"] = model
     elif model is not None:
         user_model = model
-    if config is not None and overrides:  # keywords refine a given config, as they refine a preset
-        config = resolve_config(**{**config.to_dict(), **overrides})
-    config = config or resolve_config(**overrides)
+    # Keywords refine a given config, as they refine a preset; a config built in Python meets the command line's
+    # checks (options that cannot go together) here, before any data is read.
+    config = resolve_config(**{**(config.to_dict() if config is not None else {}), **overrides})
     if user_model is not None:
         architecture, kwargs = user_model_name(user_model)
         config = dataclasses.replace(config, model=architecture, model_kwargs=kwargs)

@@ -6,8 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 
-from cnnkit.config import TrainConfig, frozen_conflict
-from cnnkit.errors import CnnkitError
+from cnnkit.config import TrainConfig
 from cnnkit.data.tensors import Dataset
 from cnnkit.models import build_model, model_entry
 from cnnkit.models.classifier import ImageClassifier, custom_architecture
@@ -53,8 +52,6 @@ def model_for(config: TrainConfig, data: Dataset, user_model: Any = None, code: 
         model.weights_from = {"kind": "pretrained", **load_pretrained(model.body, found, cache).to_dict()}
     elif config.weights is not None:
         model.weights_from = load_weights_file(model, config.weights)
-    if problem := frozen_conflict(config):  # resolve_config asks too; a TrainConfig built in Python skips it
-        raise CnnkitError(problem)
     frozen_stages(model, config.freeze_stages)  # refused now, not after a probe's backbone pass
     if config.stage_lr_decay != 1.0:
         stage_lr_factors(model, config.stage_lr_decay)  # a model without stages: refused now too
