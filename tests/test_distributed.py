@@ -96,8 +96,14 @@ def test_torchrun_with_two_gloo_processes_trains_like_one_and_writes_one_run(tmp
 @pytest.mark.slow
 def test_a_two_process_run_killed_after_an_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
     command = [*TRAIN, "--devices", "2", "--epochs", "2", "--ema", "0.9"]
-    whole = run_cnnkit(*command, "--runs-dir", str(tmp_path / "whole"), "--name", "r", timeout=600)
+    # The launch leaves no folder of its own in the temporary folder (torchrun's launcher makes one for logs by
+    # default); torch's per-user compile cache (torchinductor_USER), shared by every run, may be there.
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    whole = run_cnnkit(*command, "--runs-dir", str(tmp_path / "whole"), "--name", "r", timeout=600,
+                       env={**os.environ, "TMPDIR": str(temporary)})
     assert whole.returncode == 0, whole.stderr
+    assert [path.name for path in temporary.iterdir() if not path.name.startswith("torchinductor_")] == []
 
     runs = tmp_path / "runs"
     process = start_cnnkit(*command, "--runs-dir", str(runs), "--name", "r", start_new_session=True)

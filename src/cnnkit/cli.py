@@ -268,7 +268,10 @@ def launch_processes(devices: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    launcher = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={devices}", "--module", PROG, *argv])
+    # --log-dir os.devnull: torchrun would otherwise make a folder of empty per-rank folders in the temporary folder
+    # for every launch and leave it there (each process's output goes to this terminal; nothing is redirected).
+    launcher = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={devices}", f"--log-dir={os.devnull}",
+                                             "--module", PROG, *argv])
     # Its warnings name torch's own files and say what cnnkit already sees to ("Setting OMP_NUM_THREADS ...": each
     # process sets its threads; "Sending process 1234 closing signal SIGINT": rank 0 says what was kept); errors show.
     for name in [name for name in logging.root.manager.loggerDict
