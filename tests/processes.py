@@ -293,3 +293,15 @@ def run_cnnkit(*args: str | os.PathLike, env: Mapping[str, str] | None = None, c
     if check:
         result.check_returncode()
     return result
+
+
+def run_torchrun(*args: str | os.PathLike, processes: int = 2, timeout: float = 300,
+                 env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m torch.distributed.run --standalone --nproc-per-node PROCESSES ARGS` to its end, output captured,
+    each process on one thread (two sharing the cores), as a user's own torchrun launch is. Its logs go to
+    os.devnull: by default the launcher leaves a torchelastic_* folder in the temporary folder each time."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               f"--log-dir={os.devnull}", *map(os.fspath, args)]
+    environment = {**(os.environ if env is None else env), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment,
+                          stdin=subprocess.DEVNULL)

@@ -7,9 +7,6 @@ training on these 512 images costs (three epochs fit for any first epoch from 3.
 """
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -25,6 +22,7 @@ from cnnkit.engine.fit import fit
 from cnnkit.engine.optim import SCHEDULES
 from cnnkit.errors import CnnkitError
 from cnnkit.models import build_model
+from processes import run_torchrun
 from slices import SHARED_DATA, mnist_dataset
 
 OPTIONS = dict(epochs=10, batch_size=64, lr=3e-3, optimizer="adamw", schedule="onecycle", warmup=0.2,
@@ -161,9 +159,7 @@ def test_data_parallel_ranks_plan_the_same_epochs_from_their_mean_epoch_time(tmp
     script = tmp_path / "plan.py"
     script.write_text(RANKS_PLAN)
     # Ranks planning alone fail the launch (measured: rank 1 stops after 2 epochs, rank 0's next all-reduce raises).
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             str(script), str(SHARED_DATA), str(tmp_path), str(BUDGET)], capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_torchrun(script, SHARED_DATA, tmp_path, str(BUDGET))
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     mean = (ranks[0]["seconds"] + ranks[1]["seconds"]) / 2

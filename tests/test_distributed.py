@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from cnnkit.engine.fit import fit
 from cnnkit.errors import CnnkitError
 from cnnkit.models import build_model
 from checkpoints import wait_for_checkpoint
-from processes import run_cnnkit, start_cnnkit
+from processes import run_cnnkit, run_torchrun, start_cnnkit
 from slices import SHARED_DATA, mnist_dataset
 
 
@@ -70,13 +69,10 @@ def run_files(run: Path) -> tuple[dict, list[str], dict]:
 @pytest.mark.slow
 def test_torchrun_with_two_gloo_processes_trains_like_one_and_writes_one_run(tmp_path):
     runs = tmp_path / "runs"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = run_cnnkit(*TRAIN, "--epochs", "2", "--threads", "1",
                      "--runs-dir", str(runs), "--name", "one", timeout=600)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "cnnkit", *TRAIN, "--epochs", "2", "--runs-dir", str(runs), "--name", "two"],
-                         capture_output=True, text=True, timeout=600, env=env)
+    two = run_torchrun("-m", "cnnkit", *TRAIN, "--epochs", "2", "--runs-dir", runs, "--name", "two", timeout=600)
     assert two.returncode == 0, two.stderr
     assert sorted(p.name for p in runs.iterdir()) == ["one", "two"]  # rank 1 wrote nothing of its own
     assert two.stdout.count("test accuracy") == 1  # and printed nothing: rank 0 reports
@@ -191,9 +187,7 @@ shutdown_distributed()  # cnnkit's exit: a barrier, then the group destroyed and
 def test_test_scoring_is_split_between_the_processes_and_gathered_in_order(tmp_path, size):
     script = tmp_path / "score.py"
     script.write_text(SHARDED_SCORING)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             str(script), str(size), str(tmp_path)], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_torchrun(script, str(size), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     shares = sorted(int((tmp_path / f"rank{rank}.txt").read_text()) for rank in range(2))
     assert shares == [size // 2, size - size // 2]  # each image scored once, by one process
@@ -228,9 +222,7 @@ def test_leaving_the_process_group_joins_its_threads_before_python_exits(tmp_pat
     # threads outlived destroy_process_group, and in 4 of 5 launches like this one a rank aborted at exit.
     script = tmp_path / "leave.py"
     script.write_text(CLEAN_EXIT)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             str(script), order, str(tmp_path)], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_torchrun(script, order, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in range(2):
         threads = (tmp_path / f"rank{rank}.txt").read_text().split()
