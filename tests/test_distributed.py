@@ -18,6 +18,7 @@ from cnnkit.data.tensors import batch_indices, batches_per_epoch
 from cnnkit.engine.fit import fit
 from cnnkit.errors import CnnkitError
 from cnnkit.models import build_model
+from cnnkit.models.classifier import head_parameters
 from checkpoints import wait_for_checkpoint
 from processes import run_cnnkit, run_torchrun, start_cnnkit
 from slices import SHARED_DATA, mnist_dataset
@@ -87,6 +88,25 @@ def test_torchrun_with_two_gloo_processes_trains_like_one_and_writes_one_run(tmp
     alone = evaluate_run(runs / "two", str(SHARED_DATA), limit=1000, progress=False)
     assert alone.confusion.tolist() == metrics["test_report"]["confusion_matrix"]
     assert alone.loss == pytest.approx(metrics["test_loss"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_head_only_epochs_train_on_two_processes_and_keep_the_backbone_until_they_end(tmp_path):
+    """--freeze-epochs with --devices 2: DDP is built before the backbone's first epochs without gradients, and
+    once failed waiting for them. A head-only epoch leaves every backbone parameter as one process leaves it
+    (its starting weights: the same seed); the epoch after it trains them."""
+    runs = tmp_path / "runs"
+    for name, devices, epochs in (("one", 1, 1), ("two", 2, 1), ("after", 2, 2)):
+        result = run_cnnkit(*TRAIN, "--devices", str(devices), "--epochs", str(epochs), "--freeze-epochs", "1",
+                            "--no-checkpoint", "--runs-dir", str(runs), "--name", name, timeout=600)
+        assert result.returncode == 0, result.stderr
+    model = build_model("fast", (1, 28, 28), 10)
+    head = {id(parameter) for parameter in head_parameters(model)}
+    backbone = [name for name, parameter in model.named_parameters() if id(parameter) not in head]
+    (one, _, _), (two, _, metrics), (after, history, _) = (run_files(runs / name) for name in ("one", "two", "after"))
+    assert metrics["processes"] == 2 and len(history) == 3  # the header and two epochs
+    assert len(backbone) >= 4 and all(torch.equal(one[key], two[key]) for key in backbone)
+    assert [key for key in backbone if torch.equal(after[key], two[key])] == []
 
 
 @pytest.mark.slow

@@ -126,9 +126,12 @@ def process_device(device: torch.device, world: World) -> torch.device:
     return device
 
 
-def wrap_model(model: nn.Module, device: torch.device, world: World, sync_batchnorm: bool = False) -> nn.Module:
+def wrap_model(model: nn.Module, device: torch.device, world: World, sync_batchnorm: bool = False,
+               parameters_rest: bool = False) -> nn.Module:
     """The module the train step calls: DDP around `model` when distributed (gradients averaged over
-    ranks during backward), else the model itself."""
+    ranks during backward), else the model itself. `parameters_rest`: some parameters that train now will
+    sit out some steps (the backbone during --freeze-epochs); DDP then looks each step for those that get no
+    gradient instead of waiting for them, which it would otherwise do until it fails."""
     if not world.distributed:
         return model
     if sync_batchnorm:
@@ -137,7 +140,8 @@ def wrap_model(model: nn.Module, device: torch.device, world: World, sync_batchn
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=parameters_rest)
 
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:

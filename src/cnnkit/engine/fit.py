@@ -140,7 +140,9 @@ def fit(
     history = History()
     chosen = [*builtin_callbacks(config, data.val_source, progress and world.is_main), *callbacks, history]
     with stages_kept(model, config.freeze_stages) as fixed, CallbackList(chosen, state) as hooks:
-        step_model = wrap_model(model, device, world, config.sync_bn)  # after the freeze: DDP syncs what trains
+        # After the kept stages' freeze: DDP syncs what trains. The head-only epochs' freeze comes later.
+        head_only = config.freeze_epochs > (resume["epoch"] if resume else 0)
+        step_model = wrap_model(model, device, world, config.sync_bn, parameters_rest=head_only)
         step_model = torch.compile(step_model) if config.compile else step_model
         hooks.on_train_begin()
         if resume is not None:
