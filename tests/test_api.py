@@ -1,9 +1,14 @@
 """The Python API: the Keras verbs from `import cnnkit`, on a real MNIST slice."""
 
+import json
+
 import numpy as np
+import pytest
 import torch
 
 import cnnkit
+from cnnkit.config import TrainConfig, options_of
+from cnnkit.errors import CnnkitError
 from processes import run_cnnkit
 from slices import SHARED_DATA
 
@@ -95,3 +100,31 @@ def test_keywords_given_with_a_config_refine_it_instead_of_being_dropped(tmp_pat
     assert result.run_dir == tmp_path / "refined" and result.metrics["epochs"] == 2
     assert result.metrics["model"] == "fast" and result.metrics["preset"] == "seed"
     assert result.metrics["num_train"] == 256 and result.metrics["num_test"] == 64  # the config's own options stay
+
+
+def test_a_config_naming_a_preset_gets_its_values_under_its_own(tmp_path):
+    """TrainConfig(preset="fast", ...) built by hand, and a config given with preset="fast", train the preset's
+    recipe under the options the config sets, as --preset does under flags (they once trained the defaults and
+    recorded the preset). A resolved config is kept whole: an option set back to its default stays there."""
+    fast = cnnkit.resolve_config(preset="fast")
+    data = dict(dataset="mnist", data_dir=str(SHARED_DATA), limit_train=512, limit_eval=128, runs_dir=str(tmp_path))
+    quiet = dict(progress=False, log=lambda *_: None)
+    by_hand = cnnkit.train(TrainConfig(preset="fast", lr=0.01, **data), name="by-hand", **quiet)
+    with_keyword = cnnkit.train(TrainConfig(**data), preset="fast", name="keyword", **quiet)
+    for result, lr in ((by_hand, 0.01), (with_keyword, fast.lr)):
+        recorded = json.loads((result.run_dir / "config.json").read_text())
+        assert recorded["preset"] == "fast" and recorded["model"] == "fast" and recorded["lr"] == lr
+        assert recorded["batch_size"] == fast.batch_size != TrainConfig().batch_size
+        assert recorded["limit_train"] == 512
+    default_lr = TrainConfig().lr
+    resolved = cnnkit.resolve_config(preset="fast", lr=default_lr)
+    assert fast.lr != default_lr and options_of(resolved) == resolved.to_dict()
+
+
+def test_devices_in_python_outside_torchrun_is_refused_before_anything_is_written(tmp_path):
+    """cnnkit.train(devices=2) once trained in one process and recorded devices 2 (repeating its config.json
+    from the command line starts two)."""
+    with pytest.raises(CnnkitError, match=r"cnnkit train --devices 2`, or start this script with `torchrun"):
+        cnnkit.train(dataset="mnist", data_dir=str(SHARED_DATA), limit_train=256, limit_eval=64, devices=2,
+                     runs_dir=str(tmp_path / "runs"), progress=False, log=lambda *_: None)
+    assert not (tmp_path / "runs").exists()

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from cnnkit.config import TrainConfig, resolve_config
+from cnnkit.config import TrainConfig, options_of, resolve_config
 from cnnkit.data.tensors import Dataset, load_test_split
 from cnnkit.engine.callbacks import Callback, History
 from cnnkit.engine.checkpoint import CHECKPOINT_JSON, has_checkpoint, read_training_checkpoint
@@ -66,7 +66,10 @@ def train(config: TrainConfig | None = None, *, progress: bool = True, started: 
         user_model = model
     # Keywords refine a given config, as they refine a preset; a config built in Python meets the command line's
     # checks (options that cannot go together) here, before any data is read.
-    config = resolve_config(**{**(config.to_dict() if config is not None else {}), **overrides})
+    # A TrainConfig(preset=...) built by hand, or a config given with preset=..., gets that preset's values under
+    # its own (options_of).
+    given = options_of(config, overrides.get("preset")) if config is not None else {}
+    config = resolve_config(**{**given, **overrides})
     if user_model is not None:
         architecture, kwargs = user_model_name(user_model)
         config = dataclasses.replace(config, model=architecture, model_kwargs=kwargs)
@@ -156,6 +159,7 @@ def _train_run(config: TrainConfig, device: torch.device, *, progress: bool, sta
     threads = configure_cpu(config.threads)
     world = init_distributed(config.device)
     try:
+        check_processes(config.devices, world)
         result = _train_process(config, device, world, threads, progress=progress, started=started, log=log,
                                 callbacks=callbacks, user_model=user_model, staging=staging, saved=saved,
                                 trust_code=trust_code)
@@ -164,6 +168,19 @@ def _train_run(config: TrainConfig, device: torch.device, *, progress: bool, sta
         raise
     shutdown_distributed()
     return result
+
+
+def check_processes(devices: int, world: World) -> None:
+    """--devices N is what the command line's launcher starts; a run in Python starts none, so N > 1 must be the
+    processes torchrun started (config.json records it: repeating the run starts that many)."""
+    if devices == 1 or devices == world.world_size:
+        return
+    if not world.distributed:
+        raise CnnkitError(f"devices={devices} trains in {devices} processes, which a Python call cannot start: run "
+                          f"`cnnkit train --devices {devices}`, or start this script with "
+                          f"`torchrun --nproc-per-node {devices}`")
+    raise CnnkitError(f"devices={devices}, but torchrun started {world.world_size} processes: give "
+                      f"devices={world.world_size}, or leave it out under torchrun")
 
 
 def _train_process(config: TrainConfig, device: torch.device, world: World, threads: int, *, progress: bool,

@@ -683,6 +683,24 @@ def _layers(preset: str | None, config_file: str | os.PathLike[str] | None,
     yield overrides, spell
 
 
+def options_of(config: TrainConfig, preset: str | None = None) -> dict[str, Any]:
+    """The options to resolve `config` again with, under `preset` (default: the one it names): all its values,
+    or, when it holds none of the values that preset sets (built as `TrainConfig(preset=...)`, with the defaults
+    where it was not given a value), only those it changed from the defaults, so the preset fills in the rest as
+    `--preset` does under the command line's flags. A resolved config holds its preset's values and is kept whole,
+    a value set back to its default included."""
+    values = {**config.to_dict(), "preset": config.preset if preset is None else preset}
+    if values["preset"] is None:
+        return values
+    defaults = TrainConfig().to_dict()
+    sets = {key: coerce(key, value, _file_spell(link.path))
+            for link in preset_chain(values["preset"]) for key, value in link.values.items()}
+    changed = [key for key, value in sets.items() if value != defaults[key]]
+    if changed and not any(values[key] == sets[key] for key in changed):
+        return {key: value for key, value in values.items() if key == "preset" or value != defaults[key]}
+    return values
+
+
 def resolve_config(preset: str | None = None, *, config_file: str | os.PathLike[str] | None = None,
                    spell: Spell = python_name, **overrides: Any) -> TrainConfig:
     """Defaults, then the preset chain, then a config file, then every override that is not None.
