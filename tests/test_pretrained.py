@@ -441,6 +441,56 @@ def test_what_kept_stages_cannot_do_is_one_line(flags, error, tmp_path):
     assert status == 1 and len(lines) == 1 and all(part in lines[0] for part in error), lines
 
 
+STAGED_NETS = """
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self, channels, classes):
+        super().__init__()
+        self.stem, self.block = nn.Conv2d(channels, 8, 3), nn.Conv2d(8, 8, 3)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+class Layer(Net):  # timm's ConvNeXt names a layer so
+    def __init__(self, channels, classes):
+        super().__init__(channels, classes)
+        self.stages = nn.Sequential(self.stem, self.block)
+
+class Failing(Net):
+    def stages(self):
+        raise RuntimeError("not ready")
+
+class Numbers(Net):
+    def stages(self):
+        return [1, 2, 3]
+
+class Empty(Net):
+    def stages(self):
+        return []
+
+def build(input_shape, num_classes, kind):
+    return globals()[kind](input_shape[0], num_classes)
+"""
+
+
+@pytest.mark.parametrize("kind, option, error", [
+    ("Layer", ["--freeze-stages", "1"], "nets.py:build is not built in stages"),
+    ("Failing", ["--freeze-stages", "1"], "--freeze-stages 1: Failing.stages() failed: RuntimeError: not ready"),
+    ("Numbers", ["--stage-lr-decay", "0.5"], "--stage-lr-decay 0.5: Numbers.stages() must return a list of the "
+                                             "backbone's stages as modules, the stem first (at least 2), got [1, 2, 3]"),
+    ("Empty", ["--freeze-stages", "1"], "Empty.stages() must return a list"),
+])
+def test_a_users_network_whose_stages_are_not_a_list_of_modules_is_refused_in_one_line(kind, option, error, tmp_path):
+    """A network of the user's own (FILE.py:FUNCTION) with a `stages` that is a layer, fails, or returns other
+    things: once a traceback from inside training."""
+    (tmp_path / "nets.py").write_text(STAGED_NETS)
+    status, lines = refused_training(tmp_path, "--model", f"{tmp_path / 'nets.py'}:build", "--model-kwargs",
+                                     json.dumps({"kind": kind}), *option)
+    assert status == 1 and len(lines) == 1 and error in lines[0], lines
+
+
 def test_stage_lr_decay_scales_each_stages_step_by_its_depth_below_the_last(photos):
     """--stage-lr-decay 0.5 on EfficientNet-Lite0 (the stem and 7 stages): one SGD step from the same weights on
     the same real photos moves stage i by 0.5 ** (7 - i) of what the undecayed step moves it, on top of

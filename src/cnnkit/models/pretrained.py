@@ -20,8 +20,11 @@ import importlib.util
 import math
 import os
 import re
+import reprlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,10 +113,25 @@ def staged_backbone(model: nn.Module, asked: str, way_out: str) -> tuple[str, li
     work stage by stage; a model without them is refused in one line naming what was `asked` and the `way_out`."""
     body = model.body if isinstance(model, ImageClassifier) else model
     name = getattr(model, "architecture", None) or type(body).__name__
-    if not callable(getattr(body, "stages", None)):
+    method = getattr(body, "stages", None)
+    if not callable(method) or isinstance(method, nn.Module):  # a layer named stages (timm's ConvNeXt) is not one
         raise CnnkitError(f"{asked}: {name} is not built in stages (the pretrained backbones are: "
                           f"{', '.join(pretrained_names())}); use one of them, or give {way_out}")
-    return name, body.stages()
+    return name, listed_stages(method, f"{asked}: {type(body).__name__}.stages()")
+
+
+def listed_stages(method: Callable[[], Any], called: str) -> list[nn.Module]:
+    """What a backbone's `stages()` returns, checked: a user's network may define one that fails or returns other
+    things, which would otherwise surface as a traceback once training has started."""
+    try:
+        stages = method()
+    except Exception as error:  # the user's code: its failure in one line
+        raise CnnkitError(f"{called} failed: {type(error).__name__}: {error}") from None
+    if not isinstance(stages, (list, tuple)) or len(stages) < 2 or not all(isinstance(stage, nn.Module)
+                                                                            for stage in stages):
+        raise CnnkitError(f"{called} must return a list of the backbone's stages as modules, the stem first (at "
+                          f"least 2), got {reprlib.repr(stages)}")
+    return list(stages)
 
 
 def frozen_stages(model: nn.Module, count: int, option: str = "--freeze-stages") -> list[nn.Module]:
