@@ -249,6 +249,25 @@ def test_bad_option_values_are_refused_with_one_line_naming_the_option(tmp_path)
         assert everything_under(runs_dir) == [], args  # refused before anything was written
 
 
+EMPTY_PATHS = [  # an unset shell variable ("$RUN") in each path argument that is not a training option
+    (["train", "--config", ""], "--config is empty; give a file"),
+    (["train", "--resume", " "], "--resume is empty; give a run directory"),
+    (["evaluate", ""], "RUN is empty; give a run directory"),
+    (["predict", "", "digit.png"], "RUN is empty; give a run directory"),
+    (["compare", "runs/a", ""], "RUN is empty; give a run directory"),
+    (["runs", ""], "DIR is empty; give a folder"),
+    (["export", "runs/a", "--out", ""], "--out is empty; give a path"),
+]
+
+
+def test_an_empty_path_argument_is_refused_by_name_and_not_read_as_the_current_folder(tmp_path):
+    """Once `--config ""` said ".: a folder, not a regular file" and `cnnkit runs ""` listed the current folder."""
+    for args, expected in EMPTY_PATHS:
+        result = cnnkit(*args, cwd=tmp_path)
+        assert one_error_line(result) == f"cnnkit: error: {expected}", args
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_the_datasets_own_shape_is_accepted(tmp_path):
     result = cnnkit("train", *TRAIN_SMALL, "--runs-dir", str(tmp_path / "runs"), "--image-size", "28",

@@ -478,8 +478,9 @@ def build(input_shape, num_classes, kind):
 @pytest.mark.parametrize("kind, option, error", [
     ("Layer", ["--freeze-stages", "1"], "nets.py:build is not built in stages"),
     ("Failing", ["--freeze-stages", "1"], "--freeze-stages 1: Failing.stages() failed: RuntimeError: not ready"),
-    ("Numbers", ["--stage-lr-decay", "0.5"], "--stage-lr-decay 0.5: Numbers.stages() must return a list of the "
-                                             "backbone's stages as modules, the stem first (at least 2), got [1, 2, 3]"),
+    ("Numbers", ["--stage-lr-decay", "0.5"],
+     "--stage-lr-decay 0.5: Numbers.stages() must return a list of the backbone's stages as modules, the stem first "
+     "(at least 2), got [1, 2, 3]"),
     ("Empty", ["--freeze-stages", "1"], "Empty.stages() must return a list"),
 ])
 def test_a_users_network_whose_stages_are_not_a_list_of_modules_is_refused_in_one_line(kind, option, error, tmp_path):

@@ -802,6 +802,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop_on_sigterm()
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
+        refuse_empty_paths(args)
         _apply_pixel_cap(args)
         return args.handler(args, started)
     except CnnkitError as error:
@@ -824,6 +825,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # another data-parallel process: rank 0 says what was kept
             print(f"{PROG}: interrupted; nothing was saved", file=sys.stderr)
         return INTERRUPTED
+
+
+#: What each path-like argument names, by its metavar: an empty one is refused saying so.
+PATH_KINDS = {"DIR": "folder", "FILE": "file", "PATH": "path", "RUN": "run directory"}
+
+
+def refuse_empty_paths(args: argparse.Namespace) -> None:
+    """A path argument given as '' (an unset shell variable: `--config "$CFG"`) is refused by name, instead of
+    being read as the current directory ('.') and refused for what '.' is. The training options have their own
+    check (config._check_path)."""
+    for action in args.parser._actions:
+        if action.metavar not in PATH_KINDS or (action.option_strings and action.dest in FIELD_NAMES):
+            continue
+        value = getattr(args, action.dest, None)
+        if any(isinstance(item, str) and not item.strip() for item in (value if isinstance(value, list) else [value])):
+            name = action.option_strings[0] if action.option_strings else action.metavar
+            raise CnnkitError(f"{name} is empty; give a {PATH_KINDS[action.metavar]}")
 
 
 def console_main() -> NoReturn:
