@@ -138,6 +138,25 @@ def test_a_two_process_run_killed_after_an_epoch_resumes_to_the_uninterrupted_we
 
 
 
+@pytest.mark.parametrize("flags, error", [
+    (["--stage-lr-decay", "0.5"], "cnnkit: error: --stage-lr-decay 0.5: fast is not built in stages"),
+    (["--device", "cuda"], "cnnkit: error: --device cuda was asked for, but PyTorch sees no CUDA GPU"),
+])
+def test_what_every_process_refuses_is_said_once_in_one_line(flags, error, tmp_path):
+    """Each process refuses the same option once it has the model (or the device): their lines reach the launcher,
+    which prints each once, without torch's "failed (exitcode: 1)" line or the stopped process's "interrupted"
+    (4 lines before), and leaves nothing in the temporary folder."""
+    if torch.cuda.is_available() and "cuda" in flags:
+        pytest.skip("this machine has a CUDA GPU")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    result = run_cnnkit(*TRAIN, "--devices", "2", "--epochs", "1", *flags, "--runs-dir", str(tmp_path / "runs"),
+                        env={**os.environ, "TMPDIR": str(temporary)}, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith(error), result.stderr
+    assert [path.name for path in temporary.iterdir() if not path.name.startswith("torchinductor_")] == []
+
+
 @pytest.mark.slow
 def test_ctrl_c_on_a_two_process_run_stops_every_process_and_says_how_to_resume(tmp_path):
     """Ctrl-C reaches the launcher (the terminal's foreground group; torchrun's workers sit in sessions of their

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from cnnkit.errors import INTERRUPTED, CnnkitError, describe_os_error
-from cnnkit.fileio import output_path
+from cnnkit.fileio import locked_temp_file, output_path, sweep_stale_temp_files
 from cnnkit.lifetime import BROKEN_PIPE, end_process
 from cnnkit.text import markup, printable
 from cnnkit.config import (FIELD_NAMES, LazyChoices, base_type, cli_flag, default_of, field_types, list_presets,
@@ -258,37 +258,86 @@ def recorded_devices(path: str) -> int:
     return recorded_config(path).devices
 
 
+#: The file the processes of `cnnkit train --devices N` write their error lines to (its path in this variable),
+#: which the launcher prints once every process has ended: each line once.
+RANK_MESSAGES_ENV = "CNNKIT_RANK_MESSAGES"
+RANK_MESSAGES = "cnnkit-rank-messages"
+
+
 def launch_processes(devices: int, argv: list[str]) -> int:
     """Run this same command as `devices` data-parallel processes through torchrun's elastic launcher
-    (standalone: a rendezvous on this machine); each process sees RANK and so trains instead of launching."""
-    import logging
-    import signal
+    (standalone: a rendezvous on this machine); each process sees RANK and so trains instead of launching.
 
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
+    Every process refuses a bad option the same way, and one that fails makes the launcher stop the others,
+    which then say they were interrupted: their error lines go to one file (a flocked temporary file, swept
+    by the next launch if this one is killed) and are printed here once each, errors before interruptions."""
+    import logging
+    import tempfile
+
+    from torch.distributed.run import get_args_parser
 
     # --log-dir os.devnull: torchrun would otherwise make a folder of empty per-rank folders in the temporary folder
     # for every launch and leave it there (each process's output goes to this terminal; nothing is redirected).
     launcher = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={devices}", f"--log-dir={os.devnull}",
                                              "--module", PROG, *argv])
-    # Its warnings name torch's own files and say what cnnkit already sees to ("Setting OMP_NUM_THREADS ...": each
-    # process sets its threads; "Sending process 1234 closing signal SIGINT": rank 0 says what was kept); errors show.
+    # Its messages name torch's own files and say what cnnkit already sees to ("Setting OMP_NUM_THREADS ...": each
+    # process sets its threads; "Sending process 1234 closing signal SIGINT", "failed (exitcode: 1)": the processes
+    # and this launcher say what happened).
     for name in [name for name in logging.root.manager.loggerDict
                  if name.startswith("torch.distributed.elastic") or name == "torch.distributed.run"]:
-        logging.getLogger(name).setLevel(logging.ERROR)  # each has its own level (torch's logging settings)
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # each has its own level (torch's logging settings)
+    folder = Path(tempfile.gettempdir())
+    sweep_stale_temp_files(folder, RANK_MESSAGES)
+    fd, messages = locked_temp_file(folder / RANK_MESSAGES)
+    os.environ[RANK_MESSAGES_ENV] = str(messages)
+    try:
+        return run_launcher(launcher, messages)
+    finally:
+        del os.environ[RANK_MESSAGES_ENV]
+        messages.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def run_launcher(launcher: argparse.Namespace, messages: Path) -> int:
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import run
+
     try:
         run(launcher)
     except SignalException:  # Ctrl-C or SIGTERM reached this launcher; it has passed it on to every process,
-        return INTERRUPTED   # whose rank 0 said what was kept
+        print_lines(rank_lines(messages))  # whose rank 0 said what was kept
+        return INTERRUPTED
     except ChildFailedError as error:
         codes = sorted({failure.exitcode for failure in error.failures.values()})
+        lines = rank_lines(messages)
+        print_lines(lines)
         if set(codes) <= {INTERRUPTED, -signal.SIGINT, -signal.SIGTERM}:  # stopped, not failed: they said so
             return INTERRUPTED
-        print(f"{PROG}: error: a training process failed (exit code {', '.join(map(str, codes))}); "
-              "its message is above", file=sys.stderr)
+        if not lines:  # a crash: its traceback went to this terminal
+            print(f"{PROG}: error: a training process failed (exit code {', '.join(map(str, codes))}); "
+                  "its message is above", file=sys.stderr)
         return next((code for code in codes if code > 0), 1)
     return 0
+
+
+def rank_lines(messages: Path) -> list[str]:
+    """The processes' lines (RANK, exit code, line; tab-separated), each once in rank order: the errors, or the
+    interruptions when there is no error (a process stopped because another failed only says it was stopped)."""
+    try:
+        rows = [row.split("\t", 2) for row in messages.read_text(encoding="utf-8", errors="replace").splitlines()]
+    except OSError:
+        return []
+    rows = sorted((row for row in rows if len(row) == 3 and row[0].isdigit()), key=lambda row: int(row[0]))
+    errors = [line for _, code, line in rows if code != str(INTERRUPTED)]
+    return list(dict.fromkeys(errors or [line for *_, line in rows]))
+
+
+def print_lines(lines: list[str]) -> None:
+    for line in lines:
+        print(line, file=sys.stderr)
 
 
 def training_summary(metrics: dict, history, run_dir) -> list[str]:
@@ -823,7 +872,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return user_error(OUT_OF_MEMORY, 1, debug)
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":  # another data-parallel process: rank 0 says what was kept
-            print(f"{PROG}: interrupted; nothing was saved", file=sys.stderr)
+            say_line(f"{PROG}: interrupted; nothing was saved", INTERRUPTED)
         return INTERRUPTED
 
 
@@ -877,8 +926,22 @@ def user_error(message: str, code: int, debug: bool) -> int:
         import traceback
 
         traceback.print_exc()
-    print(f"{PROG}: error: {one_line(message)}", file=sys.stderr)
+    say_line(f"{PROG}: error: {one_line(message)}", code)
     return code
+
+
+def say_line(line: str, code: int) -> None:
+    """`line` on stderr; from a process of `cnnkit train --devices N`, to the launcher, which prints each line
+    once when every process has ended (launch_processes)."""
+    messages = os.environ.get(RANK_MESSAGES_ENV)
+    if messages and os.environ.get("RANK", "").isdigit():
+        try:
+            with open(messages, "a", encoding="utf-8") as handle:  # append: each process's line whole
+                handle.write(f"{os.environ['RANK']}\t{code}\t{line}\n")
+            return
+        except OSError:
+            pass  # the launcher is gone: say it here
+    print(line, file=sys.stderr)
 
 
 def one_line(message: str) -> str:
