@@ -434,6 +434,8 @@ def test_kept_stages_train_again_after_the_run_even_when_it_fails():
     (["--model", "efficientnet_lite0", "--pretrained", "imagenet", "--freeze", "backbone"],
      ("--freeze backbone keeps the whole backbone as it is; --freeze-stages 2 fine-tunes the stages after",
       "use one (--freeze-stages 0 keeps none)")),
+    (["--model", "resnet18"], ("--freeze-stages 2 keeps the first stages as they start, and without --pretrained, "
+                               "--init or --weights they start random: add --pretrained imagenet",)),
 ])
 def test_what_kept_stages_cannot_do_is_one_line(flags, error, tmp_path):
     """Each refusal names a way out that works also where a preset set the option (transfer-best keeps 3)."""

@@ -265,7 +265,8 @@ class TrainConfig:
                                   "from a random head whose first gradients disturb the pretrained features",
                                 low=0, high=1000, metavar="N")
     freeze_epochs: int = option(0, "train only the head (the last linear layer) for the first N epochs, then "
-                                   "everything (fine-tuning)", scope="fit", low=0, metavar="N")
+                                   "everything (fine-tuning); the backbone's BatchNorm statistics still follow the "
+                                   "new images unless --freeze-bn", scope="fit", low=0, metavar="N")
     freeze_stages: int = option(0, "keep the first N stages of a pretrained backbone as they are for the whole run, "
                                    "the stem counting as the first (EfficientNet-Lite has 8, the ResNets 5): their "
                                    "weights, BatchNorm statistics and stochastic depth fixed, and their backward "
@@ -729,6 +730,8 @@ def resolve_config(preset: str | None = None, *, config_file: str | os.PathLike[
         raise CnnkitError(problem)
     if problem := frozen_conflict(config, spell):
         raise CnnkitError(problem)
+    if problem := random_stages_conflict(config, spell):
+        raise CnnkitError(problem)
     if config.probe_epochs and config.devices > 1:  # before torchrun starts processes that would each refuse it
         raise CnnkitError(f"{spell('probe_epochs')} fits the head on cached features in one process: add "
                           f"{spell('probe_epochs')} 0 to train on {spell('devices')} {config.devices}")
@@ -777,6 +780,21 @@ def eval_batch_for(resolution: Any, batch: int) -> int:
     if type(resolution) is not int or resolution < 1:
         return batch
     return min(batch, max(1, RESIZED_EVAL_PIXELS // (resolution * resolution)))
+
+
+def random_stages_conflict(config: TrainConfig, spell: Spell = python_name) -> str | None:
+    """What is wrong when --freeze-stages would keep a backbone's first stages random for the whole run: no
+    starting weights were given (a model without stages is refused when it is built, naming that)."""
+    if not config.freeze_stages or any(source is not None for source in (config.pretrained, config.init,
+                                                                          config.weights)):
+        return None
+    from cnnkit.models.pretrained import BACKBONES
+
+    if config.model not in BACKBONES:
+        return None
+    return (f"{spell('freeze_stages')} {config.freeze_stages} keeps the first stages as they start, and without "
+            f"{spell('pretrained')}, {spell('init')} or {spell('weights')} they start random: add "
+            f"{spell('pretrained')} imagenet, or leave {spell('freeze_stages')} out")
 
 
 def with_pretrained_defaults(config: TrainConfig, spell: Spell = python_name) -> TrainConfig:
