@@ -179,3 +179,42 @@ def test_a_hub_source_that_cannot_be_used_is_one_line(hub, data_dir, tmp_path, m
     assert result.returncode != 0 and len(lines) == 1, result.stderr
     assert re.search(error, lines[0]), lines[0]
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_an_unreachable_hub_is_one_line_without_huggingface_hubs_retry_warnings(tmp_path, monkeypatch, capfd):
+    """Where the Hub cannot be reached (here: a closed port on 127.0.0.1), huggingface_hub retries 5 times and
+    said so in 12 warning lines before cnnkit's one line. Its waits between retries are skipped here."""
+    import socket
+
+    import huggingface_hub.utils._http as hub_http
+    from huggingface_hub import constants
+
+    from cnnkit.errors import CnnkitError
+    from cnnkit.models.pretrained import hub_file
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"  # both: huggingface_hub builds a file's address from the template
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_http.time, "sleep", lambda seconds: None)
+    attempts, session = [], hub_http.get_session
+
+    def watched_session():  # huggingface_hub's own client, its requests' addresses noted
+        client = session()
+        request = client.request
+
+        def noted(method, url, **kwargs):
+            attempts.append(str(url))
+            return request(method, url, **kwargs)
+        client.request = noted
+        return client
+    monkeypatch.setattr(hub_http, "get_session", watched_session)
+    capfd.readouterr()
+    with pytest.raises(CnnkitError, match="config.json is not in the Hugging Face cache and the Hub cannot be reached"):
+        hub_file("timm/resnet18.a1_in1k", "config.json", None, "--pretrained hf-hub:timm/resnet18.a1_in1k")
+    assert capfd.readouterr().err == ""
+    assert len(attempts) > 5 and all(url.startswith(endpoint + "/") for url in attempts)  # retried, never elsewhere

@@ -16,12 +16,14 @@ its SHA-256; every later use reads that file.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import math
 import os
 import re
 import reprlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -229,7 +231,8 @@ def hub_file(repo: str, filename: str, revision: str | None, label: str) -> Path
     except ImportError:
         raise CnnkitError(f"{label} needs huggingface_hub, which is not installed: {INSTALL_HINT}") from None
     try:
-        return Path(hf_hub_download(repo, filename, revision=revision))
+        with hub_warnings_off():
+            return Path(hf_hub_download(repo, filename, revision=revision))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):  # before EntryNotFoundError, its base
         raise CnnkitError(f"{label}: {filename} is not in the Hugging Face cache and the Hub cannot be reached "
                           f"(or HF_HUB_OFFLINE is set); on a machine with internet run `hf download {repo} "
@@ -238,6 +241,20 @@ def hub_file(repo: str, filename: str, revision: str | None, label: str) -> Path
         raise CnnkitError(f"{label}: {filename} is not in that repository ({first_line(error)})") from None
     except (HfHubHTTPError, OSError, ValueError) as error:
         raise CnnkitError(f"{label}: cannot fetch {filename} ({first_line(error)})") from None
+
+
+@contextlib.contextmanager
+def hub_warnings_off() -> Iterator[None]:
+    """huggingface_hub's warnings off while it fetches: where the Hub cannot be reached it retries for about 25 s
+    and says so in 12 lines ("... thrown while requesting HEAD ...", "Retrying in 1s [Retry 1/5]") before the
+    error that cnnkit turns into its one line."""
+    hub = logging.getLogger("huggingface_hub")
+    level = hub.level
+    hub.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub.setLevel(level)
 
 
 def first_line(error: BaseException) -> str:
