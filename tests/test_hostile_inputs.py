@@ -225,6 +225,9 @@ BAD_OPTIONS = [
     (["--channels", "3"], "--channels 3 applies to image folders"),
     (["--data-dir="], "--data-dir is empty"), (["--runs-dir="], "--runs-dir is empty"),
     (["--model-kwargs", '{"zzz": 1}'], "model 'seed' cannot be built with model_kwargs {\"zzz\": 1}"),
+    (["--model", "fast", "--model-kwargs", '{"widths": [16, "32", 64]}'],
+     "model 'fast': model_kwargs widths must be Sequence[int], got [16, \"32\", 64]"),
+    (["--model", "resnet", "--model-kwargs", '{"depth": "20"}'], "model 'resnet': model_kwargs depth must be int"),
     (["--model", "fast", "--model-kwargs", '{"widths": [100000, 100000, 100000]}'],
      "billion parameters"),
 ]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import types
+import typing
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -65,6 +68,7 @@ def skeleton(name: str, input_shape: Sequence[int], num_classes: int, **kwargs) 
     naming them, since they come from the user's --model-kwargs or a run's model.json.
     """
     entry = get_entry(name)
+    check_kinds(name, entry.builder, kwargs)
     try:
         with torch.device("meta"), shapes_only():
             return entry.builder(input_shape=tuple(input_shape), num_classes=num_classes, **kwargs)
@@ -73,6 +77,38 @@ def skeleton(name: str, input_shape: Sequence[int], num_classes: int, **kwargs) 
         shown = json.dumps(kwargs, default=str)
         raise CnnkitError(f"model {name!r} cannot be built with model_kwargs {shown[:80]} for input "
                           f"{'x'.join(map(str, input_shape))} and {num_classes} classes ({first[:120]})") from None
+
+
+def check_kinds(name: str, builder, kwargs: dict[str, Any]) -> None:
+    """Refuse a model_kwargs value of another kind than the builder's annotation says (`"resolution": "64"`): a
+    builder may take it without complaint and then compute with a string (the evaluation batch was not sized)."""
+    try:
+        hints = typing.get_type_hints(builder)
+    except Exception:  # an annotation that cannot be resolved: the builder's own checks decide
+        return
+    for key, value in kwargs.items():
+        if key in hints and not fits(value, hints[key]):
+            kind = hints[key].__name__ if isinstance(hints[key], type) else \
+                str(hints[key]).replace("typing.", "").replace("collections.abc.", "")
+            raise CnnkitError(f"model {name!r}: model_kwargs {key} must be {kind}, got "
+                              f"{json.dumps(value, default=repr)[:80]}")
+
+
+def fits(value: Any, kind: Any) -> bool:
+    """Whether a JSON value (from --model-kwargs or model.json) is of the annotated kind; True for kinds not
+    checked here. A bool is not a number, an int is a float, a list is a sequence or tuple."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(fits(value, arg) for arg in args)
+    if kind is type(None):
+        return value is None
+    if kind in (bool, int, float, str):
+        numbers = (int, float) if kind is float else (kind,)
+        return isinstance(value, numbers) and (kind is bool or not isinstance(value, bool))
+    if origin in (list, tuple, Sequence):
+        uniform = args and (origin is not tuple or args[-1] is Ellipsis or len(set(args)) == 1)
+        return isinstance(value, (list, tuple)) and (not uniform or all(fits(item, args[0]) for item in value))
+    return True
 
 
 def check_model_size(name: str, input_shape: Sequence[int], num_classes: int, body: torch.nn.Module) -> None:
