@@ -69,6 +69,16 @@ def test_a_runs_config_json_round_trips_to_the_same_config(tmp_path):
     assert resolve_config(config_file=args.config) == original
 
 
+def test_a_json_config_giving_an_option_twice_is_refused_naming_it(tmp_path):
+    """TOML refuses a key given twice; JSON's parsers keep the last, which would hide an edit (an `epochs` added
+    above the one already there does nothing). cnnkit's one JSON reader refuses it, for run files too."""
+    twice = tmp_path / "twice.json"
+    twice.write_text('{"epochs": 1, "model": "fast", "epochs": 2}')
+    with pytest.raises(CnnkitError, match=f'^{re.escape(str(twice))}: not valid JSON \\(the key "epochs" is given '
+                                          'twice in one object\\)$'):
+        resolve_config(config_file=twice)
+
+
 @pytest.mark.parametrize("bad,message", [
     ({"epochs": 0}, "epochs must be at least 1"), ({"optimizer": "lbfgs"}, "optimizer must be one of"),
     ({"lr": -1.0}, "lr must be above 0"), ({"label_smoothing": 1.5}, "label_smoothing must be below 1"),

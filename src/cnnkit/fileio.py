@@ -336,6 +336,15 @@ def _checked_integer(text: str) -> int:
     return int(text)
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    table = dict(pairs)
+    if len(table) < len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"the key {json.dumps(twice)[:80]} is given twice in one object")
+    return table
+
+
 def check_depth(value: object, where: str, limit: int = MAX_DEPTH) -> None:
     """Refuse a parsed document nested deeper than `limit` (walked without recursion)."""
     stack = [(value, 1)]
@@ -349,9 +358,10 @@ def check_depth(value: object, where: str, limit: int = MAX_DEPTH) -> None:
 
 
 def parse_json(text: str, where: str) -> object:
-    """JSON text as Python values, within MAX_DEPTH and MAX_INTEGER_DIGITS; UnreadableFile naming `where` else."""
+    """JSON text as Python values, within MAX_DEPTH and MAX_INTEGER_DIGITS and each key once in an object (as TOML
+    requires; JSON's last-one-wins would hide an edit); UnreadableFile naming `where` else."""
     try:
-        value = json.loads(text, parse_int=_checked_integer)
+        value = json.loads(text, parse_int=_checked_integer, object_pairs_hook=_unique_keys)
     except (json.JSONDecodeError, ValueError, RecursionError) as error:
         raise UnreadableFile(f"{where}: not valid JSON ({_parse_problem(error)})") from None
     check_depth(value, where)
