@@ -37,8 +37,11 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
-    def error(self, message: str):
-        super().error(one_line(message + _suggestion(message, self)))
+    def error(self, message: str) -> NoReturn:
+        """One line, as every other refusal (argparse prints its usage lines first), with where to look."""
+        hint = _suggestion(message, self) or \
+            f" (`{self.prog} --help` lists {'the commands' if self.prog == PROG else 'its options'})"
+        self.exit(2, f"{self.prog}: error: {one_line(message + hint)}\n")
 
 
 def _suggestion(message: str, parser: argparse.ArgumentParser) -> str:
