@@ -52,18 +52,6 @@ def test_precedence_flags_over_config_file_over_preset(tmp_path):
     assert config.schedule == "onecycle"  # preset beats default
 
 
-def test_model_kwargs_replace_the_presets_arguments_they_name_and_keep_the_others(tmp_path):
-    """--model-kwargs '{"resolution": 160}' over transfer-best once dropped its drop_path_rate = 0.2 unsaid."""
-    best = get_preset("transfer-best").values["model_kwargs"]
-    user = tmp_path / "mine.toml"
-    user.write_text('extends = "transfer-best"\nmodel_kwargs = { resolution = 224 }\n')
-    assert resolve_config("transfer-best", model_kwargs={"resolution": 160}).model_kwargs == {**best, "resolution": 160}
-    assert resolve_config(config_file=user).model_kwargs == {**best, "resolution": 224}
-    assert resolve_config(config_file=user, model_kwargs={"drop_path_rate": 0.1}).model_kwargs == {
-        "resolution": 224, "drop_path_rate": 0.1}
-    assert best["drop_path_rate"] == 0.2 and best["resolution"] not in (160, 224)
-
-
 def test_flags_override_the_preset_and_none_means_unset():
     config = resolve_config("fast", epochs=7, lr=None, model=None)
     assert config.epochs == 7

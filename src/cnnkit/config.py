@@ -240,7 +240,7 @@ class TrainConfig:
                                 "function (input_shape, num_classes, **model_kwargs) returning an nn.Module",
                         choices=ModelChoices("cnnkit.models", "model_names"), check=_check_model)
     model_kwargs: dict[str, Any] = option(help="architecture arguments as JSON, e.g. '{\"widths\": [16, 32, 96]}'; "
-                                               "each replaces the preset's argument of that name, the others stay",
+                                               "the whole table: it replaces a preset's (repeat those to keep)",
                                           default_factory=dict, check=_check_model_kwargs, metavar="JSON",
                                           parse=_json_table)
     init: str | None = option(None, "fine-tune: start from the weights of an earlier run of the same architecture "
@@ -703,11 +703,6 @@ def options_of(config: TrainConfig, preset: str | None = None) -> dict[str, Any]
     return values
 
 
-#: Options whose value is a table of arguments: a layer (a config file, the flags) replaces the arguments it names
-#: and keeps the others (--model-kwargs '{"resolution": 160}' over transfer-best keeps its drop_path_rate).
-TABLE_FIELDS = frozenset({"model_kwargs"})
-
-
 def resolve_config(preset: str | None = None, *, config_file: str | os.PathLike[str] | None = None,
                    spell: Spell = python_name, **overrides: Any) -> TrainConfig:
     """Defaults, then the preset chain, then a config file, then every override that is not None.
@@ -721,7 +716,7 @@ def resolve_config(preset: str | None = None, *, config_file: str | os.PathLike[
         for key, value in layer.items():
             value = coerce(key, value, layer_spell)
             check_value(key, value, layer_spell)
-            values[key] = {**values.get(key, {}), **value} if key in TABLE_FIELDS else value
+            values[key] = value
     config = TrainConfig(**values)
     if problem := selection_conflict(str(config.val).lower() == "test", config.keep, config.ema, spell):
         raise CnnkitError(problem)
