@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from cnnkit.config import TrainConfig, options_of, resolve_config
+from cnnkit.config import TrainConfig, resolve_config
 from cnnkit.data.tensors import Dataset, load_test_split
 from cnnkit.engine.callbacks import Callback, History
 from cnnkit.engine.checkpoint import CHECKPOINT_JSON, has_checkpoint, read_training_checkpoint
@@ -66,10 +66,11 @@ def train(config: TrainConfig | None = None, *, progress: bool = True, started: 
         user_model = model
     # Keywords refine a given config, as they refine a preset; a config built in Python meets the command line's
     # checks (options that cannot go together) here, before any data is read.
-    # A TrainConfig(preset=...) built by hand, or a config given with preset=..., gets that preset's values under
-    # its own (options_of).
-    given = options_of(config, overrides.get("preset")) if config is not None else {}
-    config = resolve_config(**{**given, **overrides})
+    if config is not None and overrides.get("preset") not in (None, config.preset):
+        raise CnnkitError(f"preset={overrides['preset']!r} beside a TrainConfig would have to guess which of its "
+                          "values are the defaults to replace: give the preset where the config is made "
+                          "(TrainConfig(preset=..., ...) or cnnkit.resolve_config(preset, ...))")
+    config = resolve_config(**{**(config.to_dict() if config is not None else {}), **overrides})
     if user_model is not None:
         architecture, kwargs = user_model_name(user_model)
         config = dataclasses.replace(config, model=architecture, model_kwargs=kwargs)

@@ -388,6 +388,24 @@ class TrainConfig:
                                       "...) to RUN/tensorboard/ for `tensorboard --logdir runs`",
                                check=_check_tensorboard)
 
+    def __init__(self, **given: Any) -> None:
+        """Options by name. With `preset` and not every option given, the preset's values fill in the options not
+        given, as `--preset` does under the flags: `TrainConfig(preset="fast", epochs=3)` is the fast recipe for
+        3 epochs. A complete config (resolve_config's, dataclasses.replace's) is taken as it is."""
+        specs = dataclasses.fields(self)
+        if unknown := sorted(set(given) - {spec.name for spec in specs}):
+            raise TypeError(f"TrainConfig has no option {', '.join(unknown)}")
+        below = preset_values(given["preset"]) if given.get("preset") and len(given) < len(specs) else {}
+        for spec in specs:
+            if spec.name in given:
+                value = given[spec.name]
+            elif spec.name in below:
+                value = below[spec.name]
+            else:
+                value = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else \
+                    spec.default
+            setattr(self, spec.name, value)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -665,6 +683,12 @@ def preset_chain(name: str) -> list[Preset]:
     return chain
 
 
+def preset_values(name: str) -> dict[str, Any]:
+    """The option values of preset `name` and the presets it extends (the later one's over the earlier's)."""
+    return {key: coerce(key, value, _file_spell(link.path))
+            for link in preset_chain(name) for key, value in link.values.items()}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Resolution
 
@@ -683,24 +707,6 @@ def _layers(preset: str | None, config_file: str | os.PathLike[str] | None,
     if config_file is not None:
         yield {key: value for key, value in file_values.items() if key != "preset"}, _file_spell(Path(config_file))
     yield overrides, spell
-
-
-def options_of(config: TrainConfig, preset: str | None = None) -> dict[str, Any]:
-    """The options to resolve `config` again with, under `preset` (default: the one it names): all its values,
-    or, when it holds none of the values that preset sets (built as `TrainConfig(preset=...)`, with the defaults
-    where it was not given a value), only those it changed from the defaults, so the preset fills in the rest as
-    `--preset` does under the command line's flags. A resolved config holds its preset's values and is kept whole,
-    a value set back to its default included."""
-    values = {**config.to_dict(), "preset": config.preset if preset is None else preset}
-    if values["preset"] is None:
-        return values
-    defaults = TrainConfig().to_dict()
-    sets = {key: coerce(key, value, _file_spell(link.path))
-            for link in preset_chain(values["preset"]) for key, value in link.values.items()}
-    changed = [key for key, value in sets.items() if value != defaults[key]]
-    if changed and not any(values[key] == sets[key] for key in changed):
-        return {key: value for key, value in values.items() if key == "preset" or value != defaults[key]}
-    return values
 
 
 def resolve_config(preset: str | None = None, *, config_file: str | os.PathLike[str] | None = None,
