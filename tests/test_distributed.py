@@ -183,6 +183,37 @@ def test_ctrl_c_on_a_two_process_run_stops_every_process_and_says_how_to_resume(
     assert staging.is_dir() and not (runs / "r").exists()
 
 
+def rank_process(runs: Path, rank: int) -> int:
+    """The pid of the training process of `rank` whose command line names `runs` (its environment says RANK)."""
+    listed = subprocess.run(["pgrep", "-f", str(runs)], capture_output=True, text=True).stdout.split()
+    for pid in map(int, listed):
+        try:
+            environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environment:
+            return pid
+    raise AssertionError(f"no process of rank {rank} among {listed}")
+
+
+@pytest.mark.slow
+def test_a_process_killed_outright_is_named_with_the_checkpoint_the_others_kept(tmp_path):
+    """Rank 1 killed by SIGKILL (as the kernel's out-of-memory killer does). Rank 0 finds its peer gone in its next
+    collective and says so with the checkpoint to resume from (it printed gloo's traceback); or, stopped by the
+    launcher first, it names the checkpoint and the launcher the failure (only "interrupted" showed, exit 130)."""
+    runs = tmp_path / "runs"
+    process = start_cnnkit(*TRAIN, "--devices", "2", "--epochs", "300", "--runs-dir", str(runs), "--name", "r",
+                           start_new_session=True)
+    staging = wait_for_checkpoint(runs, 1, process)
+    os.kill(rank_process(runs, 1), signal.SIGKILL)
+    _, stderr = process.communicate(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert process.returncode == 1 and f"cnnkit train --resume {staging}" in lines[0], stderr
+    gone = "cnnkit: error: another training process of this run ended without a word (killed, perhaps for memory)"
+    failed = "cnnkit: error: a training process failed (exit code -9"
+    assert (len(lines) == 1 and lines[0].startswith(gone)) or (len(lines) == 2 and lines[1].startswith(failed)), stderr
+
+
 SHARDED_SCORING = '''
 import sys
 import torch

@@ -18,7 +18,8 @@ from cnnkit.engine.callbacks import Callback, History
 from cnnkit.engine.checkpoint import CHECKPOINT_JSON, has_checkpoint, read_training_checkpoint
 from cnnkit.engine.checkpoint import planned_epochs, read_checkpoint_document
 from cnnkit.engine.cpu import configure_cpu
-from cnnkit.engine.distributed import World, abandon_distributed, init_distributed, shutdown_distributed
+from cnnkit.engine.distributed import (World, abandon_distributed, init_distributed, peers_watched,
+                                      shutdown_distributed)
 from cnnkit.engine.evaluate import EvalReport, evaluate
 from cnnkit.engine.fit import fit
 from cnnkit.engine.inference import resolve_device, resolve_precision
@@ -203,8 +204,10 @@ def _train_process(config: TrainConfig, device: torch.device, world: World, thre
         if main:
             callbacks += checkpoint_callbacks(config, staging, fingerprint, code, saved, log, probe)
         trained, fit_data, features = frozen_stage(config, model, data, device, world, log)
-        history = fit(trained, fit_data, callbacks=callbacks, progress=progress and main, resume=saved, config=config)
-        report = score_test_set(config, trained, fit_data, data.classes, device, world)                # 5. test
+        with peers_watched(world):
+            history = fit(trained, fit_data, callbacks=callbacks, progress=progress and main, resume=saved,
+                          config=config)
+            report = score_test_set(config, trained, fit_data, data.classes, device, world)            # 5. test
         if not main:
             return TrainResult(None, history, {}, model)
         metrics = collect_metrics(config, data, history, report, features, device, threads, started, world, probe)  # 6.

@@ -302,6 +302,7 @@ def launch_processes(devices: int, argv: list[str]) -> int:
 
 
 def run_launcher(launcher: argparse.Namespace, messages: Path) -> int:
+    """torchrun's launch, its end as this command's exit status and the processes' lines (rank_lines)."""
     import signal
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -311,34 +312,41 @@ def run_launcher(launcher: argparse.Namespace, messages: Path) -> int:
     try:
         run(launcher)
     except SignalException:  # Ctrl-C or SIGTERM reached this launcher; it has passed it on to every process,
-        print_lines(rank_lines(messages))  # whose rank 0 said what was kept
+        errors, stops = rank_lines(messages)  # whose rank 0 said what was kept
+        print_lines(errors + stops)
         return INTERRUPTED
     except ChildFailedError as error:
         codes = sorted({failure.exitcode for failure in error.failures.values()})
-        lines = rank_lines(messages)
-        print_lines(lines)
-        if set(codes) <= {INTERRUPTED, -signal.SIGINT, -signal.SIGTERM}:  # stopped, not failed: they said so
+        errors, stops = rank_lines(messages)
+        stopped = {INTERRUPTED, -signal.SIGINT, -signal.SIGTERM}
+        if set(codes) <= stopped:  # stopped, not failed: they said so
+            print_lines(stops)
             return INTERRUPTED
-        if not lines:  # a crash: its traceback went to this terminal
+        # A failure: each error once, and the checkpoint the stopped rank 0 kept (a stop that kept none says nothing
+        # more). A process that died without a line (a crash, whose traceback is above, or a kill) is named.
+        print_lines(errors + [line for line in stops if "--resume" in line])
+        if not errors:
             print(f"{PROG}: error: a training process failed (exit code {', '.join(map(str, codes))}); "
-                  "its message is above", file=sys.stderr)
-        return next((code for code in codes if code > 0), 1)
+                  "its message, if any, is above", file=sys.stderr)
+        return next((code for code in codes if code > 0 and code != INTERRUPTED), 1)
     return 0
 
 
-def rank_lines(messages: Path) -> list[str]:
-    """The processes' lines (RANK, exit code, line; tab-separated), each once in rank order: the errors, or the
-    interruptions when there is no error (a process stopped because another failed only says it was stopped)."""
+def rank_lines(messages: Path) -> tuple[list[str], list[str]]:
+    """The processes' lines (RANK, exit code, line; tab-separated), each once in rank order: (the errors, the
+    interruptions). A process stopped because another failed only says it was stopped."""
     try:
         rows = [row.split("\t", 2) for row in messages.read_text(encoding="utf-8", errors="replace").splitlines()]
     except OSError:
-        return []
+        return [], []
     rows = sorted((row for row in rows if len(row) == 3 and row[0].isdigit()), key=lambda row: int(row[0]))
     errors = [line for _, code, line in rows if code != str(INTERRUPTED)]
-    return list(dict.fromkeys(errors or [line for *_, line in rows]))
+    stops = [line for _, code, line in rows if code == str(INTERRUPTED)]
+    return list(dict.fromkeys(errors)), list(dict.fromkeys(stops))
 
 
 def print_lines(lines: list[str]) -> None:
+    """Lines on stderr, where each process would have printed its own."""
     for line in lines:
         print(line, file=sys.stderr)
 
@@ -938,12 +946,18 @@ def say_line(line: str, code: int) -> None:
     once when every process has ended (launch_processes)."""
     messages = os.environ.get(RANK_MESSAGES_ENV)
     if messages and os.environ.get("RANK", "").isdigit():
-        try:
-            with open(messages, "a", encoding="utf-8") as handle:  # append: each process's line whole
-                handle.write(f"{os.environ['RANK']}\t{code}\t{line}\n")
-            return
+        try:  # the launcher's file, never a new one (once it is gone, nobody would read it): one write, appended
+            fd = os.open(messages, os.O_WRONLY | os.O_APPEND)
         except OSError:
-            pass  # the launcher is gone: say it here
+            fd = None  # the launcher is gone: say it here
+        if fd is not None:
+            try:
+                os.write(fd, f"{os.environ['RANK']}\t{code}\t{line}\n".encode("utf-8", "replace"))
+                return
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
     print(line, file=sys.stderr)
 
 

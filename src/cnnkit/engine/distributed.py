@@ -13,9 +13,11 @@ by k, multiply the learning rate by k", with warm-up) to the peak learning rate.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +81,24 @@ def init_distributed(device: str = "auto") -> World:
         torch.cuda.set_device(world.local_rank)
     torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
     return current_world()
+
+
+#: What gloo (and NCCL) say in a collective when another process of the group has died.
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited")
+
+
+@contextlib.contextmanager
+def peers_watched(world: World) -> Iterator[None]:
+    """A collective that fails because another process of the run died (killed; the kernel's out-of-memory killer)
+    raises a RuntimeError from deep in gloo: here it is a CnnkitError saying so, which the run directory's keeper
+    then completes with the checkpoint to resume from, in one line instead of a traceback."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not world.distributed or not any(sign in str(error) for sign in PEER_GONE):
+            raise
+        raise CnnkitError("another training process of this run ended without a word (killed, perhaps for "
+                          "memory)") from error
 
 
 def abandon_distributed(error: BaseException) -> None:
