@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -128,6 +129,11 @@ def test_a_two_process_run_killed_after_an_epoch_resumes_to_the_uninterrupted_we
     # they die with it (cnnkit.lifetime); a surviving rank 0 would finish and rename the staging directory away.
     os.killpg(process.pid, signal.SIGKILL)
     process.communicate(timeout=60)
+    # From Python, without torchrun, it would resume in one process: refused, naming the command that resumes it.
+    in_python = subprocess.run([sys.executable, "-c", f"import cnnkit; cnnkit.resume({str(staging)!r})"],
+                               capture_output=True, text=True, timeout=120)
+    assert f"cnnkit.errors.CnnkitError: devices=2 trains in 2 processes, which a Python call cannot start: run " \
+           f"`cnnkit train --resume {staging}`" in in_python.stderr, in_python.stderr
     resumed = run_cnnkit("train", "--resume", str(staging), "--quiet", timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     weights, history, metrics = run_files(runs / "r")

@@ -260,6 +260,9 @@ EMPTY_PATHS = [  # an unset shell variable ("$RUN") in each path argument that i
     (["compare", "runs/a", ""], "RUN is empty; give a run directory"),
     (["runs", ""], "DIR is empty; give a folder"),
     (["export", "runs/a", "--out", ""], "--out is empty; give a path"),
+    (["predict", "runs/a", ""], "IMAGE_OR_DIR is empty; give an image or a folder"),
+    (["evaluate", "runs/a", "--data-dir", ""], "--data-dir is empty; give a folder"),
+    (["audit", ""], "RUN_OR_DATASET is empty; give a run directory or a dataset"),
 ]
 
 

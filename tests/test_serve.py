@@ -375,6 +375,8 @@ def test_a_truncated_png_is_400(server, digits):
     (b'{"picture": "abc"}', "application/json", '{"image"'),
     (b'{"image": "***not base64***"}', "application/json", "not valid base64"),
     (b'{"image": ""}', "application/json", "empty"),
+    (b'{"image": "", "image": "abc"}', "application/json", 'the body: not valid JSON (the key "image" is given twice'),
+    (b'\xff{}', "application/json", "not valid JSON (not UTF-8)"),
 ])
 def test_malformed_json_bodies_are_400(server, body, kind, words):
     status, answer = post(server, body, kind)

@@ -89,7 +89,8 @@ def resume(path: str | Path, *, progress: bool = True, started: float | None = N
     `path` is the unfinished run's directory (the `runs/.NAME.partial-*` that an interrupted training
     names) or its checkpoint.json. The run's own options are used, and its data must be the same (checked
     by fingerprint). A run trained on your own nn.Module needs it again as `model`; one of a FILE.py model
-    needs `trust_code` and that very file (the SHA-256 its checkpoint records).
+    needs `trust_code` and that very file (the SHA-256 its checkpoint records). A run of several processes
+    (`devices` N) resumes in as many: from the command line, or in a script started by torchrun.
     """
     started = time.perf_counter() if started is None else started
     staging = resumable_dir(path)
@@ -161,7 +162,7 @@ def _train_run(config: TrainConfig, device: torch.device, *, progress: bool, sta
     threads = configure_cpu(config.threads)
     world = init_distributed(config.device)
     try:
-        check_processes(config.devices, world)
+        check_processes(config.devices, world, staging)
         result = _train_process(config, device, world, threads, progress=progress, started=started, log=log,
                                 callbacks=callbacks, user_model=user_model, staging=staging, saved=saved,
                                 trust_code=trust_code)
@@ -172,15 +173,16 @@ def _train_run(config: TrainConfig, device: torch.device, *, progress: bool, sta
     return result
 
 
-def check_processes(devices: int, world: World) -> None:
+def check_processes(devices: int, world: World, resuming: Path | None = None) -> None:
     """--devices N is what the command line's launcher starts; a run in Python starts none, so N > 1 must be the
-    processes torchrun started (config.json records it: repeating the run starts that many)."""
+    processes torchrun started (config.json records it: repeating the run starts that many). A run `resuming`
+    continues as it began, in N processes."""
     if devices == 1 or devices == world.world_size:
         return
     if not world.distributed:
+        command = f"cnnkit train --resume {resuming}" if resuming else f"cnnkit train --devices {devices}"
         raise CnnkitError(f"devices={devices} trains in {devices} processes, which a Python call cannot start: run "
-                          f"`cnnkit train --devices {devices}`, or start this script with "
-                          f"`torchrun --nproc-per-node {devices}`")
+                          f"`{command}`, or start this script with `torchrun --nproc-per-node {devices}`")
     raise CnnkitError(f"devices={devices}, but torchrun started {world.world_size} processes: give "
                       f"devices={world.world_size}, or leave it out under torchrun")
 

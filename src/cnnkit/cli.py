@@ -888,20 +888,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 #: What each path-like argument names, by its metavar: an empty one is refused saying so.
-PATH_KINDS = {"DIR": "folder", "FILE": "file", "PATH": "path", "RUN": "run directory"}
+PATH_KINDS = {"DIR": "a folder", "FILE": "a file", "FILE.png": "a file", "PATH": "a path", "RUN": "a run directory",
+              "IMAGE_OR_DIR": "an image or a folder", "RUN_OR_DATASET": "a run directory or a dataset"}
 
 
 def refuse_empty_paths(args: argparse.Namespace) -> None:
     """A path argument given as '' (an unset shell variable: `--config "$CFG"`) is refused by name, instead of
     being read as the current directory ('.') and refused for what '.' is. The training options have their own
-    check (config._check_path)."""
+    check on `train` (config._check_path); the other commands' --data-dir has none of its own."""
+    training = args.handler is cmd_train
     for action in args.parser._actions:
-        if action.metavar not in PATH_KINDS or (action.option_strings and action.dest in FIELD_NAMES):
+        if action.metavar not in PATH_KINDS or (training and action.option_strings and action.dest in FIELD_NAMES):
             continue
         value = getattr(args, action.dest, None)
         if any(isinstance(item, str) and not item.strip() for item in (value if isinstance(value, list) else [value])):
             name = action.option_strings[0] if action.option_strings else action.metavar
-            raise CnnkitError(f"{name} is empty; give a {PATH_KINDS[action.metavar]}")
+            raise CnnkitError(f"{name} is empty; give {PATH_KINDS[action.metavar]}")
 
 
 def console_main() -> NoReturn:

@@ -289,8 +289,10 @@ async def read_upload(request: Request, max_bytes: int) -> bytes:
     elif media == "application/json" or media.endswith("+json"):
         try:
             payload = parse_json((await request.body()).decode("utf-8"), "the body")
-        except (UnicodeDecodeError, ValueError):  # UnreadableFile is a ValueError: too deep, too long a number
-            raise UploadError(400, "the body is not valid JSON (or nested too deeply)") from None
+        except UnicodeDecodeError:
+            raise UploadError(400, "the body is not valid JSON (not UTF-8)") from None
+        except ValueError as error:  # UnreadableFile is a ValueError: too deep, too long a number, a key twice
+            raise UploadError(400, str(error)) from None
         text = payload.get("image") if isinstance(payload, dict) else None
         if not isinstance(text, str):
             raise UploadError(400, 'a JSON body must be {"image": "<the image file in base64>"}')
