@@ -337,11 +337,12 @@ def _checked_integer(text: str) -> int:
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    table = dict(pairs)
-    if len(table) < len(pairs):
-        seen: set[str] = set()
-        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
-        raise ValueError(f"the key {json.dumps(twice)[:80]} is given twice in one object")
+    """A JSON object as a dict, refusing a key it gives twice."""
+    table: dict[str, object] = {}
+    for key, value in pairs:
+        if key in table:
+            raise ValueError(f"the key {json.dumps(key)[:80]} is given twice in one object")
+        table[key] = value
     return table
 
 

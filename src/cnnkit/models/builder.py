@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import types
 import typing
@@ -96,15 +97,16 @@ def check_kinds(name: str, builder, kwargs: dict[str, Any]) -> None:
 
 def fits(value: Any, kind: Any) -> bool:
     """Whether a JSON value (from --model-kwargs or model.json) is of the annotated kind; True for kinds not
-    checked here. A bool is not a number, an int is a float, a list is a sequence or tuple."""
+    checked here. A bool is not a number, an integer is a float, a list is a sequence or tuple."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
         return any(fits(value, arg) for arg in args)
     if kind is type(None):
         return value is None
-    if kind in (bool, int, float, str):
-        numbers = (int, float) if kind is float else (kind,)
-        return isinstance(value, numbers) and (kind is bool or not isinstance(value, bool))
+    if kind in (bool, str):
+        return isinstance(value, kind)
+    if kind in (int, float):  # numpy's numbers too, from Python
+        return isinstance(value, numbers.Integral if kind is int else numbers.Real) and not isinstance(value, bool)
     if origin in (list, tuple, Sequence):
         uniform = args and (origin is not tuple or args[-1] is Ellipsis or len(set(args)) == 1)
         return isinstance(value, (list, tuple)) and (not uniform or all(fits(item, args[0]) for item in value))
