@@ -723,7 +723,7 @@ def resolve_config(preset: str | None = None, *, config_file: str | os.PathLike[
             value = coerce(key, value, layer_spell)
             check_value(key, value, layer_spell)
             values[key] = value
-    config = TrainConfig(**values)
+    config = TrainConfig(**{**TrainConfig().to_dict(), **values})  # whole: the preset is not read a second time
     if problem := selection_conflict(str(config.val).lower() == "test", config.keep, config.ema, spell):
         raise CnnkitError(problem)
     if config.init is not None and config.weights is not None:
